@@ -1,0 +1,1 @@
+"""TensorRT side: engine building from ONNX graphs, sidecar metadata, engine loading."""

@@ -1,0 +1,1 @@
+"""Backends: torch (reference), onnxruntime and tensorrt, all behind one interface."""

@@ -1,0 +1,54 @@
+# ccld-trt: `make sample PROMPT="..."` installs and generates; `make test` runs the test suite.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+MODELS  ?= models
+PROMPT  ?= a snowy landscape, oil on canvas
+BACKEND ?= torch
+DEVICE  ?= cpu
+BUILD   ?= build
+
+.PHONY: install sample models onnx engines bench lint typecheck test serve doctor
+
+$(BIN)/ccld-trt: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q -e '.[dev,serve]'
+	touch $@
+
+install: $(BIN)/ccld-trt
+
+# Real weights if they download, else loudly-labelled random demo weights so the pipeline still runs offline.
+$(MODELS)/model_student.ckpt: | install
+	$(BIN)/ccld-trt download --models $(MODELS) || $(BIN)/ccld-trt demo-weights $(MODELS) --size full
+
+models: $(MODELS)/model_student.ckpt
+
+sample: models
+	$(BIN)/ccld-trt sample "$(PROMPT)" --models $(MODELS) --backend $(BACKEND) --device $(DEVICE)
+
+onnx: models
+	$(BIN)/ccld-trt export --models $(MODELS) --output $(BUILD)/onnx
+
+engines: onnx
+	$(BIN)/ccld-trt engines build --onnx $(BUILD)/onnx --output $(BUILD)/engines
+
+bench: models
+	$(BIN)/ccld-trt bench --models $(MODELS)
+
+serve: models
+	$(BIN)/ccld-trt serve --models $(MODELS) --backend $(BACKEND) --device $(DEVICE)
+
+doctor: install
+	$(BIN)/ccld-trt doctor
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy engines runtime
+
+test: lint typecheck
+	$(BIN)/pytest -q

@@ -1,0 +1,3 @@
+from ccld_trt.cli import main
+
+main()

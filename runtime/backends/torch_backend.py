@@ -1,0 +1,50 @@
+"""The reference backend: the PyTorch networks themselves, eager, on the CPU or a CUDA device."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ccld_trt.export.guided_unet import GuidedUNet
+from ccld_trt.models import Networks
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchBackend:
+    """Eager torch. ``precision`` fp16/bf16 runs the U-Net under autocast (the original uses fp16 autocast on
+    CUDA); the encoders and the decoder stay fp32 as in the original."""
+
+    name = "torch"
+
+    def __init__(self, networks: Networks, device: str = "cpu", precision: str = "fp32") -> None:
+        self.device = torch.device(device)
+        self.precision = precision
+        self._autocast_dtype = PRECISIONS[precision]
+        self._guided = GuidedUNet(networks.unet).to(self.device)
+        self._decoder = networks.decoder.to(self.device)
+        self._text = networks.text_encoder.to(self.device)
+        self._image = networks.image_encoder.to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    @torch.inference_mode()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._text(tokens.to(self.device)).float()
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._image(pixels.to(self.device)).float()
+
+    @torch.inference_mode()
+    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self._guided(x, t, conds, weights).float()
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decoder(latents.to(self.device)).float()

@@ -1,0 +1,184 @@
+"""The ``ccld-trt`` command: a thin layer over the library. Errors are one line unless --debug."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from ccld_trt.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _weighted(value: str, what: str) -> tuple[str, float]:
+    from ccld_trt.image_prompt import parse_prompt
+
+    text, weight = parse_prompt(value)
+    if not text:
+        raise UserError(f"empty {what} in {value!r}")
+    return text, weight
+
+
+def _scale(value: str) -> float | str:
+    if value == "checkpoint":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'checkpoint', got {value!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models (default: the models directory)")
+    g.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models)")
+    g.add_argument("--unet", help="U-Net checkpoint (model_student.ckpt)")
+    g.add_argument("--autoencoder", help="autoencoder checkpoint (ae_model.ckpt)")
+    g.add_argument("--autoencoder-config", help="autoencoder YAML (default: the checkpoint's name with .yaml)")
+    g.add_argument("--cloob", help="CLOOB pickle")
+    g.add_argument("--cloob-config", help="CLOOB config JSON path or built-in name")
+    g.add_argument("--base-channels", type=int, help="U-Net width (default: read from the checkpoint)")
+    g.add_argument("--channel-multipliers", type=lambda s: [int(v) for v in s.split(",")],
+                   help="U-Net multipliers, e.g. 1,1,2,2 (default: read from the checkpoint)")
+
+
+def _model_files(args: argparse.Namespace):
+    from ccld_trt.models import ModelFiles, models_dir
+
+    return ModelFiles.resolve(models_dir(args.models), args.unet, args.autoencoder, args.autoencoder_config,
+                              args.cloob, args.cloob_config)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from ccld_trt.outputs import check_new_file, save_images, save_latents
+    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, conditions, decode, sample_latents
+    from ccld_trt.runner import open_backend
+
+    request = Request(
+        prompts=[_weighted(p, "prompt") for p in args.prompts],
+        image_prompts=[(Path(p), w) for p, w in (_weighted(v, "image path") for v in args.images)],
+        n=args.n, batch_size=args.batch_size, seed=args.seed, steps=args.steps, method=args.method, eta=args.eta,
+    )
+    request.validate()
+    for path, _ in request.image_prompts:
+        if not path.is_file():
+            raise UserError(f"image prompt not found: {path}")
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output-dir {out_dir} is not a directory")
+    if args.save_latents:
+        check_new_file(Path(args.save_latents), "--save-latents")
+    files = _model_files(args)
+    session = open_backend(args.backend, args.device, files, args.precision, args.base_channels,
+                           args.channel_multipliers)
+    if session.demo:
+        print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
+    scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
+        DEFAULT_AUTOENCODER_SCALE if args.autoencoder_scale is None else args.autoencoder_scale)
+    backend = session.backend
+    conds, weights = conditions(backend, request, session.image_size)
+    with tqdm(total=request.evaluations, desc="sampling", unit="eval", disable=None) as bar:
+        latents = sample_latents(backend, request, conds, weights, on_evaluation=bar.update)
+    pixels = decode(backend, latents, scale, request.batch_size)
+    if args.save_latents:
+        save_latents(latents.numpy(), Path(args.save_latents))
+    for path in save_images(pixels, out_dir):
+        print(path)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from ccld_trt.download import download_models
+    from ccld_trt.models import DEFAULT_CLOOB_CONFIG, models_dir
+
+    for path in download_models(models_dir(args.models), args.cloob_config or DEFAULT_CLOOB_CONFIG):
+        print(path)
+
+
+def cmd_demo_weights(args: argparse.Namespace) -> None:
+    from ccld_trt.export.demo_weights import write_demo_weights
+
+    print(f"writing RANDOM demo weights ({args.size}) — for trying the pipeline, not for real images",
+          file=sys.stderr)
+    for path in write_demo_weights(Path(args.dir), args.size, args.seed):
+        print(path)
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from ccld_trt.doctor import doctor_report, format_report
+
+    print(format_report(doctor_report()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ccld_trt.samplers import METHODS
+
+    parser = _Parser(prog="ccld-trt", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("sample", help="generate images from text and/or image prompts")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompt, optionally TEXT:WEIGHT (default 3)")
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH[:W]", help="image prompts")
+    p.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: all n)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, default=50, help="sampler timesteps (default 50)")
+    p.add_argument("--method", default="plms", choices=METHODS, help="sampler (default plms)")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
+    p.add_argument("--autoencoder-scale", type=_scale, metavar="F|checkpoint",
+                   help="latent scale before decoding (default 2.55, as the published demo)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default cpu)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="inference backend (default torch)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
+    p.add_argument("--output-dir", default="outputs", help="where out_NNNNN.png go (default outputs/)")
+    p.add_argument("--save-latents", metavar="FILE.npy", help="also save the final latents, float32 [n,4,32,32]")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("download", help="download the published weights into the models directory")
+    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models)")
+    p.add_argument("--cloob-config", help="CLOOB config JSON path or built-in name")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("demo-weights", help="write small RANDOM checkpoints in the original formats")
+    p.add_argument("dir", help="directory to write into (must not already hold model files)")
+    p.add_argument("--size", choices=["small", "full"], default="small",
+                   help="small (fast) or full (the real architectures' sizes, for benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.set_defaults(func=cmd_demo_weights)
+
+    p = sub.add_parser("doctor", help="what is installed and which backends can run here")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None,
+        commands: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
+    parser = commands()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"ccld-trt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ccld-trt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main() -> NoReturn:
+    sys.exit(run())

@@ -1,0 +1,106 @@
+"""Where the model files live and how they are loaded into the networks every backend starts from."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ccld_trt.errors import UserError
+
+DEFAULT_CLOOB_CONFIG = "cloob_laion_400m_vit_b_16_16_epochs"
+UNET_FILE = "model_student.ckpt"
+AE_FILE = "ae_model.ckpt"
+AE_CONFIG_FILE = "ae_model.yaml"
+CLOOB_CONFIG_FILE = "cloob_config.json"
+DEMO_CLOOB_FILE = "cloob.pkl"
+
+
+def models_dir(value: str | Path | None = None) -> Path:
+    """The models directory: the argument, else $CCLD_TRT_MODELS, else ./models."""
+    return Path(value or os.environ.get("CCLD_TRT_MODELS") or "models")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Paths of the four checkpoints and their configs. ``cloob_config`` is a JSON path or a built-in name."""
+
+    unet: Path
+    autoencoder: Path
+    autoencoder_config: Path
+    cloob: Path
+    cloob_config: str
+
+    @classmethod
+    def resolve(cls, directory: Path, unet: str | None = None, autoencoder: str | None = None,
+                autoencoder_config: str | None = None, cloob: str | None = None,
+                cloob_config: str | None = None) -> ModelFiles:
+        """Explicit paths win; the rest come from ``directory`` (as ``download`` / ``demo-weights`` lay it out).
+
+        The CLOOB config defaults to ``cloob_config.json`` in the directory if present, else the built-in
+        ViT-B/16 config; the CLOOB pickle defaults to the file name of the config's URL (which carries its
+        SHA-256), or ``cloob.pkl`` for a config without one (demo weights).
+        """
+        from ccld_trt.export.cloob import load_cloob_config
+
+        if cloob_config is None:
+            local = directory / CLOOB_CONFIG_FILE
+            cloob_config = str(local) if local.exists() else DEFAULT_CLOOB_CONFIG
+        if cloob is None:
+            url = load_cloob_config(cloob_config).get("url")
+            cloob = str(directory / (url.rsplit("/", 1)[-1] if url else DEMO_CLOOB_FILE))
+        ae = Path(autoencoder) if autoencoder else directory / AE_FILE
+        return cls(
+            unet=Path(unet) if unet else directory / UNET_FILE,
+            autoencoder=ae,
+            autoencoder_config=Path(autoencoder_config) if autoencoder_config else ae.with_suffix(".yaml"),
+            cloob=Path(cloob),
+            cloob_config=cloob_config,
+        )
+
+    def check_present(self) -> None:
+        """One UserError listing every missing file, and how to get them."""
+        missing = [str(p) for p in (self.unet, self.autoencoder, self.autoencoder_config, self.cloob)
+                   if not p.is_file()]
+        if missing:
+            raise UserError(f"missing model file(s): {', '.join(missing)} — run `ccld-trt download` "
+                            "(or `ccld-trt demo-weights DIR` for random test weights) or pass the paths")
+
+    def is_demo(self) -> bool:
+        """Whether these are the random weights of ``ccld-trt demo-weights``."""
+        from ccld_trt.export.demo_weights import MARKER
+
+        return (self.unet.parent / MARKER).exists()
+
+
+@dataclass
+class Networks:
+    """The fp32 torch networks, in eval mode on the CPU, and what the checkpoints say about them."""
+
+    unet: nn.Module            # DiffusionModel: (x, t, embed) -> v
+    decoder: nn.Module         # AutoencoderDecoder: latents -> images
+    text_encoder: nn.Module    # tokens -> embed
+    image_encoder: nn.Module   # pixels in [0, 1] -> L2-normalised embed
+    cloob_config: dict
+    checkpoint_autoencoder_scale: float
+
+    @property
+    def image_size(self) -> int:
+        return int(self.cloob_config["image_encoder"]["image_size"])
+
+
+def load_networks(files: ModelFiles, base_channels: int | None = None,
+                  channel_multipliers: list[int] | None = None) -> Networks:
+    """Load all four networks from their original checkpoint formats (data only, no code runs)."""
+    from ccld_trt.export.autoencoder import load_decoder
+    from ccld_trt.export.cloob import load_cloob, load_cloob_config
+    from ccld_trt.export.unet import load_unet
+
+    files.check_present()
+    unet, scale = load_unet(files.unet, base_channels, channel_multipliers)
+    decoder = load_decoder(files.autoencoder, files.autoencoder_config)
+    cloob_config = load_cloob_config(files.cloob_config)
+    text_encoder, image_encoder = load_cloob(files.cloob, cloob_config)
+    return Networks(unet, decoder, text_encoder, image_encoder, cloob_config, scale)

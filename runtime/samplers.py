@@ -1,0 +1,161 @@
+"""v-diffusion samplers as pure functions of a model, the starting noise and a schedule.
+
+``model(x, t) -> v`` takes x [N, 4, h, w] and t [N] and returns the velocity v (same shape as x). All
+arithmetic stays on x's device; nothing here reads a value back to the host, so a GPU backend runs the
+whole loop without synchronising. Semantics follow crowsonkb/v-diffusion-pytorch (ffabbb1a).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ccld_trt.schedule import t_to_alpha_sigma
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int], None]
+
+METHODS = ("ddpm", "ddim", "prk", "plms", "pie", "plms2")
+
+
+def evaluations(method: str, steps: int) -> int:
+    """How many model evaluations a method makes for ``steps`` timesteps (for progress and FLOP counts)."""
+    per_step = {"ddpm": 1, "ddim": 1, "prk": 4, "pie": 2}
+    if method in per_step:
+        return per_step[method] * steps
+    warmup = {"plms": (3, 4), "plms2": (1, 2)}[method]
+    n_warm = min(warmup[0], steps)
+    return n_warm * warmup[1] + (steps - n_warm)
+
+
+def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
+
+
+def ddim_sample(model: ModelFn, x: torch.Tensor, steps: torch.Tensor, eta: float,
+                noise: Sequence[torch.Tensor] = (), callback: StepCallback | None = None) -> torch.Tensor:
+    """DDPM (eta=1) / DDIM sampling; returns the final denoised prediction.
+
+    ``noise`` supplies the fresh noise of each step but the last when eta > 0 (len(steps) - 1 tensors shaped
+    like x), drawn by the caller so that the random stream matches the original's ``randn_like`` order.
+    """
+    ts = x.new_ones([x.shape[0]])
+    alphas, sigmas = t_to_alpha_sigma(steps)
+    pred = x
+    for i in range(len(steps)):
+        v = model(x, ts * steps[i])
+        pred = x * alphas[i] - v * sigmas[i]
+        eps = x * sigmas[i] + v * alphas[i]
+        if i < len(steps) - 1:
+            ddim_sigma = eta * (sigmas[i + 1] ** 2 / sigmas[i] ** 2).sqrt() * \
+                (1 - alphas[i] ** 2 / alphas[i + 1] ** 2).sqrt()
+            adjusted_sigma = (sigmas[i + 1] ** 2 - ddim_sigma ** 2).sqrt()
+            x = pred * alphas[i + 1] + eps * adjusted_sigma
+            if eta:
+                x = x + noise[i] * ddim_sigma
+        if callback is not None:
+            callback(i)
+    return pred
+
+
+def _eps(model: ModelFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    alphas, sigmas = t_to_alpha_sigma(t)
+    v = model(x, t)
+    return x * _bcast(sigmas, x) + v * _bcast(alphas, x)
+
+
+def _transfer(x: torch.Tensor, eps: torch.Tensor, t_1: torch.Tensor,
+              t_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    alphas, sigmas = t_to_alpha_sigma(t_1)
+    next_alphas, next_sigmas = t_to_alpha_sigma(t_2)
+    pred = (x - eps * _bcast(sigmas, x)) / _bcast(alphas, x)
+    return pred * _bcast(next_alphas, x) + eps * _bcast(next_sigmas, x), pred
+
+
+def _prk_step(model: ModelFn, x: torch.Tensor, t_1: torch.Tensor, t_2: torch.Tensor):
+    t_mid = (t_2 + t_1) / 2
+    eps_1 = _eps(model, x, t_1)
+    x_1, _ = _transfer(x, eps_1, t_1, t_mid)
+    eps_2 = _eps(model, x_1, t_mid)
+    x_2, _ = _transfer(x, eps_2, t_1, t_mid)
+    eps_3 = _eps(model, x_2, t_mid)
+    x_3, _ = _transfer(x, eps_3, t_1, t_2)
+    eps_4 = _eps(model, x_3, t_2)
+    eps_prime = (eps_1 + 2 * eps_2 + 2 * eps_3 + eps_4) / 6
+    x_new, _ = _transfer(x, eps_prime, t_1, t_2)
+    return x_new, eps_prime
+
+
+def _pie_step(model: ModelFn, x: torch.Tensor, t_1: torch.Tensor, t_2: torch.Tensor):
+    eps_1 = _eps(model, x, t_1)
+    x_1, _ = _transfer(x, eps_1, t_1, t_2)
+    eps_2 = _eps(model, x_1, t_2)
+    eps_prime = (eps_1 + eps_2) / 2
+    x_new, _ = _transfer(x, eps_prime, t_1, t_2)
+    return x_new, eps_prime
+
+
+def _plms_step(model: ModelFn, x: torch.Tensor, old_eps: list[torch.Tensor], t_1: torch.Tensor,
+               t_2: torch.Tensor):
+    eps = _eps(model, x, t_1)
+    eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+    x_new, _ = _transfer(x, eps_prime, t_1, t_2)
+    return x_new, eps
+
+
+def _plms2_step(model: ModelFn, x: torch.Tensor, old_eps: list[torch.Tensor], t_1: torch.Tensor,
+                t_2: torch.Tensor):
+    eps = _eps(model, x, t_1)
+    eps_prime = (3 * eps - old_eps[-1]) / 2
+    x_new, _ = _transfer(x, eps_prime, t_1, t_2)
+    return x_new, eps
+
+
+def pseudo_sample(model: ModelFn, x: torch.Tensor, steps: torch.Tensor, method: str,
+                  callback: StepCallback | None = None) -> torch.Tensor:
+    """PNDM-family sampling (``prk``, ``plms``, ``pie``, ``plms2``) down to t = 0; returns x at t = 0.
+
+    The linear-multistep methods start with Runge-Kutta-style steps until they have enough history
+    (3 PRK steps for PLMS, 1 PIE step for PLMS2), as the original.
+    """
+    ts = x.new_ones([x.shape[0]])
+    steps = torch.cat([steps, steps.new_zeros([1])])
+    history = {"plms": 3, "plms2": 1}.get(method, 0)
+    warmup = _pie_step if method in ("pie", "plms2") else _prk_step
+    old_eps: list[torch.Tensor] = []
+    for i in range(len(steps) - 1):
+        t_1, t_2 = steps[i] * ts, steps[i + 1] * ts
+        if len(old_eps) < history or history == 0:
+            x, eps = warmup(model, x, t_1, t_2)
+        elif method == "plms":
+            x, eps = _plms_step(model, x, old_eps, t_1, t_2)
+            old_eps.pop(0)
+        else:
+            x, eps = _plms2_step(model, x, old_eps, t_1, t_2)
+            old_eps.pop(0)
+        if history:
+            old_eps.append(eps)
+        if callback is not None:
+            callback(i)
+    return x
+
+
+def sample(model: ModelFn, x: torch.Tensor, steps: torch.Tensor, method: str, eta: float = 0.0,
+           noise: Sequence[torch.Tensor] = (), callback: StepCallback | None = None) -> torch.Tensor:
+    """Run ``method`` from noise x [N, 4, h, w] over the timesteps ``steps`` [K]; returns latents like x.
+
+    ``ddpm`` is DDIM with eta = 1; ``noise`` is only read by ddpm and by ddim with eta > 0.
+    """
+    if method == "ddpm":
+        return ddim_sample(model, x, steps, 1.0, noise, callback)
+    if method == "ddim":
+        return ddim_sample(model, x, steps, eta, noise, callback)
+    if method in ("prk", "plms", "pie", "plms2"):
+        return pseudo_sample(model, x, steps, method, callback)
+    raise ValueError(f"unknown sampling method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def needs_step_noise(method: str, eta: float) -> bool:
+    """Whether ``method`` draws fresh noise at each step (so the caller must supply ``noise``)."""
+    return method == "ddpm" or (method == "ddim" and eta != 0)

@@ -48,7 +48,7 @@ lint: install
 	$(BIN)/ruff check .
 
 typecheck: install
-	$(BIN)/mypy engines runtime
+	PY=$(BIN)/python scripts/typecheck.sh
 
 test: lint typecheck
 	$(BIN)/pytest -q

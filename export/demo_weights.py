@@ -13,6 +13,7 @@ import pickle
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +27,10 @@ Shape = tuple[int, ...]
 
 MARKER = "DEMO_WEIGHTS.txt"
 
-# Per size: U-Net (base channels, multipliers), autoencoder ddconfig, CLOOB config.
-SMALL_AE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+SMALL_AE: dict[str, Any] = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
             "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 KL_F8_AE = {**SMALL_AE, "ch": 128, "num_res_blocks": 2}
-SMALL_CLOOB = {
+SMALL_CLOOB: dict[str, Any] = {
     "d_embed": 512, "inv_tau": 30.0, "scale_hopfield": 15.0,
     "image_encoder": {"type": "ViT", "image_size": 64, "input_channels": 3,
                       "normalize": {"mean": [0.48145466, 0.4578275, 0.40821073],
@@ -39,9 +39,9 @@ SMALL_CLOOB = {
     "text_encoder": {"type": "transformer", "tokenizer": "clip", "text_size": 77, "vocab_size": 49408,
                      "n_layers": 1, "d_model": 512, "n_heads": 8},
 }
-SIZES = {
-    "small": {"unet": (64, [1, 1, 2, 2]), "ae": SMALL_AE},
-    "full": {"unet": (192, [1, 1, 2, 2]), "ae": KL_F8_AE},
+SIZES: dict[str, tuple[int, list[int], dict[str, Any]]] = {  # U-Net width, multipliers; AE ddconfig
+    "small": (64, [1, 1, 2, 2], SMALL_AE),
+    "full": (192, [1, 1, 2, 2], KL_F8_AE),
 }
 
 AE_YAML = """\
@@ -101,14 +101,13 @@ def write_demo_weights(out_dir: Path, size: str = "small", seed: int = 0) -> lis
     if existing:
         raise UserError(f"{out_dir} already holds {', '.join(existing)}; refusing to overwrite (choose another DIR)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = SIZES[size]
-    base, mults = cfg["unet"]
+    base, mults, ddconfig = SIZES[size]
     unet = _torch_state(unet_state_shapes(base, mults), seed)
     unet["autoencoder_scale"] = torch.tensor(2.55)  # what the published student stores
     torch.save(unet, out_dir / "model_student.ckpt")
-    ae = _torch_state(autoencoder_state_shapes(4, cfg["ae"]), seed)
+    ae = _torch_state(autoencoder_state_shapes(4, ddconfig), seed)
     torch.save({"state_dict": ae}, out_dir / "ae_model.ckpt")
-    (out_dir / "ae_model.yaml").write_text(AE_YAML.format(ddconfig=_yaml_ddconfig(cfg["ae"])))
+    (out_dir / "ae_model.yaml").write_text(AE_YAML.format(ddconfig=_yaml_ddconfig(ddconfig)))
     cloob_cfg = SMALL_CLOOB if size == "small" else {
         k: v for k, v in load_cloob_config("cloob_laion_400m_vit_b_16_16_epochs").items() if k != "url"}
     (out_dir / "cloob_config.json").write_text(json.dumps(cloob_cfg, indent=1))

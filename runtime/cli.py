@@ -58,8 +58,16 @@ def _model_files(args: argparse.Namespace):
 def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from ccld_trt.export.cloob import load_cloob_config
     from ccld_trt.outputs import check_new_file, save_images, save_latents
-    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, conditions, decode, sample_latents
+    from ccld_trt.pipeline import (
+        DEFAULT_AUTOENCODER_SCALE,
+        Request,
+        conditions,
+        decode,
+        load_image_prompts,
+        sample_latents,
+    )
     from ccld_trt.runner import open_backend
 
     request = Request(
@@ -68,15 +76,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         n=args.n, batch_size=args.batch_size, seed=args.seed, steps=args.steps, method=args.method, eta=args.eta,
     )
     request.validate()
-    for path, _ in request.image_prompts:
-        if not path.is_file():
-            raise UserError(f"image prompt not found: {path}")
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir {out_dir} is not a directory")
     if args.save_latents:
         check_new_file(Path(args.save_latents), "--save-latents")
     files = _model_files(args)
+    # read every input before the (slow) model loading, so that a bad one fails at once
+    image_size = int(load_cloob_config(files.cloob_config)["image_encoder"]["image_size"])
+    image_prompts = load_image_prompts(request, image_size)
     session = open_backend(args.backend, args.device, files, args.precision, args.base_channels,
                            args.channel_multipliers)
     if session.demo:
@@ -84,7 +92,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
         DEFAULT_AUTOENCODER_SCALE if args.autoencoder_scale is None else args.autoencoder_scale)
     backend = session.backend
-    conds, weights = conditions(backend, request, session.image_size)
+    conds, weights = conditions(backend, request, image_prompts)
     with tqdm(total=request.evaluations, desc="sampling", unit="eval", disable=None) as bar:
         latents = sample_latents(backend, request, conds, weights, on_evaluation=bar.update)
     pixels = decode(backend, latents, scale, request.batch_size)

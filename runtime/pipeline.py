@@ -60,16 +60,25 @@ class Request:
         return batches * evaluations(self.method, self.steps)
 
 
-def conditions(backend: Backend, request: Request, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CFG conditions [C, 512] and weights [C]: [zero, text prompts..., image prompts...], [1 - sum(w), w...]."""
+def load_image_prompts(request: Request, image_size: int) -> list[tuple[torch.Tensor, float]]:
+    """Each image prompt as CLOOB input pixels [1, 3, S, S] in [0, 1], with its weight (UserError if unreadable)."""
+    return [(load_image_prompt(path, image_size), w) for path, w in request.image_prompts]
+
+
+def conditions(backend: Backend, request: Request,
+               image_prompts: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG conditions [C, 512] and weights [C]: [zero, text prompts..., image prompts...], [1 - sum(w), w...].
+
+    ``image_prompts`` are the pixels of ``load_image_prompts``.
+    """
     embeds = [torch.zeros([1, 512], device=backend.device)]
     weights = []
     if request.prompts:
         texts = [text for text, _ in request.prompts]
         embeds.append(backend.encode_text(tokenize(texts).to(backend.device)))
         weights += [w for _, w in request.prompts]
-    for path, w in request.image_prompts:
-        embeds.append(backend.encode_image(load_image_prompt(path, image_size).to(backend.device)))
+    for pixels, w in image_prompts:
+        embeds.append(backend.encode_image(pixels.to(backend.device)))
         weights.append(w)
     conds = torch.cat(embeds).float()
     return conds, torch.tensor([1 - sum(weights), *weights], device=backend.device, dtype=torch.float32)

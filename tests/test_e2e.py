@@ -10,7 +10,7 @@ from PIL import Image
 
 from ccld_trt.cli import run
 
-from .conftest import FIXTURES
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 CASES = ["e2e_plms", "e2e_ddim", "e2e_prk", "e2e_pie", "e2e_plms2", "e2e_ddpm", "e2e_multi"]
 

@@ -27,8 +27,9 @@ Shape = tuple[int, ...]
 
 MARKER = "DEMO_WEIGHTS.txt"
 
-SMALL_AE: dict[str, Any] = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-            "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+SMALL_AE: dict[str, Any] = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 KL_F8_AE = {**SMALL_AE, "ch": 128, "num_res_blocks": 2}
 SMALL_CLOOB: dict[str, Any] = {
     "d_embed": 512, "inv_tau": 30.0, "scale_hopfield": 15.0,
@@ -39,7 +40,8 @@ SMALL_CLOOB: dict[str, Any] = {
     "text_encoder": {"type": "transformer", "tokenizer": "clip", "text_size": 77, "vocab_size": 49408,
                      "n_layers": 1, "d_model": 512, "n_heads": 8},
 }
-SIZES: dict[str, tuple[int, list[int], dict[str, Any]]] = {  # U-Net width, multipliers; AE ddconfig
+# per size: U-Net width and multipliers, autoencoder ddconfig
+SIZES: dict[str, tuple[int, list[int], dict[str, Any]]] = {
     "small": (64, [1, 1, 2, 2], SMALL_AE),
     "full": (192, [1, 1, 2, 2], KL_F8_AE),
 }

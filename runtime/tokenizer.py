@@ -5,6 +5,10 @@ lowercases, so the text clean-up that CLIP's ``SimpleTokenizer.encode`` does fir
 unescape, whitespace collapsing) is done here, as is CLIP's handling of the literal special-token strings.
 Unlike ``clip.tokenize``, prompts longer than the context are truncated (end-of-text kept last) with a warning
 instead of raising.
+
+Known difference: CLIP's case-insensitive regex reads an apostrophe followed by U+017F (long s) as the
+contraction "'s"; here the two are separate tokens. Characters that Python's Unicode tables leave unassigned
+may also split differently (the original depends on the installed ``regex`` release for those).
 """
 
 from __future__ import annotations
@@ -24,11 +28,9 @@ CONTEXT_LENGTH = 77
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407
 
-# CLIP collapses whitespace with the `regex` module, whose \s is Unicode's White_Space property; the stdlib's
-# \s also matches U+001C..U+001F, which CLIP would keep (as punctuation), so spell the property out.
-_WHITESPACE_RUN = re.compile(
-    "[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+"
-)
+# CLIP collapses whitespace with the `regex` module. The stdlib's \s differs from it only on U+001C..U+001F,
+# control characters that ftfy has removed by then.
+_WHITESPACE_RUN = re.compile(r"\s+")
 _SPECIAL_LITERAL = re.compile(r"<\|startoftext\|>|<\|endoftext\|>")
 _SPECIAL_IDS = {"<|startoftext|>": SOT_TOKEN, "<|endoftext|>": EOT_TOKEN}
 
@@ -64,7 +66,9 @@ def encode(text: str) -> list[int]:
     The literal strings ``<|startoftext|>`` / ``<|endoftext|>`` become the special ids where CLIP's regex
     would match them (instant-clip-tokenizer alone would spell them out as punctuation and words).
     """
-    text = clean_text(text)
+    # CLIP's pre-tokenizer is case-insensitive, which makes it skip U+0345 (it case-folds to a letter, so the
+    # negated "other characters" class rejects it) exactly like a space.
+    text = clean_text(text).replace("\u0345", " ")
     ids: list[int] = []
     start = 0
     prev_special_end = -1

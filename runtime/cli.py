@@ -125,6 +125,13 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     print(format_report(doctor_report()))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ccld_trt.serve import serve
+
+    serve(args.backend, args.device, _model_files(args), args.host, args.port, args.listen, args.precision,
+          args.base_channels, args.channel_multipliers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ccld_trt.samplers import METHODS
 
@@ -164,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small (fast) or full (the real architectures' sizes, for benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     p.set_defaults(func=cmd_demo_weights)
+
+    p = sub.add_parser("serve", help="a web page for generating images (this machine only unless --listen)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="inference backend (default torch)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--listen", action="store_true",
+                   help="allow a --host other machines can reach (the page has no authentication)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="what is installed and which backends can run here")
     p.set_defaults(func=cmd_doctor)

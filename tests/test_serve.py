@@ -1,0 +1,327 @@
+"""``ccld-trt serve``: the page in headless Chromium, the API through gradio_client, and bad input.
+
+One server (a ``python -m ccld_trt serve`` subprocess on small demo weights) serves the whole module. Jobs use
+ddim with two or three steps: a U-Net evaluation per step keeps each generation to a few seconds on a CPU.
+
+The browser test saves a screenshot of the finished page; set CCLD_TRT_SERVE_SCREENSHOT=docs/serve.png to
+refresh the one the README shows (CI leaves the committed file alone).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from ccld_trt.cli import run
+from ccld_trt.errors import UserError
+from ccld_trt.serve import MAX_UPLOAD_PIXELS, ModelLoader, build_app, check_host, parse_job
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SERVER_START_S = 120  # importing torch and gradio, then loading the models, on a busy 2-core CI machine
+JOB_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{log()}")
+        time.sleep(0.25)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return f"--- server log ---\n{self.log_path.read_text(errors='replace')}"
+
+    def check_alive(self) -> None:
+        """The process is running and still serves the page."""
+        assert self.process.poll() is None, f"the server exited with {self.process.returncode}\n{self.log()}"
+        assert answers(self.url), f"the server no longer answers\n{self.log()}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from ccld_trt.export.demo_weights import write_demo_weights
+
+    root = tmp_path_factory.mktemp("serve")
+    models = root / "models"
+    write_demo_weights(models, "small", seed=0)
+    port = free_port()
+    log_path = root / "server.log"
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(root / "gradio-cache"), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ccld_trt", "serve", "--models", str(models), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}/", process, log_path)
+    try:
+        wait_for(lambda: process.poll() is not None or (answers(server.url) and "models ready" in server.log()),
+                 SERVER_START_S, "the server to come up with its models loaded", server.log)
+        assert process.poll() is None, f"the server exited with {process.returncode}\n{server.log()}"
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: the way a user stops it, so its own clean-up runs
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, f"the server did not stop cleanly on Ctrl-C\n{server.log()}"
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5000x5000 (25 megapixels): over the upload limit, though only some kilobytes on disk."""
+    path = tmp_path_factory.mktemp("uploads") / "huge.png"
+    Image.new("L", (5000, 5000)).save(path)
+    assert MAX_UPLOAD_PIXELS < 5000 * 5000
+    return path
+
+
+@pytest.fixture
+def client(server: Server, tmp_path: Path) -> Client:
+    return Client(server.url, verbose=False, download_files=str(tmp_path))
+
+
+def generate(client: Client, prompts: str = "a lighthouse at dusk", image: Any = None, image_weight: Any = 3.0,
+             steps: Any = 2, method: Any = "ddim", seed: Any = 0, n: Any = 1, scale: Any = 2.55) -> tuple:
+    return client.predict(prompts, image, image_weight, steps, method, seed, n, scale, api_name="/generate")
+
+
+def test_api_generates_images_and_latencies(client: Client, tmp_path: Path) -> None:
+    prompt_image = tmp_path / "prompt.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(prompt_image)
+    gallery, files, summary = generate(client, "a red house:3\nblue sky:1\n\n", handle_file(str(prompt_image)),
+                                       image_weight=2.0, steps=2, seed=7, n=2)
+    assert len(gallery) == 2 and len(files) == 2
+    for item in gallery:
+        with Image.open(item["image"]) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and image.size == (256, 256)
+            assert np.asarray(image).std() > 0  # not a blank image
+    assert [Path(f).name for f in files] == ["out_00000.png", "out_00001.png"]
+    for stage in ("conditioning", "sampling", "decoding"):
+        assert f"{stage} " in summary
+    assert "2 U-Net evaluations" in summary and "seed 7" in summary and "demo weights" in summary
+
+
+BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
+    "empty prompt": ({"prompts": ""}, "enter a prompt or upload an image prompt"),
+    "blank lines": ({"prompts": "  \n\n"}, "enter a prompt or upload an image prompt"),
+    "weight without text": ({"prompts": ":3"}, "prompt line 1 has no text"),
+    "non-numeric weight": ({"prompts": "style: oil"}, "is not a number"),
+    "steps 0": ({"steps": 0}, "steps must be from 1 to 1000"),
+    "steps 1001": ({"steps": 1001}, "steps must be from 1 to 1000"),
+    "fractional steps": ({"steps": 2.5}, "steps must be a whole number"),
+    "n 0": ({"n": 0}, "number of images must be from 1 to 16"),
+    "n 17": ({"n": 17}, "number of images must be from 1 to 16"),
+    "negative seed": ({"seed": -1}, "seed must be from 0"),
+    "unknown sampler": ({"method": "euler"}, "unknown sampler 'euler'"),
+    "zero scale": ({"scale": 0}, "autoencoder scale must be positive"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_api_bad_input_gets_a_message(server: Server, client: Client, case: str) -> None:
+    kwargs, message = BAD_INPUTS[case]
+    with pytest.raises(AppError, match=message):
+        generate(client, **kwargs)
+    server.check_alive()
+
+
+def test_api_bad_uploads_get_a_message(server: Server, client: Client, huge_png: Path, tmp_path: Path) -> None:
+    with pytest.raises(AppError, match=r"5000x5000 \(25\.0 megapixels\); the limit is 20 megapixels"):
+        generate(client, image=handle_file(str(huge_png)))
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    with pytest.raises(AppError, match="not an image in a supported format"):
+        generate(client, prompts="", image=handle_file(str(not_an_image)))
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "whole.png")
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    with pytest.raises(AppError, match=r"truncated\.png: not a readable image"):
+        generate(client, image=handle_file(str(truncated)))
+    server.check_alive()
+    gallery, _, _ = generate(client, steps=1)  # and it still generates
+    assert len(gallery) == 1
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Debian's Chromium, headless, with a fresh profile (never a downloaded browser)."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1000})
+        yield context
+        context.close()
+
+
+def open_page(browser: Any, server: Server, requested: list[str]) -> Any:
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(server.url)
+    expect(page.locator("#model-status")).to_contain_text("Models ready", timeout=30_000)
+    return page
+
+
+def assert_only_local_requests(requested: list[str], server: Server) -> None:
+    host = urlparse(server.url).netloc
+    remote = [url for url in requested if not url.startswith(("data:", "blob:")) and urlparse(url).netloc != host]
+    assert not remote, f"the page requested other hosts: {remote}"
+
+
+def test_page_generates_an_image(server: Server, browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    requested: list[str] = []
+    page = open_page(browser, server, requested)
+    expect(page.locator("#demo-warning")).to_contain_text("RANDOM DEMO WEIGHTS")
+    page.locator("#prompts textarea").fill("a watercolor painting of a lighthouse at dusk:3")
+    steps = page.locator("#steps input[type=number]")
+    steps.fill("3")
+    steps.blur()
+    page.locator("#sampler input").click()
+    page.get_by_role("option", name="ddim", exact=True).click()
+    # Progress lines come and go while the job runs: record every one the page shows.
+    page.evaluate("""() => {
+        window.progressSeen = new Set();
+        new MutationObserver(() => {
+            for (const el of document.querySelectorAll('.progress-text, .progress-level'))
+                window.progressSeen.add(el.innerText);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.locator("#generate").click()
+    page.wait_for_function("""() => {
+        const img = document.querySelector('#gallery img');
+        return img !== null && img.complete && img.naturalWidth > 0;
+    }""", timeout=JOB_S * 1000)
+    size = page.evaluate("() => { const img = document.querySelector('#gallery img'); "
+                         "return [img.naturalWidth, img.naturalHeight]; }")
+    assert size == [256, 256]
+    timings = page.locator("#timings")
+    expect(timings).to_contain_text("Latency")
+    for stage in ("conditioning", "sampling", "decoding"):
+        expect(timings).to_contain_text(f"{stage} ")
+    expect(timings).to_contain_text("3 U-Net evaluations")
+    expect(page.locator("#files")).to_contain_text("out_00000")
+    progress = " | ".join(page.evaluate("() => [...window.progressSeen]"))
+    assert "/3 U-Net evaluations" in progress, f"no per-evaluation progress shown: {progress}"
+    screenshot = Path(os.environ.get("CCLD_TRT_SERVE_SCREENSHOT") or tmp_path / "serve.png")
+    page.screenshot(path=str(screenshot), full_page=True)
+    with Image.open(screenshot) as image:
+        assert image.width >= 1000
+    assert_only_local_requests(requested, server)
+    page.close()
+
+
+def test_page_shows_bad_input_messages(server: Server, browser: Any, huge_png: Path) -> None:
+    from playwright.sync_api import expect
+
+    requested: list[str] = []
+    page = open_page(browser, server, requested)
+    page.locator("#generate").click()  # no prompt, no image
+    expect(page.get_by_text("enter a prompt or upload an image prompt")).to_be_visible(timeout=30_000)
+    page.locator("#prompts textarea").fill("a lighthouse")
+    page.locator("#image-prompt input[type=file]").set_input_files(str(huge_png))
+    expect(page.locator("#image-prompt img")).to_be_visible(timeout=30_000)  # the upload has landed
+    page.locator("#generate").click()
+    expect(page.get_by_text("25.0 megapixels")).to_be_visible(timeout=30_000)
+    server.check_alive()
+    assert_only_local_requests(requested, server)
+    page.close()
+
+
+def test_request_while_loading_gets_a_message(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def load() -> Any:
+        release.wait(60)
+        raise UserError("model_student.ckpt is corrupt")
+
+    loader = ModelLoader(load, "torch on cpu")
+    app = build_app(loader, demo_weights=False, work_dir=tmp_path)
+    loader.start()
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path))
+        with pytest.raises(AppError, match=r"still loading \(torch on cpu\)"):
+            generate(client)
+        release.set()
+        wait_for(lambda: loader.finished, 30, "the loader to finish")
+        with pytest.raises(AppError, match=r"failed to load.*model_student\.ckpt is corrupt"):
+            generate(client)
+        assert "failed to load" in loader.status_markdown()
+    finally:
+        release.set()
+        app.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_hosts_need_no_flag(host: str) -> None:
+    check_host(host, allow_remote=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.org"])
+def test_other_hosts_need_listen(host: str) -> None:
+    with pytest.raises(UserError, match="--listen"):
+        check_host(host, allow_remote=False)
+    check_host(host, allow_remote=True)
+
+
+def test_cli_refuses_remote_host_without_listen(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run(["serve", "--host", "0.0.0.0", "--models", str(tmp_path)]) == 1
+    assert "add --listen" in capsys.readouterr().err
+
+
+def test_parse_job_reads_the_page_values() -> None:
+    job = parse_job("a red house:2\n\n blue sky \n", None, 3.0, 10.0, "plms", "12", 2.0, 1.5)
+    request = job.request
+    assert request.prompts == [("a red house", 2.0), ("blue sky", 3.0)]
+    assert (request.steps, request.seed, request.n, request.method) == (10, 12, 2, "plms")
+    assert request.image_prompts == [] and job.autoencoder_scale == 1.5

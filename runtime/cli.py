@@ -113,10 +113,9 @@ def cmd_download(args: argparse.Namespace) -> None:
 def cmd_demo_weights(args: argparse.Namespace) -> None:
     from ccld_trt.export.demo_weights import write_demo_weights
 
-    print(f"writing RANDOM demo weights ({args.size}) — for trying the pipeline, not for real images",
-          file=sys.stderr)
     for path in write_demo_weights(Path(args.dir), args.size, args.seed):
         print(path)
+    print(f"wrote RANDOM demo weights ({args.size}): for trying the pipeline, not for real images", file=sys.stderr)
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ccld_trt.engines.engine import require_tensorrt, trt_logger, trt_major
-from ccld_trt.engines.profiles import GraphProfile, as_profile
+from ccld_trt.engines.profiles import GraphProfile, ProfileParams, as_profile
 from ccld_trt.engines.sidecar import Sidecar, check_sidecar, gpu_identity, now_utc, read_sidecar, write_sidecar
 from ccld_trt.errors import UserError
 from ccld_trt.export.checkpoints import require_file, sha256_file
@@ -126,3 +126,27 @@ def _write_atomic(path: Path, data: memoryview) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def build_engines(onnx_dir: Path, engine_dir: Path, params: ProfileParams, *, precision: str = "fp16",
+                  opt_level: int = 3, workspace_gib: float | None = None, rebuild: bool = False) -> list[Path]:
+    """Build the four engines the TensorRT backend runs from ``onnx_dir`` (``<graph>.fp16.onnx`` or
+    ``<graph>.onnx``) into ``engine_dir``, sharing one timing cache there. Returns the engine paths."""
+    from tqdm import tqdm
+
+    from ccld_trt.engines.engine import ENGINE_GRAPHS, engine_file
+    from ccld_trt.engines.profiles import graph_profile
+
+    params.validate()
+    require_tensorrt()  # before anything else, so a machine without TensorRT gets the one clear line
+    suffix = ".fp16.onnx" if precision == "fp16" else ".onnx"
+    sources = {g: require_file(Path(onnx_dir) / f"{g}{suffix}", f"{g} ONNX graph (run `ccld-trt export`)")
+               for g in ENGINE_GRAPHS}
+    paths = []
+    for graph in tqdm(ENGINE_GRAPHS, desc="engines", unit="engine", disable=None):
+        path = engine_file(Path(engine_dir), graph, precision)
+        build_engine(sources[graph], path, graph_profile(graph, params), opt_level=opt_level,
+                     workspace_gib=workspace_gib, timing_cache_path=Path(engine_dir) / "timing.cache",
+                     rebuild=rebuild)
+        paths.append(path)
+    return paths

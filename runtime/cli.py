@@ -124,6 +124,30 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     print(format_report(doctor_report()))
 
 
+def _triple(value: str) -> tuple[int, int, int]:
+    """'1,2,4' -> (1, 2, 4); a single 'N' -> (N, N, N)."""
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX or N, got {value!r}") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX or N, got {value!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def cmd_engines_build(args: argparse.Namespace) -> None:
+    from ccld_trt.engines.build import build_engines
+    from ccld_trt.engines.profiles import ProfileParams
+
+    params = ProfileParams(batch=args.batch, conds_max=args.conds_max, height=args.height, width=args.width,
+                           image_size=args.image_size)
+    for path in build_engines(Path(args.onnx), Path(args.output), params, precision=args.precision,
+                              opt_level=args.opt_level, workspace_gib=args.workspace_gib, rebuild=args.rebuild):
+        print(path)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from ccld_trt.serve import serve
 
@@ -183,6 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a --host other machines can reach (the page has no authentication)")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("engines", help="TensorRT engines")
+    engines = p.add_subparsers(dest="engines_command", required=True, parser_class=_Parser)
+    p = engines.add_parser("build", help="build fp16 TensorRT engines from the exported ONNX graphs")
+    p.add_argument("--onnx", default="build/onnx", help="directory of the exported graphs (default build/onnx)")
+    p.add_argument("--output", default="build/engines", help="engine directory (default build/engines)")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="which graphs (default fp16)")
+    p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN,OPT,MAX",
+                   help="images per sampler call (default 1,1,4)")
+    p.add_argument("--conds-max", type=int, default=4,
+                   help="CFG conditions per call, the unconditional one included (default 4)")
+    p.add_argument("--height", type=_triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
+                   help="latent height = image height / 8 (default 32)")
+    p.add_argument("--width", type=_triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
+                   help="latent width = image width / 8 (default 32)")
+    p.add_argument("--image-size", type=int, default=224, help="CLOOB image encoder input side (default 224)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    p.add_argument("--workspace-gib", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even when an engine is up to date")
+    p.set_defaults(func=cmd_engines_build)
 
     p = sub.add_parser("doctor", help="what is installed and which backends can run here")
     p.set_defaults(func=cmd_doctor)

@@ -170,3 +170,23 @@ def test_download_offline_says_what_to_put_where(tmp_path):
     result = cli("download", "--models", str(tmp_path / "m"),
                  env={"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
     assert_one_line_error(result, "model_student.ckpt", str(tmp_path / "m"))
+
+
+def test_engines_build_without_tensorrt_is_one_clear_line(tmp_path):
+    result = cli("engines", "build", "--onnx", str(tmp_path), "--output", str(tmp_path / "engines"))
+    assert_one_line_error(result, "TensorRT is not installed")
+    assert not (tmp_path / "engines").exists()
+
+
+def test_sample_with_tensorrt_backend_without_tensorrt_is_one_clear_line(seed3_dir, tmp_path):
+    for device in ("cpu", "cuda"):
+        result = cli("sample", "a cat", "--models", str(seed3_dir), "--backend", "tensorrt", "--device", device,
+                     "--output-dir", str(tmp_path))
+        assert_one_line_error(result, "tensorrt" if device == "cpu" else "")
+    assert not list(tmp_path.iterdir())
+
+
+def test_doctor_runs_without_gpu_and_names_tensorrt_missing():
+    result = cli("doctor")
+    assert result.returncode == 0
+    assert "TensorRT is not installed" in result.stdout

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ccld_trt.engines.engine import Engine, engine_file, require_tensorrt
+from ccld_trt.engines.engine import ENGINE_GRAPHS, Engine, engine_file, require_tensorrt
 from ccld_trt.engines.sidecar import Sidecar, gpu_identity, require_fit
 from ccld_trt.errors import UserError
 from ccld_trt.export.checkpoints import require_file
 from ccld_trt.export.graph_specs import GRAPHS
-
-ENGINE_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder")
 
 
 class TensorRTBackend:

@@ -9,13 +9,21 @@ from pathlib import Path
 from torch import nn
 
 from ccld_trt.errors import UserError
+from ccld_trt.export.cloob import DEFAULT_CLOOB_CONFIG
 
-DEFAULT_CLOOB_CONFIG = "cloob_laion_400m_vit_b_16_16_epochs"
 UNET_FILE = "model_student.ckpt"
 AE_FILE = "ae_model.ckpt"
 AE_CONFIG_FILE = "ae_model.yaml"
 CLOOB_CONFIG_FILE = "cloob_config.json"
 DEMO_CLOOB_FILE = "cloob.pkl"
+# The short names the reference kit's synthetic checkpoints use; found when the published names are absent.
+_SHORT_NAMES = {UNET_FILE: "unet.ckpt", AE_FILE: "ae.ckpt"}
+
+
+def _in_dir(directory: Path, name: str) -> Path:
+    path = directory / name
+    short = directory / _SHORT_NAMES.get(name, name)
+    return short if not path.exists() and short.exists() else path
 
 
 def models_dir(value: str | Path | None = None) -> Path:
@@ -51,9 +59,9 @@ class ModelFiles:
         if cloob is None:
             url = load_cloob_config(cloob_config).get("url")
             cloob = str(directory / (url.rsplit("/", 1)[-1] if url else DEMO_CLOOB_FILE))
-        ae = Path(autoencoder) if autoencoder else directory / AE_FILE
+        ae = Path(autoencoder) if autoencoder else _in_dir(directory, AE_FILE)
         return cls(
-            unet=Path(unet) if unet else directory / UNET_FILE,
+            unet=Path(unet) if unet else _in_dir(directory, UNET_FILE),
             autoencoder=ae,
             autoencoder_config=Path(autoencoder_config) if autoencoder_config else ae.with_suffix(".yaml"),
             cloob=Path(cloob),

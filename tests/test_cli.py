@@ -190,3 +190,15 @@ def test_doctor_runs_without_gpu_and_names_tensorrt_missing():
     result = cli("doctor")
     assert result.returncode == 0
     assert "TensorRT is not installed" in result.stdout
+
+
+def test_models_dir_with_the_reference_kits_short_names(seed3_dir, tmp_path):
+    models = copy_models(seed3_dir, tmp_path / "m")
+    for old, new in [("model_student.ckpt", "unet.ckpt"), ("ae_model.ckpt", "ae.ckpt"), ("ae_model.yaml", "ae.yaml")]:
+        (models / old).rename(models / new)
+    base = ["sample", "a red house", "--steps", "2", "--seed", "4"]
+    assert run([*base, "--models", str(models), "--save-latents", str(tmp_path / "short.npy"),
+                "--output-dir", str(tmp_path / "a")]) == 0
+    assert run([*base, "--models", str(seed3_dir), "--save-latents", str(tmp_path / "long.npy"),
+                "--output-dir", str(tmp_path / "b")]) == 0
+    assert np.array_equal(np.load(tmp_path / "short.npy"), np.load(tmp_path / "long.npy"))

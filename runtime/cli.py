@@ -148,6 +148,35 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
         print(path)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from ccld_trt.benchmarks.suite import BenchConfig, run_bench
+
+    config = BenchConfig.preset(
+        args.quick, backends=args.backends, device=args.device, models=Path(args.models) if args.models else None,
+        demo_size=args.demo_size, output=Path(args.output), repeats=args.repeats, warmup=args.warmup,
+        e2e_repeats=args.e2e_repeats)
+    _, paths = run_bench(config)
+    print(paths.markdown.read_text())
+    for path in (paths.json, paths.markdown, paths.plot):
+        print(path)
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> None:
+    from ccld_trt.benchmarks.compare import compare
+
+    print(compare(args.a, args.b), end="")
+
+
+def _backend_list(value: str) -> tuple[str, ...]:
+    from ccld_trt.benchmarks.suite import BACKENDS
+
+    names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(BACKENDS)}, got {value!r}")
+    return names
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from ccld_trt.serve import serve
 
@@ -227,6 +256,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-gib", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when an engine is up to date")
     p.set_defaults(func=cmd_engines_build)
+
+    p = sub.add_parser("bench", help="benchmark every backend and precision that runs here: latency, FLOP/s, "
+                                     "memory, correctness against torch fp32")
+    p.add_argument("--backends", type=_backend_list, metavar="LIST",
+                   help="comma-separated, from torch,torch-cudagraph,onnxruntime,tensorrt (default: all; those "
+                        "that cannot run here are reported as skipped)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--output", default="benchmarks/results",
+                   help="results root; files go to OUTPUT/<machine>/ (default benchmarks/results)")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 and one end-to-end run (15 steps, 1 image) per backend: a few minutes on a CPU")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed calls before each measurement (default 2, quick 1)")
+    p.add_argument("--e2e-repeats", type=int, help="at most this many end-to-end repeats (default 3, quick 1)")
+    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models); without weights "
+                                    "there, random demo weights are written once to build/bench-weights/")
+    p.add_argument("--demo-size", choices=["small", "full"], default="full",
+                   help="size of those demo weights (default full: the real networks' FLOPs)")
+    p.set_defaults(func=cmd_bench)
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare}", parser_class=_Parser)
+    c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")
+    c.add_argument("a", metavar="A.json", help="baseline results")
+    c.add_argument("b", metavar="B.json", help="results to compare with the baseline")
+    c.set_defaults(func=cmd_bench_compare)
 
     p = sub.add_parser("doctor", help="what is installed and which backends can run here")
     p.set_defaults(func=cmd_doctor)

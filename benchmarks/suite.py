@@ -1,0 +1,570 @@
+"""``ccld-trt bench``: latency, throughput, memory, FLOP/s and correctness of every backend and precision that
+runs on this machine, per stage and end to end, in one run.
+
+Stages (all at the full-size architectures unless told otherwise):
+
+* ``text-encoder``: one prompt, tokens [1, 77]; ``image-encoder``: one image prompt, pixels [1, 3, S, S];
+* ``unet``: one U-Net/CFG evaluation at batch B, x [B, 4, 32, 32] with 2 conditions (zero + one text prompt),
+  so B * 2 U-Net rows;
+* ``sampler-step``: one PLMS step after its Runge-Kutta warm-up (one evaluation plus the sampler arithmetic),
+  timed between consecutive evaluations inside the end-to-end runs, so it costs no extra model calls;
+* ``decoder``: latents [B, 4, 32, 32] -> images [B, 3, 256, 256];
+* ``end-to-end``: text prompt -> n decoded uint8 images, PLMS, all n in one batch.
+
+Each backend's end-to-end latents and pixels are compared with torch fp32 on the same seed; a backend that is
+fast but wrong is flagged.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ccld_trt.backend_select import BACKENDS as SELECTABLE_BACKENDS
+from ccld_trt.backend_select import cuda_unavailable_reason, resolve_backend
+from ccld_trt.backends.base import Backend
+from ccld_trt.benchmarks.flops import Cost, end_to_end_cost, stage_costs
+from ccld_trt.benchmarks.machine import gemm_peak_gflops, machine_info
+from ccld_trt.benchmarks.report import SCHEMA_VERSION, ReportPaths, write_reports
+from ccld_trt.errors import UserError
+from ccld_trt.models import ModelFiles, load_networks, models_dir
+from ccld_trt.pipeline import (
+    DEFAULT_AUTOENCODER_SCALE,
+    LATENT_CHANNELS,
+    Request,
+    conditions,
+    decode,
+    sample_latents,
+)
+from ccld_trt.runner import Session, open_backend
+from ccld_trt.samplers import evaluations
+from ccld_trt.tokenizer import tokenize
+
+BACKENDS = ("torch", "torch-cudagraph", "onnxruntime", "tensorrt")
+# What to try per backend and device type. A combination that cannot run here is still tried, so that the
+# report says why it was skipped.
+PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "torch": {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")},
+    "torch-cudagraph": {"cpu": ("fp16",), "cuda": ("fp32", "fp16")},
+    "onnxruntime": {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")},
+    "tensorrt": {"cpu": ("fp16",), "cuda": ("fp32", "fp16")},
+}
+FULL_BATCHES = (1, 4, 16)
+FULL_END_TO_END = ((15, 1), (15, 4), (15, 16), (50, 1), (50, 4), (50, 16))
+QUICK_BATCHES = (1,)
+QUICK_END_TO_END = ((15, 1),)
+PROMPT = ("a watercolor painting of a lighthouse at dawn", 3.0)
+METHOD = "plms"
+LATENT_SIZE = (32, 32)  # the published model's 256x256 images
+PLMS_WARMUP_STEPS = 3  # PRK steps before PLMS has the history it needs
+# An end-to-end warm-up runs this many steps (PRK and PLMS both run) at the measured n: the first run of a job
+# pays for fresh memory (page faults on every new activation buffer, slow in VMs), which stage warm-ups at the
+# same shapes do not cover, and a full-length warm-up of 50 steps at n 16 would take minutes on a CPU.
+E2E_WARMUP_STEPS = 5
+# Thresholds of "fast but wrong", against torch fp32 on the same seed
+MAX_FP32_LATENTS_REL_ERROR = 1e-3
+MIN_REDUCED_PSNR_DB = 35.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row group of the report: a backend opened at one precision."""
+
+    backend: str
+    precision: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+
+REFERENCE = Variant("torch", "fp32")
+
+# (variant, device, model files) -> an open session; UserError (or any exception) = skipped with the reason
+Opener = Callable[[Variant, str, ModelFiles], Session]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. ``variants`` (when given) replaces the list derived from ``backends`` and ``device``."""
+
+    backends: tuple[str, ...] = BACKENDS
+    device: str = "cpu"
+    models: Path | None = None          # None: $CCLD_TRT_MODELS or ./models
+    demo_size: str = "full"             # demo weights written when the models directory lacks weights
+    weights_cache: Path = Path("build/bench-weights")
+    output: Path = Path("benchmarks/results")
+    quick: bool = False
+    batches: tuple[int, ...] = FULL_BATCHES
+    end_to_end: tuple[tuple[int, int], ...] = FULL_END_TO_END  # (steps, n)
+    repeats: int = 5
+    warmup: int = 2
+    e2e_repeats: int = 3                # end-to-end runs take minutes on a CPU; min(repeats, e2e_repeats)
+    seed: int = 0
+    gemm_seconds: float = 1.0
+    variants: tuple[Variant, ...] | None = None
+
+    @classmethod
+    def preset(cls, quick: bool = False, **overrides: Any) -> BenchConfig:
+        """The full run, or with ``quick`` batch 1 and one end-to-end run (15 steps, 1 image) per variant, a
+        few minutes on a small CPU. Overrides that are None keep the preset's value (CLI flags not given)."""
+        base = cls(quick=True, batches=QUICK_BATCHES, end_to_end=QUICK_END_TO_END, repeats=3, warmup=1,
+                   e2e_repeats=1, gemm_seconds=0.5) if quick else cls()
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self) -> None:
+        """UserError naming the first invalid field."""
+        if self.repeats < 1:
+            raise UserError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.e2e_repeats < 1:
+            raise UserError(f"--e2e-repeats must be >= 1, got {self.e2e_repeats}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if not self.backends and self.variants is None:
+            raise UserError("--backends names none")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise UserError(f"batches must be positive, got {self.batches}")
+        if any(s < 1 or n < 1 for s, n in self.end_to_end):
+            raise UserError(f"end-to-end steps and n must be positive, got {self.end_to_end}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise UserError(f"unknown device {self.device!r}: use cpu, cuda or cuda:N") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}: {cuda_unavailable_reason()}")
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"unknown device {self.device!r}: use cpu, cuda or cuda:N")
+
+    def planned_variants(self) -> tuple[Variant, ...]:
+        if self.variants is not None:
+            return self.variants
+        device_type = torch.device(self.device).type
+        return tuple(Variant(b, p) for b in self.backends for p in PRECISIONS[b][device_type])
+
+
+@dataclass
+class Record:
+    """One measured row. Times in milliseconds; memory in MiB; ``flops`` per call; ``batch``: images per call
+    (the U-Net runs ``rows`` = batch * conditions); correctness fields are set on end-to-end rows only."""
+
+    backend: str
+    precision: str
+    device: str
+    stage: str
+    batch: int
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    repeats: int
+    warmup: int
+    flops: int | None
+    weight_bytes: int | None
+    activation_bytes: int | None
+    achieved_gflops: float | None
+    peak_fraction: float | None          # achieved / measured fp32 GEMM peak
+    peak_rss_mb: float
+    rss_scope: str                       # "measurement" (peak reset before it) or "process" (lifetime peak)
+    device_peak_mb: float | None         # torch.cuda.max_memory_allocated: torch allocations only
+    rows: int | None = None
+    steps: int | None = None
+    n: int | None = None
+    images_per_s: float | None = None
+    latents_rel_error: float | None = None
+    psnr_db: float | None = None         # None when the pixels are identical (infinite PSNR)
+    pixels_max_abs_diff: int | None = None
+    flagged: bool = False
+    flag_reason: str | None = None
+
+
+@dataclass
+class Measurement:
+    samples_ms: list[float]
+    peak_rss_mb: float
+    rss_scope: str
+    device_peak_mb: float | None
+    output: Any
+
+
+# -- timing and memory -------------------------------------------------------------------------------------
+
+Mark = float | torch.cuda.Event
+
+
+def _mark(device: torch.device) -> Mark:
+    """A point in time: the host clock on the CPU, an event in the current stream on CUDA."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed_ms(start: Mark, end: Mark) -> float:
+    if isinstance(start, torch.cuda.Event) and isinstance(end, torch.cuda.Event):
+        end.synchronize()
+        return start.elapsed_time(end)
+    assert isinstance(start, float) and isinstance(end, float)
+    return (end - start) * 1e3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _reset_peak_rss() -> str:
+    """Reset the kernel's peak-RSS counter of this process; returns the scope the next reading has."""
+    try:
+        _CLEAR_REFS.write_text("5")  # Linux: "5" resets VmHWM to the current RSS
+        return "measurement"
+    except OSError:
+        return "process"
+
+
+def _peak_rss_mb() -> float:
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        if match:
+            return int(match.group(1)) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Measurement:
+    """Call ``fn`` warmup + repeats times; time the repeats, each from an idle device (CUDA events on GPU,
+    perf_counter on CPU), and read peak host RSS and peak torch device memory over the repeats.
+
+    Events bracket the call on the current stream after a synchronize, so they also time a backend that
+    blocks the host while its own stream works: the start event fires at once on the idle stream.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    scope = _reset_peak_rss()
+    samples, output = [], None
+    for _ in range(repeats):
+        _sync(device)
+        start = _mark(device)
+        output = fn()
+        end = _mark(device)
+        samples.append(_elapsed_ms(start, end))
+    device_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return Measurement(samples, _peak_rss_mb(), scope, device_peak, output)
+
+
+def summarize_ms(samples: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p90, min) of timings in ms; p90 interpolates linearly between samples."""
+    a = np.asarray(samples, dtype=np.float64)
+    return float(np.median(a)), float(np.percentile(a, 90)), float(a.min())
+
+
+# -- correctness -------------------------------------------------------------------------------------------
+
+def latents_rel_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """||latents - reference|| / ||reference|| (Frobenius norms, float64)."""
+    diff = (latents.double() - reference.double()).norm()
+    return float(diff / reference.double().norm().clamp_min(1e-30))
+
+
+def psnr_db(pixels: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR of uint8 pixels against reference pixels in dB; inf when identical."""
+    mse = float(np.mean((pixels.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
+
+
+def judge(precision: str, rel_error: float, psnr: float) -> str | None:
+    """Why a result is "fast but wrong", or None: fp32 must match torch fp32 latents to 1e-3 relative;
+    reduced precisions must keep the pixels above 35 dB PSNR."""
+    if precision == "fp32" and not rel_error <= MAX_FP32_LATENTS_REL_ERROR:
+        return f"fp32 latents rel error {rel_error:.2e} > {MAX_FP32_LATENTS_REL_ERROR:.0e}"
+    if precision != "fp32" and not psnr >= MIN_REDUCED_PSNR_DB:
+        return f"{precision} pixels PSNR {psnr:.1f} dB < {MIN_REDUCED_PSNR_DB:.0f} dB"
+    return None
+
+
+# -- model files and backends ------------------------------------------------------------------------------
+
+def bench_model_files(config: BenchConfig, log: Callable[[str], None]) -> tuple[ModelFiles, dict[str, Any]]:
+    """The models directory's files when complete, else demo weights of ``config.demo_size`` in the cache
+    (written once). Returns the files and a description of them for the report."""
+    directory = models_dir(config.models)
+    files = ModelFiles.resolve(directory)
+    try:
+        files.check_present()
+        return files, {"dir": str(directory), "demo": files.is_demo(), "size": None}
+    except UserError:
+        pass
+    from ccld_trt.export.demo_weights import MARKER, write_demo_weights
+
+    cache = config.weights_cache / f"{config.demo_size}-seed0"
+    if not (cache / MARKER).exists():
+        log(f"{directory} lacks model weights: writing {config.demo_size} RANDOM demo weights to {cache} (once)")
+        # written under a temporary name and renamed, so an interrupted write never looks complete
+        partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_demo_weights(partial, config.demo_size, seed=0)
+        shutil.rmtree(cache, ignore_errors=True)
+        partial.rename(cache)
+    return ModelFiles.resolve(cache), {"dir": str(cache), "demo": True, "size": config.demo_size}
+
+
+def open_variant(variant: Variant, device: str, files: ModelFiles) -> Session:
+    """``runner.open_backend`` for the variant; UserError with a one-line reason when it cannot run here."""
+    if variant.backend in SELECTABLE_BACKENDS:
+        resolve_backend(variant.backend, device)  # says why before anything loads
+    elif variant.backend == "torch-cudagraph" and torch.device(device).type != "cuda":
+        raise UserError("CUDA graphs need a CUDA device (--device cuda)")
+    session = open_backend(variant.backend, device, files, variant.precision)
+    opened = getattr(session.backend, "precision", variant.precision)
+    if opened != variant.precision:
+        raise UserError(f"opened at precision {opened}, not {variant.precision}")
+    return session
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
+
+
+# -- measurements ------------------------------------------------------------------------------------------
+
+@dataclass
+class EndToEndOutput:
+    latents: torch.Tensor        # float32 [n, 4, 32, 32], CPU
+    pixels: np.ndarray           # uint8 [n, 256, 256, 3]
+    marks: list[Mark]            # one per U-Net evaluation, after it returned
+
+
+def end_to_end(backend: Backend, request: Request) -> EndToEndOutput:
+    """The ``sample`` command's work for a text-only request: encode, sample, decode to uint8 pixels."""
+    marks: list[Mark] = []
+    conds, weights = conditions(backend, request, [])
+    latents = sample_latents(backend, request, conds, weights, on_evaluation=lambda: marks.append(
+        _mark(backend.device)))
+    pixels = decode(backend, latents, DEFAULT_AUTOENCODER_SCALE)
+    return EndToEndOutput(latents, pixels, marks)
+
+
+def plms_step_intervals_ms(marks: Sequence[Mark]) -> list[float]:
+    """Times of the PLMS steps after warm-up from the marks of one run: evaluation k's mark to evaluation
+    k+1's, for k from the first PLMS evaluation on (that interval holds the sampler arithmetic of one step
+    and the next evaluation, the steady-state period of the loop)."""
+    first_plms = evaluations(METHOD, PLMS_WARMUP_STEPS)
+    return [_elapsed_ms(a, b) for a, b in zip(marks[first_plms:], marks[first_plms + 1:], strict=False)]
+
+
+@dataclass
+class _Context:
+    config: BenchConfig
+    device: torch.device
+    costs: dict[tuple[str, int], Cost]
+    peak_gflops: float
+    references: dict[tuple[int, int], EndToEndOutput]
+    bar: tqdm
+
+
+def _request(steps: int, n: int, seed: int) -> Request:
+    return Request(prompts=[PROMPT], n=n, seed=seed, steps=steps, method=METHOD, latent_size=LATENT_SIZE)
+
+
+def _record(ctx: _Context, variant: Variant, stage: str, batch: int, m: Measurement, cost: Cost | None,
+            warmup: int, **extra: Any) -> Record:
+    median, p90, low = summarize_ms(m.samples_ms)
+    achieved = cost.flops / (median / 1e3) / 1e9 if cost and median > 0 else None
+    return Record(
+        backend=variant.backend, precision=variant.precision, device=str(ctx.device), stage=stage, batch=batch,
+        median_ms=median, p90_ms=p90, min_ms=low, repeats=len(m.samples_ms), warmup=warmup,
+        flops=cost.flops if cost else None, weight_bytes=cost.weight_bytes if cost else None,
+        activation_bytes=cost.activation_bytes if cost else None, achieved_gflops=achieved,
+        peak_fraction=achieved / ctx.peak_gflops if achieved is not None else None,
+        peak_rss_mb=m.peak_rss_mb, rss_scope=m.rss_scope, device_peak_mb=m.device_peak_mb, **extra)
+
+
+def _stage_calls(session: Session, config: BenchConfig,
+                 device: torch.device) -> list[tuple[str, int, Callable[[], Any]]]:
+    """(stage, batch, call) of every single-network measurement, inputs made once up front."""
+    backend = session.backend
+    gen = torch.Generator().manual_seed(config.seed)
+    tokens = tokenize([PROMPT[0]]).to(device)
+    pixels = torch.rand(1, 3, session.image_size, session.image_size, generator=gen).to(device)
+    conds, weights = conditions(backend, _request(1, 1, config.seed), [])
+    calls: list[tuple[str, int, Callable[[], Any]]] = [
+        ("text-encoder", 1, partial(backend.encode_text, tokens)),
+        ("image-encoder", 1, partial(backend.encode_image, pixels)),
+    ]
+    for b in config.batches:
+        x = torch.randn(b, LATENT_CHANNELS, *LATENT_SIZE, generator=gen).to(device)
+        t = torch.full([b], 0.5, device=device)
+        z = (torch.randn(b, LATENT_CHANNELS, *LATENT_SIZE, generator=gen) * DEFAULT_AUTOENCODER_SCALE).to(device)
+        calls.append(("unet", b, partial(backend.unet, x, t, conds, weights)))
+        calls.append(("decoder", b, partial(backend.decode, z)))
+    return calls
+
+
+def _measure_variant(ctx: _Context, variant: Variant, session: Session) -> list[Record]:
+    """Every stage, then every end-to-end case, of one open backend."""
+    config, device = ctx.config, ctx.device
+    records: list[Record] = []
+    for stage, batch, call in _stage_calls(session, config, device):
+        ctx.bar.set_postfix_str(f"{variant.label} {stage} b{batch}")
+        m = measure(call, device, config.warmup, config.repeats)
+        rows = batch * 2 if stage == "unet" else None
+        records.append(_record(ctx, variant, stage, batch, m, ctx.costs.get((stage, batch)), config.warmup,
+                               rows=rows))
+        ctx.bar.update()
+    step_intervals: dict[int, list[float]] = {}
+    e2e_memory: dict[int, Measurement] = {}  # per n, for the sampler-step rows timed inside those runs
+    for steps, n in config.end_to_end:
+        ctx.bar.set_postfix_str(f"{variant.label} end-to-end {steps} steps n{n}")
+        request = _request(steps, n, config.seed)
+        runs: list[EndToEndOutput] = []
+
+        def job(request: Request = request, runs: list[EndToEndOutput] = runs) -> EndToEndOutput:
+            runs.append(end_to_end(session.backend, request))
+            return runs[-1]
+
+        warmup = 1 if config.warmup else 0
+        for _ in range(warmup):
+            end_to_end(session.backend, _request(min(steps, E2E_WARMUP_STEPS), n, config.seed))
+        m = measure(job, device, 0, min(config.repeats, config.e2e_repeats))
+        for run in runs:
+            step_intervals.setdefault(n, []).extend(plms_step_intervals_ms(run.marks))
+        e2e_memory[n] = m
+        out: EndToEndOutput = m.output
+        if variant == REFERENCE:
+            ctx.references[steps, n] = out
+        cost = end_to_end_cost(ctx.costs, evaluations(METHOD, steps), n)
+        record = _record(ctx, variant, "end-to-end", n, m, cost, warmup, steps=steps, n=n, rows=n * 2,
+                         images_per_s=n / (float(np.median(m.samples_ms)) / 1e3))
+        reference = ctx.references.get((steps, n))
+        if reference is not None:
+            record.latents_rel_error = latents_rel_error(out.latents, reference.latents)
+            psnr = psnr_db(out.pixels, reference.pixels)
+            record.psnr_db = None if psnr == float("inf") else psnr
+            record.pixels_max_abs_diff = int(np.abs(out.pixels.astype(np.int16) - reference.pixels).max())
+            record.flag_reason = judge(variant.precision, record.latents_rel_error, psnr)
+            record.flagged = record.flag_reason is not None
+        records.append(record)
+        ctx.bar.update()
+    for n, samples in step_intervals.items():
+        if samples:
+            memory = e2e_memory[n]
+            m = Measurement(samples, memory.peak_rss_mb, memory.rss_scope, memory.device_peak_mb, None)
+            records.append(_record(ctx, variant, "sampler-step", n, m, ctx.costs["unet", n], 0, rows=n * 2))
+    return records
+
+
+def _reference_outputs(config: BenchConfig, files: ModelFiles, opener: Opener) -> dict[tuple[int, int],
+                                                                                       EndToEndOutput]:
+    """torch fp32 end-to-end outputs (untimed), for a run whose variants do not include it."""
+    session = opener(REFERENCE, config.device, files)
+    return {(steps, n): end_to_end(session.backend, _request(steps, n, config.seed))
+            for steps, n in config.end_to_end}
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_all(config: BenchConfig, opener: Opener = open_variant,
+                log: Callable[[str], None] = lambda msg: tqdm.write(msg, file=sys.stderr)) -> dict[str, Any]:
+    """Run the whole benchmark; the JSON document (see ``report.SCHEMA_VERSION``)."""
+    config.validate()
+    device = torch.device(config.device)
+    files, weights = bench_model_files(config, log)
+    log("counting FLOPs on the meta device")
+    networks = load_networks(files)
+    costs = stage_costs(networks, sorted({*config.batches, *(n for _, n in config.end_to_end)}), LATENT_SIZE)
+    del networks
+    _release()
+    info = machine_info(config.device)
+    log("measuring the GEMM peak")
+    # reduced-precision peaks only on CUDA, where tensor cores make them an order of magnitude higher
+    precisions = ("fp32", "fp16", "bf16") if device.type == "cuda" else ("fp32",)
+    peaks = {p: gemm_peak_gflops(config.device, p, min_seconds=config.gemm_seconds) for p in precisions}
+    variants = sorted(config.planned_variants(), key=lambda v: v != REFERENCE)  # reference first
+    references: dict[tuple[int, int], EndToEndOutput] = {}
+    skipped: list[dict[str, str]] = []
+    if REFERENCE not in variants:
+        log("computing torch fp32 reference outputs for the correctness column")
+        try:
+            references = _reference_outputs(config, files, opener)
+        except Exception as e:  # correctness is then unknown, but the timings still stand
+            skipped.append({"backend": REFERENCE.backend, "precision": REFERENCE.precision,
+                            "reason": f"reference for correctness unavailable: {_reason(e)}"})
+        _release()
+    per_variant = 2 * len(config.batches) + 2 + len(config.end_to_end)
+    records: list[Record] = []
+    with tqdm(total=per_variant * len(variants), desc="bench", unit="measurement", disable=None,
+              file=sys.stderr) as bar:
+        ctx = _Context(config, device, costs, peaks["fp32"], references, bar)
+        for variant in variants:
+            bar.set_postfix_str(f"opening {variant.label}")
+            try:
+                session = opener(variant, config.device, files)
+            except Exception as e:  # whatever a backend raises while opening, the run goes on without it
+                skipped.append({"backend": variant.backend, "precision": variant.precision, "reason": _reason(e)})
+                log(f"skipped {variant.label}: {_reason(e)}")
+                bar.update(per_variant)
+                continue
+            start = bar.n
+            try:
+                records += _measure_variant(ctx, variant, session)
+            except Exception as e:  # a backend that breaks mid-run keeps its finished rows
+                skipped.append({"backend": variant.backend, "precision": variant.precision,
+                                "reason": f"failed while measuring: {_reason(e)}"})
+                log(f"{variant.label} failed while measuring: {_reason(e)}")
+            bar.update(start + per_variant - bar.n)  # what a failure left unmeasured
+            del session
+            _release()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "machine": info,
+        "run": {
+            "device": str(device), "quick": config.quick, "repeats": config.repeats, "warmup": config.warmup,
+            "e2e_repeats": min(config.repeats, config.e2e_repeats),
+            "e2e_warmup_steps": E2E_WARMUP_STEPS if config.warmup else 0, "seed": config.seed, "method": METHOD,
+            "prompt": PROMPT[0], "prompt_weight": PROMPT[1], "latent_size": list(LATENT_SIZE),
+            "weights": weights, "gemm_peak_gflops": peaks,
+            "reference": {"backend": REFERENCE.backend, "precision": REFERENCE.precision},
+            "thresholds": {"fp32_latents_rel_error": MAX_FP32_LATENTS_REL_ERROR,
+                           "reduced_precision_psnr_db": MIN_REDUCED_PSNR_DB},
+        },
+        "results": [asdict(r) for r in records],
+        "skipped": skipped,
+    }
+
+
+def run_bench(config: BenchConfig, opener: Opener = open_variant) -> tuple[dict[str, Any], ReportPaths]:
+    """Measure everything ``config`` asks for and write JSON, Markdown and PNG under
+    ``config.output/<machine>/``; returns the JSON document and the paths written."""
+    doc = measure_all(config, opener)
+    return doc, write_reports(doc, config.output)
+

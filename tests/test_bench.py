@@ -1,0 +1,200 @@
+"""The benchmark suite on small demo weights: its JSON schema, reports, correctness flags, compare and FLOPs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from ccld_trt.benchmarks.compare import compare
+from ccld_trt.benchmarks.flops import count_cost, count_flops
+from ccld_trt.benchmarks.report import REQUIRED_KEYS, SCHEMA_VERSION, STAGES, load_results
+from ccld_trt.benchmarks.suite import (
+    REFERENCE,
+    BenchConfig,
+    Variant,
+    judge,
+    open_variant,
+    plms_step_intervals_ms,
+    run_bench,
+)
+from ccld_trt.export.demo_weights import write_demo_weights
+from ccld_trt.models import ModelFiles
+from ccld_trt.runner import Session
+
+WRONG = Variant("perturbed", "fp32")
+
+
+class PerturbedBackend:
+    """Torch with every U-Net velocity scaled by 1.01: runs as fast as torch, samples something else."""
+
+    name = "perturbed"
+    precision = "fp32"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.device = inner.device
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_text(tokens)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_image(pixels)
+
+    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.inner.unet(x, t, conds, weights) * 1.01
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(latents)
+
+
+def opener(variant: Variant, device: str, files: ModelFiles) -> Session:
+    if variant == WRONG:
+        session = open_variant(REFERENCE, device, files)
+        return replace(session, backend=PerturbedBackend(session.backend))
+    return open_variant(variant, device, files)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Any]:
+    """One tiny run: torch fp32, the perturbed torch, and TensorRT (which cannot run on the CPU)."""
+    root = tmp_path_factory.mktemp("bench")
+    write_demo_weights(root / "weights", "small", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, thread barriers in many small ops make timings crawl
+    try:
+        # 5 PLMS steps: 3 warm-up steps, then two PLMS steps, whose interval is the sampler-step row
+        config = BenchConfig.preset(True, models=root / "weights", output=root / "results", repeats=1, warmup=0,
+                                    end_to_end=((5, 1),), gemm_seconds=0.05,
+                                    variants=(REFERENCE, WRONG, Variant("tensorrt", "fp16")))
+        return run_bench(config, opener)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_json_schema_and_positive_numbers(bench):
+    _, paths = bench
+    doc = load_results(paths.json)
+    assert doc["schema_version"] == SCHEMA_VERSION
+    for key in ("cpu_model", "cores", "ram_gb", "gpu", "torch", "onnxruntime", "date"):
+        assert key in doc["machine"]
+    assert doc["run"]["gemm_peak_gflops"]["fp32"] > 0
+    assert {r["stage"] for r in doc["results"]} == set(STAGES)
+    assert {(r["backend"], r["precision"]) for r in doc["results"]} == {("torch", "fp32"), ("perturbed", "fp32")}
+    for r in doc["results"]:
+        assert all(k in r for k in REQUIRED_KEYS)
+        for key in ("median_ms", "p90_ms", "min_ms", "flops", "achieved_gflops", "peak_fraction", "peak_rss_mb"):
+            assert isinstance(r[key], int | float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
+    e2e = [r for r in doc["results"] if r["stage"] == "end-to-end"]
+    assert all(r["steps"] == 5 and r["n"] == 1 and r["images_per_s"] > 0 for r in e2e)
+    unet = next(r for r in doc["results"] if r["stage"] == "unet")
+    assert unet["rows"] == 2 * unet["batch"]
+
+
+def test_reports_are_written(bench):
+    _, paths = bench
+    assert paths.json.parent == paths.markdown.parent == paths.plot.parent
+    assert paths.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = paths.markdown.read_text()
+    for needle in ("GEMM peak", "## Stages", "## End to end", "FLAGGED", "tensorrt", paths.plot.name):
+        assert needle in markdown
+
+
+def test_torch_fp32_matches_itself_exactly(bench):
+    doc, _ = bench
+    (r,) = [r for r in doc["results"] if r["stage"] == "end-to-end" and r["backend"] == "torch"]
+    assert r["latents_rel_error"] == 0.0
+    assert r["pixels_max_abs_diff"] == 0 and r["psnr_db"] is None  # identical: infinite PSNR
+    assert not r["flagged"]
+
+
+def test_a_wrong_backend_is_flagged(bench):
+    doc, _ = bench
+    (r,) = [r for r in doc["results"] if r["stage"] == "end-to-end" and r["backend"] == "perturbed"]
+    assert r["flagged"] and "rel error" in r["flag_reason"]
+    assert r["latents_rel_error"] > 1e-3
+
+
+def test_a_backend_that_cannot_open_is_skipped_with_the_reason(bench):
+    doc, _ = bench
+    (skip,) = doc["skipped"]
+    assert (skip["backend"], skip["precision"]) == ("tensorrt", "fp16")
+    assert "GPU" in skip["reason"]
+
+
+def test_planned_variants_on_the_cpu():
+    config = BenchConfig(backends=("torch", "onnxruntime"))
+    assert config.planned_variants() == (Variant("torch", "fp32"), Variant("torch", "bf16"),
+                                         Variant("onnxruntime", "fp32"), Variant("onnxruntime", "fp16"))
+
+
+@pytest.mark.parametrize(("precision", "rel_error", "psnr", "flagged"), [
+    ("fp32", 5e-4, 20.0, False),   # fp32 is judged by its latents
+    ("fp32", 2e-3, 60.0, True),
+    ("fp16", 0.5, 36.0, False),    # reduced precision is judged by its pixels
+    ("bf16", 1e-4, 30.0, True),
+    ("fp32", float("nan"), 60.0, True),
+])
+def test_judge(precision, rel_error, psnr, flagged):
+    assert (judge(precision, rel_error, psnr) is not None) == flagged
+
+
+def test_plms_step_intervals_start_after_the_warm_up():
+    marks = [float(i * i) for i in range(15)]  # 15 evaluations: 12 of PRK warm-up, then 3 PLMS steps
+    assert plms_step_intervals_ms(marks) == [(13**2 - 12**2) * 1e3, (14**2 - 13**2) * 1e3]
+
+
+def _doc(date: str, rows: list[tuple[str, str, str, int, int | None, int | None, float]]) -> dict[str, Any]:
+    results = [{"backend": b, "precision": p, "stage": s, "batch": batch, "steps": steps, "n": n, "median_ms": ms}
+               for b, p, s, batch, steps, n, ms in rows]
+    for r in results:
+        r.update({k: None for k in REQUIRED_KEYS if k not in r})
+    return {"schema_version": SCHEMA_VERSION, "results": results,
+            "machine": {"cpu_model": "Test CPU", "cores": 4, "gpu": None, "date": date}}
+
+
+def test_compare_ratios(tmp_path: Path):
+    a = _doc("2024-01-01", [("torch", "fp32", "unet", 1, None, None, 10.0),
+                            ("torch", "fp32", "end-to-end", 1, 15, 1, 3000.0),
+                            ("torch", "fp32", "end-to-end", 1, 50, 1, 9000.0),
+                            ("torch", "bf16", "decoder", 1, None, None, 7.0)])
+    b = _doc("2024-02-01", [("torch", "fp32", "unet", 1, None, None, 5.0),
+                            ("torch", "fp32", "end-to-end", 1, 50, 1, 2000.0),
+                            ("torch", "fp32", "end-to-end", 1, 15, 1, 4000.0),
+                            ("onnxruntime", "fp32", "unet", 1, None, None, 4.0)])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    table = compare(tmp_path / "a.json", tmp_path / "b.json")
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")) for line in table.splitlines()
+            if line.startswith("| ") and "median" not in line}
+    assert ("torch", "fp32", "unet", "1", "—", "—", "10.00", "5.00", "2.00×") in rows
+    assert ("torch", "fp32", "end-to-end", "1", "15", "1", "3,000.00", "4,000.00", "0.75×") in rows
+    assert ("torch", "fp32", "end-to-end", "1", "50", "1", "9,000.00", "2,000.00", "4.50×") in rows
+    assert ("torch", "bf16", "decoder", "1", "—", "—", "7.00", "—", "—") in rows
+    assert ("onnxruntime", "fp32", "unet", "1", "—", "—", "—", "4.00", "—") in rows
+
+
+def test_compare_refuses_another_schema(tmp_path: Path):
+    from ccld_trt.errors import UserError
+
+    (tmp_path / "old.json").write_text(json.dumps({**_doc("2024-01-01", []), "schema_version": 0}))
+    with pytest.raises(UserError, match="schema_version"):
+        compare(tmp_path / "old.json", tmp_path / "old.json")
+
+
+def test_flop_counter_knows_simple_layers():
+    batch, n_in, n_out = 3, 8, 16
+    linear = count_cost(nn.Linear(n_in, n_out), torch.zeros(batch, n_in))
+    assert linear.flops == 2 * n_in * n_out * batch
+    assert linear.weight_bytes == (n_in * n_out + n_out) * 4
+    assert linear.activation_bytes == batch * n_out * 4
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert count_flops(conv, torch.zeros(2, 3, 10, 10)) == 2 * (2 * 8 * 10 * 10) * (3 * 3 * 3)
+    assert conv.weight.device.type == "cpu"  # counted on meta copies, the module is untouched

@@ -339,7 +339,9 @@ def open_variant(variant: Variant, device: str, files: ModelFiles) -> Session:
         resolve_backend(variant.backend, device)  # says why before anything loads
     elif variant.backend == "torch-cudagraph" and torch.device(device).type != "cuda":
         raise UserError("CUDA graphs need a CUDA device (--device cuda)")
-    session = open_backend(variant.backend, device, files, variant.precision)
+    cuda_graph = variant.backend == "torch-cudagraph"
+    session = open_backend("torch" if cuda_graph else variant.backend, device, files, variant.precision,
+                           cuda_graph=cuda_graph)
     opened = getattr(session.backend, "precision", variant.precision)
     if opened != variant.precision:
         raise UserError(f"opened at precision {opened}, not {variant.precision}")

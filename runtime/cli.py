@@ -85,8 +85,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     # read every input before the (slow) model loading, so that a bad one fails at once
     image_size = int(load_cloob_config(files.cloob_config)["image_encoder"]["image_size"])
     image_prompts = load_image_prompts(request, image_size)
-    session = open_backend(args.backend, args.device, files, args.precision, args.base_channels,
-                           args.channel_multipliers)
+    session = open_backend(args.backend, args.device, files, args.precision, cuda_graph=args.cuda_graph,
+                           engine_dir=Path(args.engines), base_channels=args.base_channels,
+                           channel_multipliers=args.channel_multipliers)
     if session.demo:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
@@ -202,9 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
     p.add_argument("--autoencoder-scale", type=_scale, metavar="F|checkpoint",
                    help="latent scale before decoding (default 2.55, as the published demo)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
                    help="inference backend (default torch)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
+    p.add_argument("--engines", default="build/engines", help="TensorRT engine directory (default build/engines)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
     p.add_argument("--output-dir", default="outputs", help="where out_NNNNN.png go (default outputs/)")

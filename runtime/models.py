@@ -112,3 +112,13 @@ def load_networks(files: ModelFiles, base_channels: int | None = None,
     cloob_config = load_cloob_config(files.cloob_config)
     text_encoder, image_encoder = load_cloob(files.cloob, cloob_config)
     return Networks(unet, decoder, text_encoder, image_encoder, cloob_config, scale)
+
+
+def checkpoint_autoencoder_scale(unet_path: Path) -> float:
+    """The ``autoencoder_scale`` buffer stored in a U-Net checkpoint (for backends that skip loading the U-Net)."""
+    from ccld_trt.export.checkpoints import load_torch_checkpoint
+
+    state = load_torch_checkpoint(unet_path, "U-Net checkpoint")
+    if "autoencoder_scale" not in state:
+        raise UserError(f"U-Net checkpoint {unet_path}: missing 1 tensor(s): autoencoder_scale")
+    return float(state["autoencoder_scale"])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from ccld_trt.backend_select import resolve_backend
 from ccld_trt.backends.base import Backend
 from ccld_trt.errors import UserError
-from ccld_trt.models import ModelFiles, load_networks
+from ccld_trt.export.cloob import load_cloob_config
+from ccld_trt.models import ModelFiles, checkpoint_autoencoder_scale, load_networks
 
 
 @dataclass
@@ -17,19 +20,43 @@ class Session:
     demo: bool                            # random demo weights?
 
 
-def open_backend(name: str, device: str, files: ModelFiles, precision: str | None = None,
-                 base_channels: int | None = None, channel_multipliers: list[int] | None = None) -> Session:
-    """Load the networks and wrap them in the named backend (torch | onnxruntime | tensorrt)."""
-    if device == "cuda":
-        import torch
+DEFAULT_ENGINE_DIR = Path("build/engines")
 
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is available to torch here (see `ccld-trt doctor`)")
+
+def open_backend(name: str, device: str, files: ModelFiles, precision: str | None = None, *,
+                 cuda_graph: bool = False, engine_dir: Path | None = None, base_channels: int | None = None,
+                 channel_multipliers: list[int] | None = None) -> Session:
+    """Load the networks and wrap them in the named backend (torch | onnxruntime | tensorrt).
+
+    precision: None picks the backend's default (torch: fp32 on the CPU, fp16 autocast on CUDA as the original;
+    onnxruntime: fp32 on the CPU, fp16 graphs on CUDA; tensorrt: fp16 engines). cuda_graph: replay the U-Net/CFG
+    evaluation from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines.
+    """
+    name, device = resolve_backend(name, device)  # says why a combination cannot run before anything loads
+    if cuda_graph and name == "onnxruntime":
+        raise UserError("--cuda-graph is for the torch and tensorrt backends")
+    if name == "tensorrt":
+        from ccld_trt.backends.tensorrt_backend import TensorRTBackend
+
+        trt_backend = TensorRTBackend(engine_dir or DEFAULT_ENGINE_DIR, device=device, precision=precision or "fp16",
+                                      cuda_graph=cuda_graph)
+        image_size = int(load_cloob_config(files.cloob_config)["image_encoder"]["image_size"])
+        return Session(trt_backend, image_size, checkpoint_autoencoder_scale(files.unet), files.is_demo())
     networks = load_networks(files, base_channels, channel_multipliers)
     if name == "torch":
         from ccld_trt.backends.torch_backend import TorchBackend
 
-        backend: Backend = TorchBackend(networks, device, precision or ("fp16" if device == "cuda" else "fp32"))
+        default = "fp16" if device.startswith("cuda") else "fp32"
+        backend: Backend = TorchBackend(networks, device, precision or default, cuda_graph)
+    elif name == "onnxruntime":
+        from ccld_trt.backends.onnxruntime_backend import BACKEND_GRAPHS, OnnxRuntimeBackend, check_precision
+        from ccld_trt.export.onnx_export import default_onnx_dir, export_all
+
+        precision = check_precision(precision or ("fp16" if device.startswith("cuda") else "fp32"))
+        # Exported once per set of model files; later runs find them up to date in the manifest.
+        onnx_dir = default_onnx_dir(files)
+        export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=precision == "fp16", networks=networks)
+        backend = OnnxRuntimeBackend(onnx_dir, device, precision)
     else:
         raise UserError(f"unknown backend {name!r}")
     return Session(backend, networks.image_size, networks.checkpoint_autoencoder_scale, files.is_demo())

@@ -379,8 +379,8 @@ def serve(backend: str, device: str, files: ModelFiles, host: str = DEFAULT_HOST
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     # Then PIL refuses, in Image.open, anything over twice the upload limit wherever this process opens it.
     Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
-    loader = ModelLoader(lambda: open_backend(backend, device, files, precision, base_channels,
-                                              channel_multipliers), f"{backend} on {device}")
+    loader = ModelLoader(lambda: open_backend(backend, device, files, precision, base_channels=base_channels,
+                                              channel_multipliers=channel_multipliers), f"{backend} on {device}")
     with tempfile.TemporaryDirectory(prefix="ccld-trt-serve-") as work_dir:
         app = build_app(loader, demo_weights, Path(work_dir))
         import gradio as gr

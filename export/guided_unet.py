@@ -25,6 +25,7 @@ class GuidedUNet(nn.Module):
         n, c = x.shape[0], conds.shape[0]
         x_in = x.repeat(c, 1, 1, 1)
         t_in = t.repeat(c)
-        embed_in = conds.repeat_interleave(n, dim=0)
+        # conds.repeat_interleave(n, 0), written as expand + flatten: plain Expand/Reshape in ONNX (not OneHot)
+        embed_in = conds[:, None].expand(-1, n, -1).flatten(0, 1)
         vs = self.unet(x_in, t_in, embed_in).reshape(c, n, *x.shape[1:])
         return (vs * weights.reshape(-1, 1, 1, 1, 1)).sum(0)

@@ -86,7 +86,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     image_size = int(load_cloob_config(files.cloob_config)["image_encoder"]["image_size"])
     image_prompts = load_image_prompts(request, image_size)
     session = open_backend(args.backend, args.device, files, args.precision, cuda_graph=args.cuda_graph,
-                           engine_dir=Path(args.engines), base_channels=args.base_channels,
+                           engine_dir=Path(args.engines),
+                           onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, base_channels=args.base_channels,
                            channel_multipliers=args.channel_multipliers)
     if session.demo:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
@@ -117,6 +118,15 @@ def cmd_demo_weights(args: argparse.Namespace) -> None:
     for path in write_demo_weights(Path(args.dir), args.size, args.seed):
         print(path)
     print(f"wrote RANDOM demo weights ({args.size}): for trying the pipeline, not for real images", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ccld_trt.export.onnx_export import default_onnx_dir, export_all
+
+    files = _model_files(args)
+    out_dir = Path(args.output) if args.output else default_onnx_dir(files)
+    for path in export_all(files, out_dir, args.graphs, fp16=not args.no_fp16).values():
+        print(path)
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
@@ -209,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
     p.add_argument("--engines", default="build/engines", help="TensorRT engine directory (default build/engines)")
+    p.add_argument("--onnx-dir", metavar="DIR",
+                   help="onnxruntime backend: where the exported graphs are kept, exported there unless up to date "
+                        "(default build/onnx/<hash of the model paths>)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
     p.add_argument("--output-dir", default="outputs", help="where out_NNNNN.png go (default outputs/)")
@@ -240,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a --host other machines can reach (the page has no authentication)")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
+
+    from ccld_trt.export.graph_specs import GRAPHS
+
+    p = sub.add_parser("export", help="export the networks to ONNX, fp32 and mixed-precision fp16 (graphs whose "
+                                      "checkpoint, configuration and exporter are unchanged are kept)")
+    p.add_argument("--output", metavar="DIR",
+                   help="directory for the .onnx files and manifest.json (default: build/onnx/<hash of the model "
+                        "paths>, under $CCLD_TRT_BUILD instead of ./build if set)")
+    p.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), metavar="GRAPH",
+                   help=f"graphs to export (default: all of {', '.join(GRAPHS)})")
+    p.add_argument("--no-fp16", action="store_true", help="only the fp32 graphs")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("engines", help="TensorRT engines")
     engines = p.add_subparsers(dest="engines_command", required=True, parser_class=_Parser)

@@ -24,13 +24,15 @@ DEFAULT_ENGINE_DIR = Path("build/engines")
 
 
 def open_backend(name: str, device: str, files: ModelFiles, precision: str | None = None, *,
-                 cuda_graph: bool = False, engine_dir: Path | None = None, base_channels: int | None = None,
+                 cuda_graph: bool = False, engine_dir: Path | None = None, onnx_dir: Path | None = None,
+                 base_channels: int | None = None,
                  channel_multipliers: list[int] | None = None) -> Session:
     """Load the networks and wrap them in the named backend (torch | onnxruntime | tensorrt).
 
     precision: None picks the backend's default (torch: fp32 on the CPU, fp16 autocast on CUDA as the original;
     onnxruntime: fp32 on the CPU, fp16 graphs on CUDA; tensorrt: fp16 engines). cuda_graph: replay the U-Net/CFG
-    evaluation from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines.
+    evaluation from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines. onnx_dir: where
+    the onnxruntime backend keeps the exported graphs (default: build/onnx/<hash of the model paths>).
     """
     name, device = resolve_backend(name, device)  # says why a combination cannot run before anything loads
     if cuda_graph and name == "onnxruntime":
@@ -54,7 +56,7 @@ def open_backend(name: str, device: str, files: ModelFiles, precision: str | Non
 
         precision = check_precision(precision or ("fp16" if device.startswith("cuda") else "fp32"))
         # Exported once per set of model files; later runs find them up to date in the manifest.
-        onnx_dir = default_onnx_dir(files)
+        onnx_dir = onnx_dir or default_onnx_dir(files)
         export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=precision == "fp16", networks=networks)
         backend = OnnxRuntimeBackend(onnx_dir, device, precision)
     else:

@@ -322,7 +322,7 @@ def trace(module: nn.Module, graph: str, inputs: Mapping[str, torch.Tensor], pat
     """torch.onnx.export ``module`` (called with ``inputs`` in graph_specs order) to ``path``, with graph_specs'
     names and its symbolic dims in DYNAMIC_DIMS dynamic."""
     spec = GRAPHS[graph]
-    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if _is_dynamic(d)}
+    dynamic_axes = {t.name: {i: str(d) for i, d in enumerate(t.shape) if _is_dynamic(d)}
                     for t in (*spec.inputs, *spec.outputs)}
     with warnings.catch_warnings():
         # The GroupNorm trace warning is about a shape check that does not concern inference; the deprecation

@@ -165,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     config = BenchConfig.preset(
         args.quick, backends=args.backends, device=args.device, models=Path(args.models) if args.models else None,
         demo_size=args.demo_size, output=Path(args.output), repeats=args.repeats, warmup=args.warmup,
-        e2e_repeats=args.e2e_repeats)
+        e2e_repeats=args.e2e_repeats, batches=args.batches, end_to_end=args.end_to_end)
     _, paths = run_bench(config)
     print(paths.markdown.read_text())
     for path in (paths.json, paths.markdown, paths.plot):
@@ -176,6 +176,21 @@ def cmd_bench_compare(args: argparse.Namespace) -> None:
     from ccld_trt.benchmarks.compare import compare
 
     print(compare(args.a, args.b), end="")
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _runs(value: str) -> tuple[tuple[int, int], ...]:
+    """'15x1,50x4' -> ((15, 1), (50, 4)): end-to-end runs as STEPSxN."""
+    try:
+        return tuple((int(s), int(n)) for s, n in (run.split("x") for run in value.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEPSxN[,STEPSxN...], e.g. 15x1,50x4, got {value!r}") from None
 
 
 def _backend_list(value: str) -> tuple[str, ...]:
@@ -300,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, quick 3)")
     p.add_argument("--warmup", type=int, help="untimed calls before each measurement (default 2, quick 1)")
     p.add_argument("--e2e-repeats", type=int, help="at most this many end-to-end repeats (default 3, quick 1)")
+    p.add_argument("--batches", type=_int_list, metavar="B,...",
+                   help="batches of the per-stage rows (default 1,4,16; quick 1)")
+    p.add_argument("--end-to-end", type=_runs, metavar="STEPSxN,...",
+                   help="end-to-end runs, PLMS (default 15x1,15x4,15x16,50x1,50x4,50x16; quick 15x1)")
     p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models); without weights "
                                     "there, random demo weights are written once to build/bench-weights/")
     p.add_argument("--demo-size", choices=["small", "full"], default="full",

@@ -30,10 +30,11 @@ sample: models
 	$(BIN)/ccld-trt sample "$(PROMPT)" --models $(MODELS) --backend $(BACKEND) --device $(DEVICE)
 
 onnx: models
-	$(BIN)/ccld-trt export --models $(MODELS) --output $(BUILD)/onnx
+	$(BIN)/ccld-trt export --models $(MODELS)
 
-engines: onnx
-	$(BIN)/ccld-trt engines build --onnx $(BUILD)/onnx --output $(BUILD)/engines
+# checks for TensorRT first, then exports the graphs it needs (if not up to date) and builds the engines
+engines: install
+	$(BIN)/ccld-trt engines build --models $(MODELS) --output $(BUILD)/engines
 
 bench: models
 	$(BIN)/ccld-trt bench --models $(MODELS)

@@ -150,11 +150,21 @@ def _triple(value: str) -> tuple[int, int, int]:
 
 def cmd_engines_build(args: argparse.Namespace) -> None:
     from ccld_trt.engines.build import build_engines
+    from ccld_trt.engines.engine import ENGINE_GRAPHS, require_tensorrt
     from ccld_trt.engines.profiles import ProfileParams
+    from ccld_trt.export.onnx_export import default_onnx_dir, export_all
 
     params = ProfileParams(batch=args.batch, conds_max=args.conds_max, height=args.height, width=args.width,
                            image_size=args.image_size)
-    for path in build_engines(Path(args.onnx), Path(args.output), params, precision=args.precision,
+    params.validate()
+    require_tensorrt()  # before the (long) export, so a machine without TensorRT gets the one clear line at once
+    if args.onnx:
+        onnx_dir = Path(args.onnx)
+    else:
+        files = _model_files(args)
+        onnx_dir = default_onnx_dir(files)
+        export_all(files, onnx_dir, ENGINE_GRAPHS, fp16=args.precision == "fp16")
+    for path in build_engines(onnx_dir, Path(args.output), params, precision=args.precision,
                               opt_level=args.opt_level, workspace_gib=args.workspace_gib, rebuild=args.rebuild):
         print(path)
 
@@ -285,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("engines", help="TensorRT engines")
     engines = p.add_subparsers(dest="engines_command", required=True, parser_class=_Parser)
     p = engines.add_parser("build", help="build fp16 TensorRT engines from the exported ONNX graphs")
-    p.add_argument("--onnx", default="build/onnx", help="directory of the exported graphs (default build/onnx)")
+    p.add_argument("--onnx", metavar="DIR",
+                   help="directory of exported graphs (default: export them from the model files, as `export` does)")
     p.add_argument("--output", default="build/engines", help="engine directory (default build/engines)")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="which graphs (default fp16)")
     p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN,OPT,MAX",
@@ -300,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--workspace-gib", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when an engine is up to date")
+    _add_model_args(p)
     p.set_defaults(func=cmd_engines_build)
 
     p = sub.add_parser("bench", help="benchmark every backend and precision that runs here: latency, FLOP/s, "

@@ -172,10 +172,12 @@ def test_download_offline_says_what_to_put_where(tmp_path):
     assert_one_line_error(result, "model_student.ckpt", str(tmp_path / "m"))
 
 
-def test_engines_build_without_tensorrt_is_one_clear_line(tmp_path):
-    result = cli("engines", "build", "--onnx", str(tmp_path), "--output", str(tmp_path / "engines"))
+@pytest.mark.parametrize("source", ["--onnx", "--models"])
+def test_engines_build_without_tensorrt_is_one_clear_line(source, tmp_path):
+    # checked before the ONNX export or any model file is looked at
+    result = cli("engines", "build", source, str(tmp_path / "none"), "--output", str(tmp_path / "engines"))
     assert_one_line_error(result, "TensorRT is not installed")
-    assert not (tmp_path / "engines").exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_sample_with_tensorrt_backend_without_tensorrt_is_one_clear_line(seed3_dir, tmp_path):

@@ -60,14 +60,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from ccld_trt.export.cloob import load_cloob_config
     from ccld_trt.outputs import check_new_file, save_images, save_latents
-    from ccld_trt.pipeline import (
-        DEFAULT_AUTOENCODER_SCALE,
-        Request,
-        conditions,
-        decode,
-        load_image_prompts,
-        sample_latents,
-    )
+    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
     from ccld_trt.runner import open_backend
 
     request = Request(
@@ -93,14 +86,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
         DEFAULT_AUTOENCODER_SCALE if args.autoencoder_scale is None else args.autoencoder_scale)
-    backend = session.backend
-    conds, weights = conditions(backend, request, image_prompts)
     with tqdm(total=request.evaluations, desc="sampling", unit="eval", disable=None) as bar:
-        latents = sample_latents(backend, request, conds, weights, on_evaluation=bar.update)
-    pixels = decode(backend, latents, scale, request.batch_size)
+        result = generate(session.backend, request, image_prompts, scale, on_evaluation=bar.update)
     if args.save_latents:
-        save_latents(latents.numpy(), Path(args.save_latents))
-    for path in save_images(pixels, out_dir):
+        save_latents(result.latents.numpy(), Path(args.save_latents))
+    for path in save_images(result.pixels, out_dir):
         print(path)
 
 

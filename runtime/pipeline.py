@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from ccld_trt.schedule import sampling_timesteps
 from ccld_trt.tokenizer import tokenize
 
 LATENT_CHANNELS = 4
+T = TypeVar("T")
 DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores
 
 
@@ -135,3 +138,40 @@ def decode(backend: Backend, latents: torch.Tensor, scale: float, batch_size: in
     batch = batch_size or latents.shape[0]
     return np.concatenate([to_pixels(backend.decode(latents[i:i + batch].to(backend.device) * scale))
                            for i in range(0, latents.shape[0], batch)])
+
+
+@dataclass
+class Generation:
+    """What one job produced, and how long each stage took (seconds, measured after the device finished)."""
+
+    latents: torch.Tensor  # float32 [n, 4, h, w] on the CPU, before the autoencoder scale
+    pixels: np.ndarray     # uint8 [n, 8h, 8w, 3]
+    seconds: dict[str, float]  # "conditioning", "sampling", "decoding"
+
+
+def _finish(device: torch.device) -> None:
+    # CUDA work is asynchronous: without this a stage's time would land in whichever stage next reads back.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(backend: Backend, request: Request, image_prompts: list[tuple[torch.Tensor, float]], scale: float,
+             on_evaluation: Callable[[], None] | None = None,
+             on_stage: Callable[[str], None] | None = None) -> Generation:
+    """The whole job: conditions, sampling in batches, decoding. ``image_prompts`` from ``load_image_prompts``;
+    ``on_stage`` is called with each stage's name as it starts, ``on_evaluation`` after each U-Net evaluation."""
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, work: Callable[[], T]) -> T:
+        if on_stage is not None:
+            on_stage(name)
+        start = time.perf_counter()
+        out = work()
+        _finish(backend.device)
+        seconds[name] = time.perf_counter() - start
+        return out
+
+    conds, weights = timed("conditioning", lambda: conditions(backend, request, image_prompts))
+    latents = timed("sampling", lambda: sample_latents(backend, request, conds, weights, on_evaluation))
+    pixels = timed("decoding", lambda: decode(backend, latents, scale, request.batch_size))
+    return Generation(latents, pixels, seconds)

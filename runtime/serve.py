@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from ccld_trt.backend_select import resolve_backend
@@ -29,14 +28,7 @@ from ccld_trt.errors import UserError
 from ccld_trt.image_prompt import parse_prompt
 from ccld_trt.models import ModelFiles
 from ccld_trt.outputs import save_images
-from ccld_trt.pipeline import (
-    DEFAULT_AUTOENCODER_SCALE,
-    Request,
-    conditions,
-    decode,
-    load_image_prompts,
-    sample_latents,
-)
+from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
 from ccld_trt.runner import Session, open_backend
 from ccld_trt.samplers import METHODS
 
@@ -224,12 +216,6 @@ def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: A
     return Job(request, scale)
 
 
-def _finish(device: torch.device) -> None:
-    # CUDA work is asynchronous: without this a stage's time would land in whichever stage next reads back.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_job(session: Session, job: Job, out_dir: Path, on_stage: Callable[[str], None] | None = None,
             on_evaluation: Callable[[], None] | None = None) -> tuple[list[Path], Timings]:
     """Generate the job's images into ``out_dir`` as out_NNNNN.png; returns their paths and the stage times.
@@ -237,22 +223,11 @@ def run_job(session: Session, job: Job, out_dir: Path, on_stage: Callable[[str],
     ``on_stage`` is called with "conditioning", "sampling" and "decoding" as each stage starts,
     ``on_evaluation`` after each U-Net evaluation.
     """
-    stage = on_stage or (lambda name: None)
-    backend = session.backend
-    stage("conditioning")
-    start = time.perf_counter()
     image_prompts = load_image_prompts(job.request, session.image_size)
-    conds, weights = conditions(backend, job.request, image_prompts)
-    _finish(backend.device)
-    conditioned = time.perf_counter()
-    stage("sampling")
-    latents = sample_latents(backend, job.request, conds, weights, on_evaluation)
-    sampled = time.perf_counter()
-    stage("decoding")
-    pixels = decode(backend, latents, job.autoencoder_scale)
-    decoded = time.perf_counter()
-    timings = Timings(conditioned - start, sampled - conditioned, decoded - sampled, job.request.evaluations)
-    return save_images(pixels, out_dir), timings
+    result = generate(session.backend, job.request, image_prompts, job.autoencoder_scale, on_evaluation, on_stage)
+    timings = Timings(result.seconds["conditioning"], result.seconds["sampling"], result.seconds["decoding"],
+                      job.request.evaluations)
+    return save_images(result.pixels, out_dir), timings
 
 
 def _job_dir(root: Path) -> Path:

@@ -17,14 +17,7 @@ from ccld_trt.export.cloob import load_cloob_config
 from ccld_trt.export.fp16 import FP16_TOLERANCE, convert_to_fp16, emulate_fp16, relative_error
 from ccld_trt.export.onnx_export import GRAPH_NAMES, check_graph, cpu_session, onnx_path, random_inputs, save_onnx
 from ccld_trt.image_prompt import parse_prompt
-from ccld_trt.pipeline import (
-    DEFAULT_AUTOENCODER_SCALE,
-    Request,
-    conditions,
-    decode,
-    load_image_prompts,
-    sample_latents,
-)
+from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 UNSAFE_IN_FP16 = {"InstanceNormalization", "LayerNormalization", "Softmax", "ReduceL2", "ReduceSum", "Cos", "Sin"}
@@ -145,8 +138,7 @@ def _sample(backend: OnnxRuntimeBackend, case: dict, image_size: int) -> np.ndar
     request = Request(prompts=[parse_prompt(p) for p in case["prompt_list"]],
                       image_prompts=[(FIXTURES / name, w) for name, w in case["image_prompts"]],
                       n=case["n"], seed=case["seed"], steps=case["steps_n"], method=case["method"])
-    conds, weights = conditions(backend, request, load_image_prompts(request, image_size))
-    return decode(backend, sample_latents(backend, request, conds, weights), DEFAULT_AUTOENCODER_SCALE)
+    return generate(backend, request, load_image_prompts(request, image_size), DEFAULT_AUTOENCODER_SCALE).pixels
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

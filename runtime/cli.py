@@ -87,7 +87,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
         DEFAULT_AUTOENCODER_SCALE if args.autoencoder_scale is None else args.autoencoder_scale)
     with tqdm(total=request.evaluations, desc="sampling", unit="eval", disable=None) as bar:
-        result = generate(session.backend, request, image_prompts, scale, on_evaluation=bar.update)
+        result = generate(session.backend, request, image_prompts, scale, on_evaluation=lambda: bar.update())
     if args.save_latents:
         save_latents(result.latents.numpy(), Path(args.save_latents))
     for path in save_images(result.pixels, out_dir):

@@ -105,7 +105,7 @@ def draw_noise(request: Request) -> Noise:
 
 
 def sample_latents(backend: Backend, request: Request, conds: torch.Tensor, weights: torch.Tensor,
-                   on_evaluation: Callable[[], None] | None = None) -> torch.Tensor:
+                   on_evaluation: Callable[[], object] | None = None) -> torch.Tensor:
     """Run the sampler over all n images in batches; latents float32 [n, 4, h, w] on the CPU (unscaled)."""
     noise = draw_noise(request)
     steps = sampling_timesteps(request.steps).to(backend.device)
@@ -156,7 +156,7 @@ def _finish(device: torch.device) -> None:
 
 
 def generate(backend: Backend, request: Request, image_prompts: list[tuple[torch.Tensor, float]], scale: float,
-             on_evaluation: Callable[[], None] | None = None,
+             on_evaluation: Callable[[], object] | None = None,
              on_stage: Callable[[str], None] | None = None) -> Generation:
     """The whole job: conditions, sampling in batches, decoding. ``image_prompts`` from ``load_image_prompts``;
     ``on_stage`` is called with each stage's name as it starts, ``on_evaluation`` after each U-Net evaluation."""

@@ -217,7 +217,7 @@ def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: A
 
 
 def run_job(session: Session, job: Job, out_dir: Path, on_stage: Callable[[str], None] | None = None,
-            on_evaluation: Callable[[], None] | None = None) -> tuple[list[Path], Timings]:
+            on_evaluation: Callable[[], object] | None = None) -> tuple[list[Path], Timings]:
     """Generate the job's images into ``out_dir`` as out_NNNNN.png; returns their paths and the stage times.
 
     ``on_stage`` is called with "conditioning", "sampling" and "decoding" as each stage starts,

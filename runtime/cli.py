@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -337,10 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str] | None = None,
-        commands: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
-    parser = commands()
-    args = parser.parse_args(argv)
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv), run the command; returns the exit status (errors: one line)."""
+    args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
     try:
         args.func(args)

@@ -49,6 +49,7 @@ from ccld_trt.pipeline import (
     conditions,
     decode,
     sample_latents,
+    synchronize,
 )
 from ccld_trt.runner import Session, open_backend
 from ccld_trt.samplers import evaluations
@@ -224,11 +225,6 @@ def _elapsed_ms(start: Mark, end: Mark) -> float:
     return (end - start) * 1e3
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
@@ -262,13 +258,13 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
     """
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     scope = _reset_peak_rss()
     samples, output = [], None
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = _mark(device)
         output = fn()
         end = _mark(device)

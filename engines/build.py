@@ -134,16 +134,17 @@ def build_engines(onnx_dir: Path, engine_dir: Path, params: ProfileParams, *, pr
     ``<graph>.onnx``) into ``engine_dir``, sharing one timing cache there. Returns the engine paths."""
     from tqdm import tqdm
 
-    from ccld_trt.engines.engine import ENGINE_GRAPHS, engine_file
+    from ccld_trt.engines.engine import engine_file
     from ccld_trt.engines.profiles import graph_profile
+    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 
     params.validate()
     require_tensorrt()  # before anything else, so a machine without TensorRT gets the one clear line
     suffix = ".fp16.onnx" if precision == "fp16" else ".onnx"
     sources = {g: require_file(Path(onnx_dir) / f"{g}{suffix}", f"{g} ONNX graph (run `ccld-trt export`)")
-               for g in ENGINE_GRAPHS}
+               for g in BACKEND_GRAPHS}
     paths = []
-    for graph in tqdm(ENGINE_GRAPHS, desc="engines", unit="engine", disable=None):
+    for graph in tqdm(BACKEND_GRAPHS, desc="engines", unit="engine", disable=None):
         path = engine_file(Path(engine_dir), graph, precision)
         build_engine(sources[graph], path, graph_profile(graph, params), opt_level=opt_level,
                      workspace_gib=workspace_gib, timing_cache_path=Path(engine_dir) / "timing.cache",

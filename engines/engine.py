@@ -53,10 +53,6 @@ def trt_logger() -> trt.ILogger:
     return trt.Logger(trt.Logger.WARNING)
 
 
-# the graphs the TensorRT backend runs (the plain `unet` graph is for other runtimes)
-ENGINE_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder")
-
-
 def engine_file(engine_dir: Path, graph: str, precision: str) -> Path:
     """Where the engine of ``graph`` lives: ``<dir>/<graph>.fp16.engine`` (fp16) or ``<dir>/<graph>.engine``,
     mirroring the ONNX names ``<graph>.fp16.onnx`` / ``<graph>.onnx``."""

@@ -54,6 +54,12 @@ def load_torch_checkpoint(path: Path, what: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str,
                     ignore_prefixes: tuple[str, ...] = ()) -> None:
     """Copy ``state`` into ``module`` strictly: missing tensors and shape mismatches are named.
@@ -64,12 +70,10 @@ def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: 
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
     missing = [k for k in expected if k not in state]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserError(f"{what} {path}: missing {len(missing)} tensor(s): {shown}")
+        raise UserError(f"{what} {path}: missing {len(missing)} tensor(s): {_some(missing)}")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        raise UserError(f"{what} {path}: unexpected tensor(s): {shown}")
+        raise UserError(f"{what} {path}: unexpected tensor(s): {_some(unexpected)}")
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise UserError(f"{what} {path}: tensor {k} has shape {list(state[k].shape)}, "

@@ -81,6 +81,11 @@ def _validate_config(config: Any, source: str) -> dict[str, Any]:
     return config
 
 
+def cloob_image_size(config: Mapping[str, Any]) -> int:
+    """The side of the square images the CLOOB image encoder takes (224 for ViT-B/16)."""
+    return int(config["image_encoder"]["image_size"])
+
+
 def load_cloob_config(value: str | Path) -> dict[str, Any]:
     """A CLOOB config from a JSON file, or the built-in ``cloob_laion_400m_vit_b_16_16_epochs``.
 

@@ -56,3 +56,5 @@ IMAGE_ENCODER = GraphSpec(
 )
 
 GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (UNET, UNET_CFG, DECODER, TEXT_ENCODER, IMAGE_ENCODER)}
+# What the onnxruntime and tensorrt backends run (the plain `unet` graph is for other runtimes).
+BACKEND_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder")

@@ -35,7 +35,7 @@ from ccld_trt import __version__
 from ccld_trt.errors import UserError
 from ccld_trt.export.autoencoder import load_autoencoder_config
 from ccld_trt.export.checkpoints import sha256_file
-from ccld_trt.export.cloob import load_cloob_config
+from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
 from ccld_trt.export.fp16 import (
     FP16_VERSION,
     convert_to_fp16,
@@ -196,7 +196,7 @@ class _GraphKeys:
         self._cache = hash_cache
         embed_dim, ddconfig = load_autoencoder_config(files.autoencoder_config)
         cloob_config = load_cloob_config(files.cloob_config)
-        self.image_size = int(cloob_config["image_encoder"]["image_size"])
+        self.image_size = cloob_image_size(cloob_config)
         # The U-Net's configuration is implied by its checkpoint (see unet.infer_unet_config): no entry.
         self.known_configs: dict[str, dict[str, Any]] = {
             "autoencoder": {"embed_dim": embed_dim, "ddconfig": ddconfig}, "cloob": cloob_config}

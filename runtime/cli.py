@@ -58,7 +58,7 @@ def _model_files(args: argparse.Namespace):
 def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from ccld_trt.export.cloob import load_cloob_config
+    from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
     from ccld_trt.outputs import check_new_file, save_images, save_latents
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
     from ccld_trt.runner import open_backend
@@ -76,8 +76,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         check_new_file(Path(args.save_latents), "--save-latents")
     files = _model_files(args)
     # read every input before the (slow) model loading, so that a bad one fails at once
-    image_size = int(load_cloob_config(files.cloob_config)["image_encoder"]["image_size"])
-    image_prompts = load_image_prompts(request, image_size)
+    image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(files.cloob_config)))
     session = open_backend(args.backend, args.device, files, args.precision, cuda_graph=args.cuda_graph,
                            engine_dir=Path(args.engines),
                            onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, base_channels=args.base_channels,
@@ -140,8 +139,9 @@ def _triple(value: str) -> tuple[int, int, int]:
 
 def cmd_engines_build(args: argparse.Namespace) -> None:
     from ccld_trt.engines.build import build_engines
-    from ccld_trt.engines.engine import ENGINE_GRAPHS, require_tensorrt
+    from ccld_trt.engines.engine import require_tensorrt
     from ccld_trt.engines.profiles import ProfileParams
+    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
     from ccld_trt.export.onnx_export import default_onnx_dir, export_all
 
     params = ProfileParams(batch=args.batch, conds_max=args.conds_max, height=args.height, width=args.width,
@@ -153,7 +153,7 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
     else:
         files = _model_files(args)
         onnx_dir = default_onnx_dir(files)
-        export_all(files, onnx_dir, ENGINE_GRAPHS, fp16=args.precision == "fp16")
+        export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=args.precision == "fp16")
     for path in build_engines(onnx_dir, Path(args.output), params, precision=args.precision,
                               opt_level=args.opt_level, workspace_gib=args.workspace_gib, rebuild=args.rebuild):
         print(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ccld_trt.errors import UserError
-from ccld_trt.export.cloob import DEFAULT_CLOOB_CONFIG
+from ccld_trt.export.cloob import DEFAULT_CLOOB_CONFIG, cloob_image_size
 
 UNET_FILE = "model_student.ckpt"
 AE_FILE = "ae_model.ckpt"
@@ -96,7 +96,7 @@ class Networks:
 
     @property
     def image_size(self) -> int:
-        return int(self.cloob_config["image_encoder"]["image_size"])
+        return cloob_image_size(self.cloob_config)
 
 
 def load_networks(files: ModelFiles, base_channels: int | None = None,

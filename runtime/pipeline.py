@@ -149,7 +149,8 @@ class Generation:
     seconds: dict[str, float]  # "conditioning", "sampling", "decoding"
 
 
-def _finish(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
     # CUDA work is asynchronous: without this a stage's time would land in whichever stage next reads back.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -167,7 +168,7 @@ def generate(backend: Backend, request: Request, image_prompts: list[tuple[torch
             on_stage(name)
         start = time.perf_counter()
         out = work()
-        _finish(backend.device)
+        synchronize(backend.device)
         seconds[name] = time.perf_counter() - start
         return out
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ccld_trt.backend_select import resolve_backend
 from ccld_trt.backends.base import Backend
 from ccld_trt.errors import UserError
-from ccld_trt.export.cloob import load_cloob_config
+from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
 from ccld_trt.models import ModelFiles, checkpoint_autoencoder_scale, load_networks
 
 
@@ -42,19 +42,20 @@ def open_backend(name: str, device: str, files: ModelFiles, precision: str | Non
 
         trt_backend = TensorRTBackend(engine_dir or DEFAULT_ENGINE_DIR, device=device, precision=precision or "fp16",
                                       cuda_graph=cuda_graph)
-        image_size = int(load_cloob_config(files.cloob_config)["image_encoder"]["image_size"])
-        return Session(trt_backend, image_size, checkpoint_autoencoder_scale(files.unet), files.is_demo())
+        return Session(trt_backend, cloob_image_size(load_cloob_config(files.cloob_config)),
+                       checkpoint_autoencoder_scale(files.unet), files.is_demo())
     networks = load_networks(files, base_channels, channel_multipliers)
+    precision = precision or ("fp16" if device.startswith("cuda") else "fp32")
     if name == "torch":
         from ccld_trt.backends.torch_backend import TorchBackend
 
-        default = "fp16" if device.startswith("cuda") else "fp32"
-        backend: Backend = TorchBackend(networks, device, precision or default, cuda_graph)
+        backend: Backend = TorchBackend(networks, device, precision, cuda_graph)
     elif name == "onnxruntime":
-        from ccld_trt.backends.onnxruntime_backend import BACKEND_GRAPHS, OnnxRuntimeBackend, check_precision
+        from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend, check_precision
+        from ccld_trt.export.graph_specs import BACKEND_GRAPHS
         from ccld_trt.export.onnx_export import default_onnx_dir, export_all
 
-        precision = check_precision(precision or ("fp16" if device.startswith("cuda") else "fp32"))
+        check_precision(precision)
         # Exported once per set of model files; later runs find them up to date in the manifest.
         onnx_dir = onnx_dir or default_onnx_dir(files)
         export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=precision == "fp16", networks=networks)

@@ -19,10 +19,9 @@ import torch
 from ccld_trt.engines.profiles import bind_dims, resolve_dim
 from ccld_trt.errors import UserError
 from ccld_trt.export.checkpoints import require_file
-from ccld_trt.export.graph_specs import GRAPHS
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
 from ccld_trt.export.onnx_export import onnx_path
 
-BACKEND_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder")
 PRECISIONS = ("fp32", "fp16")
 GPU_HINT = "pip install 'ccld-trt[gpu]' (onnxruntime-gpu) and use an NVIDIA GPU, or use --device cpu"
 

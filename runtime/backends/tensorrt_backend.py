@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ccld_trt.engines.engine import ENGINE_GRAPHS, Engine, engine_file, require_tensorrt
+from ccld_trt.engines.engine import Engine, engine_file, require_tensorrt
 from ccld_trt.engines.sidecar import Sidecar, gpu_identity, require_fit
 from ccld_trt.errors import UserError
 from ccld_trt.export.checkpoints import require_file
-from ccld_trt.export.graph_specs import GRAPHS
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
 
 
 class TensorRTBackend:
@@ -39,7 +39,7 @@ class TensorRTBackend:
             self.device = torch.device("cuda", torch.cuda.current_device())
         current = Sidecar(tensorrt_version=version, gpu_name=gpu_name, compute_capability=capability,
                           precision=precision)
-        paths = {graph: engine_file(Path(engine_dir), graph, precision) for graph in ENGINE_GRAPHS}
+        paths = {graph: engine_file(Path(engine_dir), graph, precision) for graph in BACKEND_GRAPHS}
         for graph, path in paths.items():  # every file checked before any engine loads
             require_fit(require_file(path, f"{graph} TensorRT engine"), current)
         self.engines = {graph: Engine(path, GRAPHS[graph], self.device) for graph, path in paths.items()}

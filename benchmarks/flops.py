@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ccld_trt.export.guided_unet import GuidedUNet
+from ccld_trt.export.onnx_export import traced_module
 from ccld_trt.models import Networks
 from ccld_trt.pipeline import LATENT_CHANNELS
 
@@ -93,11 +94,13 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
 
 
 def stage_costs(networks: Networks, batches: Sequence[int], latent_size: tuple[int, int] = (32, 32),
-                n_conds: int = 2) -> dict[tuple[str, int], Cost]:
+                n_conds: int = 2, exported: bool = False) -> dict[tuple[str, int], Cost]:
     """Cost of each network call the benchmark times, keyed by (stage, batch).
 
     text-encoder and image-encoder at batch 1 (one prompt); unet (one CFG evaluation: x [B, 4, h, w] with
     ``n_conds`` conditions, so B * n_conds U-Net rows) and decoder (latents [B, 4, h, w]) at each batch.
+    ``exported``: the work of the exported graphs (``onnx_export.traced_module``: the decoder with its upsampling
+    convolutions in phase form), which the ONNX Runtime and TensorRT backends run, instead of the torch modules'.
     """
     h, w = latent_size
     s = networks.image_size
@@ -106,10 +109,11 @@ def stage_costs(networks: Networks, batches: Sequence[int], latent_size: tuple[i
         ("image-encoder", 1): count_cost(networks.image_encoder, torch.zeros(1, 3, s, s)),
     }
     guided = GuidedUNet(networks.unet)
+    decoder = traced_module("decoder", networks.decoder) if exported else networks.decoder
     for b in batches:
         costs["unet", b] = count_cost(guided, torch.zeros(b, LATENT_CHANNELS, h, w), torch.zeros(b),
                                       torch.zeros(n_conds, EMBED_DIM), torch.zeros(n_conds))
-        costs["decoder", b] = count_cost(networks.decoder, torch.zeros(b, LATENT_CHANNELS, h, w))
+        costs["decoder", b] = count_cost(decoder, torch.zeros(b, LATENT_CHANNELS, h, w))
     return costs
 
 

@@ -9,7 +9,10 @@ JSON layout (``schema_version`` 1)::
              "prompt", "weights",
              "gemm_peak_gflops": {"fp32": ...}, "reference", "thresholds", ...},
      "results": [one object per suite.Record],
+     "op_profiles": [{"backend", "precision", "graph", "batch", "ops": [{"op", "ms", "share", "nodes"}]}],
      "skipped": [{"backend", "precision", "reason"}]}
+
+``op_profiles`` (ONNX Runtime's kernel time per op type) may be absent: runs before it was added lack it.
 """
 
 from __future__ import annotations
@@ -137,8 +140,10 @@ def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
     stages = [r for r in records if r["stage"] != "end-to-end"]
     if stages:
         lines += ["## Stages", "", "U-Net and sampler-step batches are images; the U-Net runs batch × 2 rows "
-                  "(zero and text condition). FLOPs count matmuls and convolutions; FLOP/byte divides them by "
-                  "an unfused fp32 traffic estimate (weights + 2 × activations written).", ""]
+                  "(zero and text condition). FLOPs count matmuls and convolutions, as each backend computes them: "
+                  "onnxruntime and tensorrt run the exported decoder, whose upsampling convolutions do 2.25x fewer "
+                  "multiply-adds than the torch module's. FLOP/byte divides them by an unfused fp32 traffic "
+                  "estimate (weights + 2 × activations written).", ""]
         lines += _table(
             ["backend", "precision", "stage", "batch", "median ms", "p90 ms", "min ms", "GFLOP", "GFLOP/s",
              "% peak", "FLOP/byte", "peak RSS MiB", "device MiB"],
@@ -163,9 +168,31 @@ def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
               "**FLAGGED: fast but wrong**" if r["flagged"] else ("ok" if r["latents_rel_error"] is not None
                                                                  else "no reference")] for r in e2e))
         lines.append("")
+    lines += _op_profile_lines(doc.get("op_profiles", []))
     if plot_name:
         lines += [f"![latency and throughput]({plot_name})", ""]
     return "\n".join(lines) + "\n"
+
+
+def _op_profile_lines(profiles: list[dict[str, Any]], top: int = 6) -> list[str]:
+    """"Where the time goes": the ``top`` op types of each profiled graph by kernel time, the rest summed."""
+    if not profiles:
+        return []
+    lines = ["## Where ONNX Runtime's time goes", "",
+             "Kernel time per op type at batch 1 (ONNX Runtime's profiler; op types after its graph "
+             "optimisations).", ""]
+    for p in profiles:
+        ops = p["ops"]
+        shown, rest = ops[:top], ops[top:]
+        rows = [[o["op"], str(o["nodes"]), _num(o["ms"], 1), _num(100 * o["share"])] for o in shown]
+        if rest:
+            rows.append([f"{len(rest)} other op types", str(sum(o["nodes"] for o in rest)),
+                         _num(sum(o["ms"] for o in rest), 1), _num(100 * sum(o["share"] for o in rest))])
+        lines += [f"**{p['backend']} {p['precision']} · {p['graph']}** "
+                  f"(kernels {_num(sum(o['ms'] for o in ops), 1)} ms per run)", ""]
+        lines += _table(["op type", "nodes", "ms per run", "% of kernel time"], rows)
+        lines.append("")
+    return lines
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:

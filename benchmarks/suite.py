@@ -37,10 +37,13 @@ from tqdm import tqdm
 from ccld_trt.backend_select import BACKENDS as SELECTABLE_BACKENDS
 from ccld_trt.backend_select import cuda_unavailable_reason, resolve_backend
 from ccld_trt.backends.base import Backend
+from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from ccld_trt.benchmarks.flops import Cost, end_to_end_cost, stage_costs
 from ccld_trt.benchmarks.machine import gemm_peak_gflops, machine_info
+from ccld_trt.benchmarks.op_profile import op_type_times
 from ccld_trt.benchmarks.report import SCHEMA_VERSION, ReportPaths, write_reports
 from ccld_trt.errors import UserError
+from ccld_trt.export.onnx_export import random_inputs
 from ccld_trt.models import ModelFiles, load_networks, models_dir
 from ccld_trt.pipeline import (
     DEFAULT_AUTOENCODER_SCALE,
@@ -56,6 +59,8 @@ from ccld_trt.samplers import evaluations
 from ccld_trt.tokenizer import tokenize
 
 BACKENDS = ("torch", "torch-cudagraph", "onnxruntime", "tensorrt")
+PROFILED_GRAPHS = ("unet_cfg", "decoder")
+GRAPH_BACKENDS = frozenset({"onnxruntime", "tensorrt"})  # they run the exported graphs, not the torch modules
 # What to try per backend and device type. A combination that cannot run here is still tried, so that the
 # report says why it was skipped.
 PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -380,7 +385,7 @@ def plms_step_intervals_ms(marks: Sequence[Mark]) -> list[float]:
 class _Context:
     config: BenchConfig
     device: torch.device
-    costs: dict[tuple[str, int], Cost]
+    costs: dict[bool, dict[tuple[str, int], Cost]]  # by whether the backend runs the exported graphs
     peak_gflops: float
     references: dict[tuple[int, int], EndToEndOutput]
     bar: tqdm
@@ -427,12 +432,13 @@ def _stage_calls(session: Session, config: BenchConfig,
 def _measure_variant(ctx: _Context, variant: Variant, session: Session) -> list[Record]:
     """Every stage, then every end-to-end case, of one open backend."""
     config, device = ctx.config, ctx.device
+    costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
     records: list[Record] = []
     for stage, batch, call in _stage_calls(session, config, device):
         ctx.bar.set_postfix_str(f"{variant.label} {stage} b{batch}")
         m = measure(call, device, config.warmup, config.repeats)
         rows = batch * 2 if stage == "unet" else None
-        records.append(_record(ctx, variant, stage, batch, m, ctx.costs.get((stage, batch)), config.warmup,
+        records.append(_record(ctx, variant, stage, batch, m, costs.get((stage, batch)), config.warmup,
                                rows=rows))
         ctx.bar.update()
     step_intervals: dict[int, list[float]] = {}
@@ -456,7 +462,7 @@ def _measure_variant(ctx: _Context, variant: Variant, session: Session) -> list[
         out: EndToEndOutput = m.output
         if variant == REFERENCE:
             ctx.references[steps, n] = out
-        cost = end_to_end_cost(ctx.costs, evaluations(METHOD, steps), n)
+        cost = end_to_end_cost(costs, evaluations(METHOD, steps), n)
         record = _record(ctx, variant, "end-to-end", n, m, cost, warmup, steps=steps, n=n, rows=n * 2,
                          images_per_s=n / (float(np.median(m.samples_ms)) / 1e3))
         reference = ctx.references.get((steps, n))
@@ -473,8 +479,23 @@ def _measure_variant(ctx: _Context, variant: Variant, session: Session) -> list[
         if samples:
             memory = e2e_memory[n]
             m = Measurement(samples, memory.peak_rss_mb, memory.rss_scope, memory.device_peak_mb, None)
-            records.append(_record(ctx, variant, "sampler-step", n, m, ctx.costs["unet", n], 0, rows=n * 2))
+            records.append(_record(ctx, variant, "sampler-step", n, m, costs["unet", n], 0, rows=n * 2))
     return records
+
+
+def op_profiles(variant: Variant, session: Session) -> list[dict[str, Any]]:
+    """Kernel time per op type of the graphs that take the time (PROFILED_GRAPHS) at batch 1, for the ONNX
+    Runtime backend; nothing for the others."""
+    backend = session.backend
+    if not isinstance(backend, OnnxRuntimeBackend):
+        return []
+    dims = {"batch": 1, "conds": 2, "height": LATENT_SIZE[0], "width": LATENT_SIZE[1]}
+    profiles = []
+    for graph in PROFILED_GRAPHS:
+        feed = {name: t.numpy() for name, t in random_inputs(graph, dims, session.image_size).items()}
+        profiles.append({"backend": variant.backend, "precision": variant.precision, "graph": graph, "batch": 1,
+                         "ops": op_type_times(backend.files[graph], feed, backend.options, backend.providers)})
+    return profiles
 
 
 def _reference_outputs(config: BenchConfig, files: ModelFiles, opener: Opener) -> dict[tuple[int, int],
@@ -499,7 +520,8 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
     files, weights = bench_model_files(config, log)
     log("counting FLOPs on the meta device")
     networks = load_networks(files)
-    costs = stage_costs(networks, sorted({*config.batches, *(n for _, n in config.end_to_end)}), LATENT_SIZE)
+    batches = sorted({*config.batches, *(n for _, n in config.end_to_end)})
+    costs = {exported: stage_costs(networks, batches, LATENT_SIZE, exported=exported) for exported in (False, True)}
     del networks
     _release()
     info = machine_info(config.device)
@@ -520,6 +542,7 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
         _release()
     per_variant = 2 * len(config.batches) + 2 + len(config.end_to_end)
     records: list[Record] = []
+    profiles: list[dict[str, Any]] = []
     with tqdm(total=per_variant * len(variants), desc="bench", unit="measurement", disable=None,
               file=sys.stderr) as bar:
         ctx = _Context(config, device, costs, peaks["fp32"], references, bar)
@@ -535,6 +558,8 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
             start = bar.n
             try:
                 records += _measure_variant(ctx, variant, session)
+                bar.set_postfix_str(f"{variant.label} op profile")
+                profiles += op_profiles(variant, session)
             except Exception as e:  # a backend that breaks mid-run keeps its finished rows
                 skipped.append({"backend": variant.backend, "precision": variant.precision,
                                 "reason": f"failed while measuring: {_reason(e)}"})
@@ -556,6 +581,7 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
                            "reduced_precision_psnr_db": MIN_REDUCED_PSNR_DB},
         },
         "results": [asdict(r) for r in records],
+        "op_profiles": profiles,
         "skipped": skipped,
     }
 

@@ -47,13 +47,14 @@ from ccld_trt.export.fp16 import (
 from ccld_trt.export.graph_specs import GRAPHS, GraphSpec
 from ccld_trt.export.guided_unet import GuidedUNet
 from ccld_trt.export.unet import infer_unet_config
+from ccld_trt.export.upsample_rewrite import fold_upsample_convs
 from ccld_trt.models import ModelFiles, Networks, load_networks
 from ccld_trt.tokenizer import EOT_TOKEN, SOT_TOKEN
 
 log = logging.getLogger(__name__)
 
 # Bump when a change here changes the graphs written: the manifest then redoes every export.
-EXPORTER_VERSION = 2
+EXPORTER_VERSION = 3
 OPSET = 17  # LayerNormalization needs 17; TensorRT 10 parses opsets 9 to 20
 GRAPH_NAMES: tuple[str, ...] = tuple(GRAPHS)
 PRECISIONS = ("fp32", "fp16")
@@ -168,9 +169,15 @@ def _say(message: str, progress: bool) -> None:
 
 
 def graph_modules(networks: Networks) -> dict[str, nn.Module]:
-    """The torch module behind each graph."""
+    """The torch module whose function each graph computes (the original code's)."""
     return {"unet": networks.unet, "unet_cfg": GuidedUNet(networks.unet), "decoder": networks.decoder,
             "text_encoder": networks.text_encoder, "image_encoder": networks.image_encoder}
+
+
+def traced_module(graph: str, module: nn.Module) -> nn.Module:
+    """What is traced for ``graph``: ``module`` with the exact rewrites that make its graph cheaper (the
+    decoder's upsampling convolutions in phase form, see upsample_rewrite); checked against ``module``."""
+    return fold_upsample_convs(module) if graph == "decoder" else module
 
 
 def unet_config(unet: nn.Module) -> dict[str, Any]:
@@ -287,7 +294,7 @@ def _export_fp32(graph: str, module: nn.Module, out_dir: Path, metadata: Mapping
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         traced = Path(tmp) / "traced" / "model.onnx"  # torch may write external data files beside it
         traced.parent.mkdir()
-        trace(module, graph, random_inputs(graph, TRACE_DIMS, image_size), traced)
+        trace(traced_module(graph, module), graph, random_inputs(graph, TRACE_DIMS, image_size), traced)
         model = onnxslim.slim(onnx.load(traced))
         infer_shapes(model)  # onnxslim leaves duplicate value_info entries
         onnx.helper.set_model_props(model, dict(metadata))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -19,6 +20,14 @@ def seed3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("seed3")
     write_demo_weights(directory, "small", seed=3)
     return directory
+
+
+@pytest.fixture(scope="session")
+def seed3_decoder(seed3_dir: Path) -> torch.nn.Module:
+    """The autoencoder decoder of ``seed3_dir`` (AutoencoderDecoder)."""
+    from ccld_trt.export.autoencoder import load_decoder
+
+    return load_decoder(seed3_dir / "ae_model.ckpt", seed3_dir / "ae_model.yaml")
 
 
 @pytest.fixture(scope="session")

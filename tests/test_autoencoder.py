@@ -47,11 +47,6 @@ def tiny_state() -> dict[str, torch.Tensor]:
     return {**state, "loss.logvar": torch.zeros([])}
 
 
-@pytest.fixture(scope="module")
-def seed3_decoder(seed3_dir: Path) -> AutoencoderDecoder:
-    return load_decoder(seed3_dir / "ae_model.ckpt", seed3_dir / "ae_model.yaml")
-
-
 @pytest.mark.parametrize(("spec", "config"), [("ae_small", "small"), ("ae_kl_f8", "kl_f8")])
 def test_checkpoint_layout_matches_the_original(spec: str, config: str) -> None:
     if not (SPECS / f"{spec}.json").exists():

@@ -8,13 +8,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ccld_trt.benchmarks.compare import compare
-from ccld_trt.benchmarks.flops import count_cost, count_flops
-from ccld_trt.benchmarks.report import REQUIRED_KEYS, SCHEMA_VERSION, STAGES, load_results
+from ccld_trt.benchmarks.flops import count_cost, count_flops, stage_costs
+from ccld_trt.benchmarks.op_profile import op_type_times
+from ccld_trt.benchmarks.report import REQUIRED_KEYS, SCHEMA_VERSION, STAGES, load_results, to_markdown
 from ccld_trt.benchmarks.suite import (
     REFERENCE,
     BenchConfig,
@@ -24,8 +26,9 @@ from ccld_trt.benchmarks.suite import (
     plms_step_intervals_ms,
     run_bench,
 )
+from ccld_trt.export.autoencoder import Upsample
 from ccld_trt.export.demo_weights import write_demo_weights
-from ccld_trt.models import ModelFiles
+from ccld_trt.models import ModelFiles, load_networks
 from ccld_trt.runner import Session
 
 WRONG = Variant("perturbed", "fp32")
@@ -198,3 +201,42 @@ def test_flop_counter_knows_simple_layers():
     conv = nn.Conv2d(3, 8, 3, padding=1)
     assert count_flops(conv, torch.zeros(2, 3, 10, 10)) == 2 * (2 * 8 * 10 * 10) * (3 * 3 * 3)
     assert conv.weight.device.type == "cpu"  # counted on meta copies, the module is untouched
+
+
+def test_graph_backends_are_charged_for_the_phase_form_decoder(seed3_dir: Path):
+    networks = load_networks(ModelFiles.resolve(seed3_dir))
+    eager = stage_costs(networks, [2])
+    graph = stage_costs(networks, [2], exported=True)
+    assert any(isinstance(m, Upsample) for m in networks.decoder.modules())
+    assert {k: v for k, v in graph.items() if k[0] != "decoder"} == {k: v for k, v in eager.items()
+                                                                      if k[0] != "decoder"}
+    assert 0 < graph["decoder", 2].flops < eager["decoder", 2].flops
+
+
+def test_op_profile_counts_each_node_of_the_measured_runs(tmp_path: Path):
+    from ccld_trt.backends.onnxruntime_backend import session_options
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Softmax(dim=1)).eval()
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 16, 16),), path, dynamo=False, input_names=["x"])
+    ops = op_type_times(path, {"x": np.ones((1, 3, 16, 16), np.float32)}, session_options(1),
+                        ["CPUExecutionProvider"], runs=3)
+    by_type = {o["op"]: o for o in ops}
+    assert by_type["Conv"]["nodes"] == 2  # conv + relu fused into one, and the 1x1 conv; per run, not per 3
+    assert by_type["Softmax"]["nodes"] == 1
+    assert math.isclose(sum(o["share"] for o in ops), 1.0)
+    assert all(o["ms"] > 0 for o in ops)
+    assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
+    assert not list(tmp_path.glob("*.json")) and not list(Path.cwd().glob("ort_*.json"))  # profile files removed
+
+
+def test_report_shows_where_the_time_goes(bench):
+    doc, _ = bench
+    ops = [{"op": f"Op{i}", "ms": 10.0 - i, "share": (10.0 - i) / 45, "nodes": i + 1} for i in range(9)]
+    profiled = {**doc, "op_profiles": [{"backend": "onnxruntime", "precision": "fp32", "graph": "decoder",
+                                        "batch": 1, "ops": ops}]}
+    markdown = to_markdown(profiled)
+    assert "## Where ONNX Runtime's time goes" in markdown
+    assert "| Op0 | 1 | 10.0 | 22.2 |" in markdown
+    assert "| 3 other op types | 24 | 9.0 | 20.0 |" in markdown  # 4 + 3 + 2 ms, 7 + 8 + 9 nodes
+    assert "Where ONNX Runtime" not in to_markdown(doc)  # runs without op profiles (CPU torch only, older files)

@@ -91,12 +91,13 @@ class OnnxRuntimeBackend:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = check_precision(precision)
         onnx_dir = Path(onnx_dir)
-        providers = execution_providers(self.device, precision, onnx_dir / "ort-tensorrt-cache")
-        options = session_options(threads)
-        self.sessions = {
-            graph: ort.InferenceSession(str(require_file(onnx_path(onnx_dir, graph, precision), f"{graph} ONNX graph")),
-                                        options, providers=providers)
-            for graph in BACKEND_GRAPHS}
+        # what each session was opened with, kept so that tools (the benchmark's profiler) can open them alike
+        self.providers = execution_providers(self.device, precision, onnx_dir / "ort-tensorrt-cache")
+        self.options = session_options(threads)
+        self.files = {graph: require_file(onnx_path(onnx_dir, graph, precision), f"{graph} ONNX graph")
+                      for graph in BACKEND_GRAPHS}
+        self.sessions = {graph: ort.InferenceSession(str(path), self.options, providers=self.providers)
+                         for graph, path in self.files.items()}
         self._ort_device = self.device.type
         self._device_id = self.device.index or 0
         # (graph, output shape) -> the IO binding with its output bound, and that output tensor

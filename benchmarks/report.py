@@ -117,10 +117,12 @@ def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
         f" GPU: {gpu}",
         f"- torch {m['torch']}, onnxruntime {m['onnxruntime'] or '—'}, tensorrt {m['tensorrt'] or '—'},"
         f" Python {m['python']}",
-        f"- measured GEMM peak (square matmul, torch): {peaks}; `% peak` is against the fp32 peak",
+        f"- measured GEMM peak (square matmul, torch; the better of a measurement before and one after the "
+        f"backends): {peaks}; `% peak` is against the fp32 peak",
         f"- weights: {weights['dir']}{demo_note}",
         f"- timings: median/p90/min of {_plural(run['repeats'], 'repeat')} after {run['warmup']} warm-up "
-        f"(end-to-end: {_plural(run['e2e_repeats'], 'repeat')} after {e2e_warmup}); {run['method']}, "
+        f"(end-to-end: {_plural(run['e2e_repeats'], 'repeat')} after {e2e_warmup}, the backends' repeats "
+        f"interleaved: round r runs each backend once); {run['method']}, "
         f"seed {run['seed']}, prompt {run['prompt']!r}",
         f"- correctness: end-to-end vs {run['reference']['backend']} {run['reference']['precision']} on the same "
         f"seed; flagged when fp32 latents rel error > {run['thresholds']['fp32_latents_rel_error']:g} or a "

@@ -184,9 +184,10 @@ class Record:
     weight_bytes: int | None
     activation_bytes: int | None
     achieved_gflops: float | None
-    peak_fraction: float | None          # achieved / measured fp32 GEMM peak
+    peak_fraction: float | None          # achieved / measured fp32 GEMM peak (set once the run's peak is known)
     peak_rss_mb: float
-    rss_scope: str                       # "measurement" (peak reset before it) or "process" (lifetime peak)
+    rss_scope: str                       # "measurement" (peak reset before it) or "process" (lifetime peak);
+                                         # end-to-end rows add ", all backends open" (their RSS counts too)
     device_peak_mb: float | None         # torch.cuda.max_memory_allocated: torch allocations only
     rows: int | None = None
     steps: int | None = None
@@ -386,7 +387,6 @@ class _Context:
     config: BenchConfig
     device: torch.device
     costs: dict[bool, dict[tuple[str, int], Cost]]  # by whether the backend runs the exported graphs
-    peak_gflops: float
     references: dict[tuple[int, int], EndToEndOutput]
     bar: tqdm
 
@@ -403,8 +403,7 @@ def _record(ctx: _Context, variant: Variant, stage: str, batch: int, m: Measurem
         backend=variant.backend, precision=variant.precision, device=str(ctx.device), stage=stage, batch=batch,
         median_ms=median, p90_ms=p90, min_ms=low, repeats=len(m.samples_ms), warmup=warmup,
         flops=cost.flops if cost else None, weight_bytes=cost.weight_bytes if cost else None,
-        activation_bytes=cost.activation_bytes if cost else None, achieved_gflops=achieved,
-        peak_fraction=achieved / ctx.peak_gflops if achieved is not None else None,
+        activation_bytes=cost.activation_bytes if cost else None, achieved_gflops=achieved, peak_fraction=None,
         peak_rss_mb=m.peak_rss_mb, rss_scope=m.rss_scope, device_peak_mb=m.device_peak_mb, **extra)
 
 
@@ -429,8 +428,8 @@ def _stage_calls(session: Session, config: BenchConfig,
     return calls
 
 
-def _measure_variant(ctx: _Context, variant: Variant, session: Session) -> list[Record]:
-    """Every stage, then every end-to-end case, of one open backend."""
+def _measure_stages(ctx: _Context, variant: Variant, session: Session) -> list[Record]:
+    """Every single-network stage of one open backend."""
     config, device = ctx.config, ctx.device
     costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
     records: list[Record] = []
@@ -438,47 +437,81 @@ def _measure_variant(ctx: _Context, variant: Variant, session: Session) -> list[
         ctx.bar.set_postfix_str(f"{variant.label} {stage} b{batch}")
         m = measure(call, device, config.warmup, config.repeats)
         rows = batch * 2 if stage == "unet" else None
-        records.append(_record(ctx, variant, stage, batch, m, costs.get((stage, batch)), config.warmup,
-                               rows=rows))
+        records.append(_record(ctx, variant, stage, batch, m, costs.get((stage, batch)), config.warmup, rows=rows))
         ctx.bar.update()
-    step_intervals: dict[int, list[float]] = {}
-    e2e_memory: dict[int, Measurement] = {}  # per n, for the sampler-step rows timed inside those runs
+    return records
+
+
+def _measure_end_to_end(ctx: _Context, sessions: dict[Variant, Session],
+                        skipped: list[dict[str, str]]) -> list[Record]:
+    """Every end-to-end case on every open backend, the backends' repeats interleaved: round r runs each once,
+    in an order rotated per round, so that a shared machine's slow and fast spells fall on all of them alike
+    (the ratios between backends are what the runs are for). A backend that fails is dropped from later rounds
+    and cases, and reported in ``skipped``; rows of its finished cases stay."""
+    config, device = ctx.config, ctx.device
+    repeats = min(config.repeats, config.e2e_repeats)
+    records: list[Record] = []
+    step_intervals: dict[tuple[Variant, int], list[float]] = {}
+    e2e_memory: dict[tuple[Variant, int], Measurement] = {}  # for the sampler-step rows timed inside those runs
+    live = dict(sessions)
+
+    def run(variant: Variant, request: Request, timed: bool) -> Measurement | None:
+        ctx.bar.set_postfix_str(f"{variant.label} end-to-end {request.steps} steps n{request.n}"
+                                + ("" if timed else " warm-up"))
+        try:
+            return measure(partial(end_to_end, live[variant].backend, request), device, 0, 1)
+        except Exception as e:  # a backend that breaks mid-run keeps its finished rows
+            skipped.append({"backend": variant.backend, "precision": variant.precision,
+                            "reason": f"failed while measuring: {_reason(e)}"})
+            tqdm.write(f"{variant.label} failed while measuring: {_reason(e)}", file=sys.stderr)
+            del live[variant]
+            return None
+
     for steps, n in config.end_to_end:
-        ctx.bar.set_postfix_str(f"{variant.label} end-to-end {steps} steps n{n}")
         request = _request(steps, n, config.seed)
-        runs: list[EndToEndOutput] = []
-
-        def job(request: Request = request, runs: list[EndToEndOutput] = runs) -> EndToEndOutput:
-            runs.append(end_to_end(session.backend, request))
-            return runs[-1]
-
-        warmup = 1 if config.warmup else 0
-        for _ in range(warmup):
-            end_to_end(session.backend, _request(min(steps, E2E_WARMUP_STEPS), n, config.seed))
-        m = measure(job, device, 0, min(config.repeats, config.e2e_repeats))
-        for run in runs:
-            step_intervals.setdefault(n, []).extend(plms_step_intervals_ms(run.marks))
-        e2e_memory[n] = m
-        out: EndToEndOutput = m.output
-        if variant == REFERENCE:
-            ctx.references[steps, n] = out
-        cost = end_to_end_cost(costs, evaluations(METHOD, steps), n)
-        record = _record(ctx, variant, "end-to-end", n, m, cost, warmup, steps=steps, n=n, rows=n * 2,
-                         images_per_s=n / (float(np.median(m.samples_ms)) / 1e3))
-        reference = ctx.references.get((steps, n))
-        if reference is not None:
-            record.latents_rel_error = latents_rel_error(out.latents, reference.latents)
-            psnr = psnr_db(out.pixels, reference.pixels)
-            record.psnr_db = None if psnr == float("inf") else psnr
-            record.pixels_max_abs_diff = int(np.abs(out.pixels.astype(np.int16) - reference.pixels).max())
-            record.flag_reason = judge(variant.precision, record.latents_rel_error, psnr)
-            record.flagged = record.flag_reason is not None
-        records.append(record)
-        ctx.bar.update()
-    for n, samples in step_intervals.items():
+        if config.warmup:
+            for variant in list(live):
+                run(variant, _request(min(steps, E2E_WARMUP_STEPS), n, config.seed), timed=False)
+        done: dict[Variant, list[Measurement]] = {v: [] for v in live}
+        for r in range(repeats):
+            order = list(live)
+            shift = r % max(len(order), 1)
+            for variant in order[shift:] + order[:shift]:
+                m = run(variant, request, timed=True)
+                if m is not None:
+                    done[variant].append(m)
+                ctx.bar.update()
+        complete = {v: ms for v, ms in done.items() if v in live and ms}
+        if REFERENCE in complete:
+            ctx.references[steps, n] = complete[REFERENCE][-1].output
+        for variant, ms in complete.items():
+            out: EndToEndOutput = ms[-1].output
+            samples = [t for m in ms for t in m.samples_ms]
+            device_peak = None if ms[0].device_peak_mb is None else max(m.device_peak_mb or 0.0 for m in ms)
+            # the other backends stay open meanwhile, so the host RSS includes theirs
+            m = Measurement(samples, max(m.peak_rss_mb for m in ms), f"{ms[0].rss_scope}, all backends open",
+                            device_peak, out)
+            step_intervals.setdefault((variant, n), []).extend(
+                t for m in ms for t in plms_step_intervals_ms(m.output.marks))
+            e2e_memory[variant, n] = m
+            costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
+            record = _record(ctx, variant, "end-to-end", n, m, end_to_end_cost(costs, evaluations(METHOD, steps), n),
+                             1 if config.warmup else 0, steps=steps, n=n, rows=n * 2,
+                             images_per_s=n / (float(np.median(samples)) / 1e3))
+            reference = ctx.references.get((steps, n))
+            if reference is not None:
+                record.latents_rel_error = latents_rel_error(out.latents, reference.latents)
+                psnr = psnr_db(out.pixels, reference.pixels)
+                record.psnr_db = None if psnr == float("inf") else psnr
+                record.pixels_max_abs_diff = int(np.abs(out.pixels.astype(np.int16) - reference.pixels).max())
+                record.flag_reason = judge(variant.precision, record.latents_rel_error, psnr)
+                record.flagged = record.flag_reason is not None
+            records.append(record)
+    for (variant, n), samples in step_intervals.items():
         if samples:
-            memory = e2e_memory[n]
+            memory = e2e_memory[variant, n]
             m = Measurement(samples, memory.peak_rss_mb, memory.rss_scope, memory.device_peak_mb, None)
+            costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
             records.append(_record(ctx, variant, "sampler-step", n, m, costs["unet", n], 0, rows=n * 2))
     return records
 
@@ -540,12 +573,16 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
             skipped.append({"backend": REFERENCE.backend, "precision": REFERENCE.precision,
                             "reason": f"reference for correctness unavailable: {_reason(e)}"})
         _release()
-    per_variant = 2 * len(config.batches) + 2 + len(config.end_to_end)
+    stage_count = 2 * len(config.batches) + 2
+    e2e_count = len(config.end_to_end) * min(config.repeats, config.e2e_repeats)
     records: list[Record] = []
     profiles: list[dict[str, Any]] = []
-    with tqdm(total=per_variant * len(variants), desc="bench", unit="measurement", disable=None,
+    sessions: dict[Variant, Session] = {}
+    total = (stage_count + e2e_count) * len(variants)
+    with tqdm(total=total, desc="bench", unit="measurement", disable=None,
               file=sys.stderr) as bar:
-        ctx = _Context(config, device, costs, peaks["fp32"], references, bar)
+        ctx = _Context(config, device, costs, references, bar)
+        # Stages one backend after another; each stays open for the interleaved end-to-end runs.
         for variant in variants:
             bar.set_postfix_str(f"opening {variant.label}")
             try:
@@ -553,20 +590,30 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
             except Exception as e:  # whatever a backend raises while opening, the run goes on without it
                 skipped.append({"backend": variant.backend, "precision": variant.precision, "reason": _reason(e)})
                 log(f"skipped {variant.label}: {_reason(e)}")
-                bar.update(per_variant)
+                bar.update(stage_count + e2e_count)
                 continue
             start = bar.n
             try:
-                records += _measure_variant(ctx, variant, session)
+                records += _measure_stages(ctx, variant, session)
                 bar.set_postfix_str(f"{variant.label} op profile")
                 profiles += op_profiles(variant, session)
+                sessions[variant] = session
             except Exception as e:  # a backend that breaks mid-run keeps its finished rows
                 skipped.append({"backend": variant.backend, "precision": variant.precision,
                                 "reason": f"failed while measuring: {_reason(e)}"})
                 log(f"{variant.label} failed while measuring: {_reason(e)}")
-            bar.update(start + per_variant - bar.n)  # what a failure left unmeasured
+                bar.update(start + stage_count + e2e_count - bar.n)  # what the failure left unmeasured
             del session
-            _release()
+        records += _measure_end_to_end(ctx, sessions, skipped)
+        bar.update(total - bar.n)  # end-to-end runs of backends that failed on the way
+    sessions.clear()
+    _release()
+    log("measuring the GEMM peak again")
+    # The peak is the best of both measurements: on a shared machine either may fall in a slow spell.
+    for p in precisions:
+        peaks[p] = max(peaks[p], gemm_peak_gflops(config.device, p, min_seconds=config.gemm_seconds))
+    for r in records:
+        r.peak_fraction = None if r.achieved_gflops is None else r.achieved_gflops / peaks["fp32"]
     return {
         "schema_version": SCHEMA_VERSION,
         "machine": info,

@@ -8,7 +8,7 @@ and no upsampled tensor. The result is the same function; only float rounding di
 formed in float64 and rounded once).
 
 The autoencoder's three upsampling convolutions are 28 % of the decoder's FLOPs (the full-size decoder: 622
-GFLOP per 256x256 image before, 526 after). The rewrite is applied to the exported graphs only; the torch
+GFLOP per 256x256 image before, 528 after). The rewrite is applied to the exported graphs only; the torch
 backend keeps the original modules, the reference the others are checked against.
 """
 

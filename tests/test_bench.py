@@ -240,3 +240,50 @@ def test_report_shows_where_the_time_goes(bench):
     assert "| Op0 | 1 | 10.0 | 22.2 |" in markdown
     assert "| 3 other op types | 24 | 9.0 | 20.0 |" in markdown  # 4 + 3 + 2 ms, 7 + 8 + 9 nodes
     assert "Where ONNX Runtime" not in to_markdown(doc)  # runs without op profiles (CPU torch only, older files)
+
+
+class Recording(PerturbedBackend):
+    """Torch, recording each end-to-end job's start (its text encoding) in ``log``; with ``fail_after``, the
+    U-Net raises from that call on (a backend that breaks in the middle of a run)."""
+
+    def __init__(self, inner: Any, label: str, log: list[str], fail_after: int | None = None) -> None:
+        super().__init__(inner)
+        self.label, self.log, self.fail_after, self.unet_calls = label, log, fail_after, 0
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.log.append(self.label)
+        return self.inner.encode_text(tokens)
+
+    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.unet_calls += 1
+        if self.fail_after is not None and self.unet_calls > self.fail_after:
+            raise RuntimeError("device lost")
+        return self.inner.unet(x, t, conds, weights)
+
+
+def test_end_to_end_repeats_interleave_the_backends(tmp_path: Path):
+    write_demo_weights(tmp_path / "weights", "small", seed=0)
+    log: list[str] = []
+    second, broken = Variant("second", "fp32"), Variant("broken", "fp32")
+
+    def recording_opener(variant: Variant, device: str, files: ModelFiles) -> Session:
+        session = open_variant(REFERENCE, device, files)
+        # "broken" passes its two stage U-Net calls (repeats 2, no warm-up), then fails in its first job
+        fail_after = 2 if variant == broken else None
+        return replace(session, backend=Recording(session.backend, variant.backend, log, fail_after))
+
+    config = BenchConfig.preset(True, models=tmp_path / "weights", output=tmp_path / "results", repeats=2,
+                                e2e_repeats=2, warmup=0, end_to_end=((3, 1),), gemm_seconds=0.05,
+                                variants=(REFERENCE, second, broken))
+    doc, _ = run_bench(config, recording_opener)
+    # stages backend by backend (3 text encodings each: the U-Net stage's conditions, then 2 timed), then the
+    # end-to-end jobs: round 1 runs every backend, round 2 the survivors in rotated order
+    assert log == ["torch"] * 3 + ["second"] * 3 + ["broken"] * 3 + ["torch", "second", "broken", "second", "torch"]
+    (skip,) = doc["skipped"]
+    assert (skip["backend"], skip["reason"]) == ("broken", "failed while measuring: RuntimeError: device lost")
+    e2e = {r["backend"]: r for r in doc["results"] if r["stage"] == "end-to-end"}
+    assert set(e2e) == {"torch", "second"}
+    assert e2e["second"]["repeats"] == 2 and e2e["second"]["latents_rel_error"] == 0.0
+    assert "all backends open" in e2e["second"]["rss_scope"]
+    assert {r["stage"] for r in doc["results"] if r["backend"] == "broken"} == {"text-encoder", "image-encoder",
+                                                                                 "unet", "decoder"}

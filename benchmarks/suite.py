@@ -17,7 +17,9 @@ fast but wrong is flagged.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import multiprocessing
 import os
 import re
 import resource
@@ -27,8 +29,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -361,7 +364,7 @@ def _reason(error: BaseException) -> str:
 class EndToEndOutput:
     latents: torch.Tensor        # float32 [n, 4, 32, 32], CPU
     pixels: np.ndarray           # uint8 [n, 256, 256, 3]
-    marks: list[Mark]            # one per U-Net evaluation, after it returned
+    step_ms: list[float]         # the PLMS steps after warm-up (plms_step_intervals_ms)
 
 
 def end_to_end(backend: Backend, request: Request) -> EndToEndOutput:
@@ -371,7 +374,7 @@ def end_to_end(backend: Backend, request: Request) -> EndToEndOutput:
     latents = sample_latents(backend, request, conds, weights, on_evaluation=lambda: marks.append(
         _mark(backend.device)))
     pixels = decode(backend, latents, DEFAULT_AUTOENCODER_SCALE)
-    return EndToEndOutput(latents, pixels, marks)
+    return EndToEndOutput(latents.cpu(), pixels, plms_step_intervals_ms(marks))
 
 
 def plms_step_intervals_ms(marks: Sequence[Mark]) -> list[float]:
@@ -382,13 +385,21 @@ def plms_step_intervals_ms(marks: Sequence[Mark]) -> list[float]:
     return [_elapsed_ms(a, b) for a, b in zip(marks[first_plms:], marks[first_plms + 1:], strict=False)]
 
 
+class Progress(Protocol):
+    """What the measurements need of a progress bar (tqdm, or its stand-in in a worker process)."""
+
+    def set_postfix_str(self, s: str) -> None: ...
+
+    def update(self, n: int = 1) -> object: ...
+
+
 @dataclass
 class _Context:
     config: BenchConfig
     device: torch.device
     costs: dict[bool, dict[tuple[str, int], Cost]]  # by whether the backend runs the exported graphs
     references: dict[tuple[int, int], EndToEndOutput]
-    bar: tqdm
+    bar: Progress
 
 
 def _request(steps: int, n: int, seed: int) -> Request:
@@ -442,42 +453,41 @@ def _measure_stages(ctx: _Context, variant: Variant, session: Session) -> list[R
     return records
 
 
-def _measure_end_to_end(ctx: _Context, sessions: dict[Variant, Session],
+def _measure_end_to_end(ctx: _Context, workers: dict[Variant, BackendProcess],
                         skipped: list[dict[str, str]]) -> list[Record]:
-    """Every end-to-end case on every open backend, the backends' repeats interleaved: round r runs each once,
-    in an order rotated per round, so that a shared machine's slow and fast spells fall on all of them alike
-    (the ratios between backends are what the runs are for). A backend that fails is dropped from later rounds
+    """Every end-to-end case on every backend, the backends' repeats interleaved: round r runs each once, in an
+    order rotated per round, so that a shared machine's slow and fast spells fall on all of them alike (the
+    ratios between backends are what these runs are for). A backend that fails is dropped from later rounds
     and cases, and reported in ``skipped``; rows of its finished cases stay."""
-    config, device = ctx.config, ctx.device
+    config = ctx.config
     repeats = min(config.repeats, config.e2e_repeats)
     records: list[Record] = []
-    step_intervals: dict[tuple[Variant, int], list[float]] = {}
-    e2e_memory: dict[tuple[Variant, int], Measurement] = {}  # for the sampler-step rows timed inside those runs
-    live = dict(sessions)
+    step_rows: dict[tuple[Variant, int], Measurement] = {}  # PLMS step intervals timed inside the runs, per n
+    live = dict(workers)
 
-    def run(variant: Variant, request: Request, timed: bool) -> Measurement | None:
-        ctx.bar.set_postfix_str(f"{variant.label} end-to-end {request.steps} steps n{request.n}"
-                                + ("" if timed else " warm-up"))
+    def run(variant: Variant, request: Request, note: str = "") -> Measurement | None:
+        ctx.bar.set_postfix_str(f"{variant.label} end-to-end {request.steps} steps n{request.n}{note}")
         try:
-            return measure(partial(end_to_end, live[variant].backend, request), device, 0, 1)
-        except Exception as e:  # a backend that breaks mid-run keeps its finished rows
+            m: Measurement = live[variant].call("end_to_end", request)
+            return m
+        except BackendFailed as e:
             skipped.append({"backend": variant.backend, "precision": variant.precision,
-                            "reason": f"failed while measuring: {_reason(e)}"})
-            tqdm.write(f"{variant.label} failed while measuring: {_reason(e)}", file=sys.stderr)
-            del live[variant]
+                            "reason": f"failed while measuring: {e.reason}"})
+            tqdm.write(f"{variant.label} failed while measuring: {e.reason}", file=sys.stderr)
+            live.pop(variant).close()
             return None
 
     for steps, n in config.end_to_end:
         request = _request(steps, n, config.seed)
         if config.warmup:
             for variant in list(live):
-                run(variant, _request(min(steps, E2E_WARMUP_STEPS), n, config.seed), timed=False)
+                run(variant, _request(min(steps, E2E_WARMUP_STEPS), n, config.seed), " warm-up")
         done: dict[Variant, list[Measurement]] = {v: [] for v in live}
         for r in range(repeats):
             order = list(live)
             shift = r % max(len(order), 1)
             for variant in order[shift:] + order[:shift]:
-                m = run(variant, request, timed=True)
+                m = run(variant, request)
                 if m is not None:
                     done[variant].append(m)
                 ctx.bar.update()
@@ -486,18 +496,14 @@ def _measure_end_to_end(ctx: _Context, sessions: dict[Variant, Session],
             ctx.references[steps, n] = complete[REFERENCE][-1].output
         for variant, ms in complete.items():
             out: EndToEndOutput = ms[-1].output
-            samples = [t for m in ms for t in m.samples_ms]
             device_peak = None if ms[0].device_peak_mb is None else max(m.device_peak_mb or 0.0 for m in ms)
-            # the other backends stay open meanwhile, so the host RSS includes theirs
-            m = Measurement(samples, max(m.peak_rss_mb for m in ms), f"{ms[0].rss_scope}, all backends open",
+            m = Measurement([t for m in ms for t in m.samples_ms], max(m.peak_rss_mb for m in ms), ms[0].rss_scope,
                             device_peak, out)
-            step_intervals.setdefault((variant, n), []).extend(
-                t for m in ms for t in plms_step_intervals_ms(m.output.marks))
-            e2e_memory[variant, n] = m
+            step_rows[variant, n] = replace(m, samples_ms=[t for m in ms for t in m.output.step_ms])
             costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
             record = _record(ctx, variant, "end-to-end", n, m, end_to_end_cost(costs, evaluations(METHOD, steps), n),
                              1 if config.warmup else 0, steps=steps, n=n, rows=n * 2,
-                             images_per_s=n / (float(np.median(samples)) / 1e3))
+                             images_per_s=n / (float(np.median(m.samples_ms)) / 1e3))
             reference = ctx.references.get((steps, n))
             if reference is not None:
                 record.latents_rel_error = latents_rel_error(out.latents, reference.latents)
@@ -507,13 +513,119 @@ def _measure_end_to_end(ctx: _Context, sessions: dict[Variant, Session],
                 record.flag_reason = judge(variant.precision, record.latents_rel_error, psnr)
                 record.flagged = record.flag_reason is not None
             records.append(record)
-    for (variant, n), samples in step_intervals.items():
-        if samples:
-            memory = e2e_memory[variant, n]
-            m = Measurement(samples, memory.peak_rss_mb, memory.rss_scope, memory.device_peak_mb, None)
+    for (variant, n), m in step_rows.items():
+        if m.samples_ms:
             costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
             records.append(_record(ctx, variant, "sampler-step", n, m, costs["unet", n], 0, rows=n * 2))
     return records
+
+
+# -- one process per backend -------------------------------------------------------------------------------
+
+class BackendFailed(Exception):
+    """A backend could not open, or failed while measuring; ``reason`` is one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _PipeProgress:
+    """A worker's progress bar: forwards to the parent's."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def set_postfix_str(self, s: str) -> None:
+        self.conn.send(("postfix", s))
+
+    def update(self, n: int = 1) -> None:
+        self.conn.send(("update", n))
+
+
+def _serve_backend(conn: Connection, variant: Variant, config: BenchConfig, files: ModelFiles,
+                   costs: dict[bool, dict[tuple[str, int], Cost]], opener: Opener) -> None:
+    """A worker process: open ``variant``, then answer the parent's commands ("stages": every stage and the op
+    profile; "end_to_end", request: one timed job) until "close". Each reply is ("done", result) or
+    ("failed", reason), after which the worker ends."""
+    try:
+        session = opener(variant, config.device, files)
+    except Exception as e:  # whatever a backend raises while opening, the run goes on without it
+        conn.send(("failed", _reason(e)))
+        return
+    conn.send(("done", None))
+    ctx = _Context(config, torch.device(config.device), costs, {}, _PipeProgress(conn))
+    while True:
+        command, *args = conn.recv()
+        if command == "close":
+            return
+        try:
+            if command == "stages":
+                records = _measure_stages(ctx, variant, session)
+                ctx.bar.set_postfix_str(f"{variant.label} op profile")
+                result: Any = (records, op_profiles(variant, session))
+            else:
+                (request,) = args
+                result = measure(partial(end_to_end, session.backend, request), ctx.device, 0, 1)
+        except Exception as e:  # a backend that breaks mid-run keeps its finished rows
+            conn.send(("failed", _reason(e)))
+            return
+        conn.send(("done", result))
+
+
+class BackendProcess:
+    """One backend open in its own process, measured on command.
+
+    Each backend gets a process of its own because backends in one process slow each other down: with ONNX
+    Runtime's sessions merely open, torch's decoder took 3.8 s instead of 3.0 on the 2-core CPU (memory
+    allocator state); in separate processes neither changes the other. Processes are spawned, not forked
+    (CUDA cannot be used in a forked child). Raises BackendFailed if the backend cannot open.
+    """
+
+    def __init__(self, variant: Variant, config: BenchConfig, files: ModelFiles,
+                 costs: dict[bool, dict[tuple[str, int], Cost]], opener: Opener, bar: Progress) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.bar = bar
+        self.process = context.Process(target=_serve_backend, args=(child, variant, config, files, costs, opener),
+                                       name=f"bench {variant.label}", daemon=True)
+        self.process.start()
+        child.close()
+        try:
+            self._reply()
+        except BackendFailed:
+            self.close()
+            raise
+
+    def call(self, command: str, *args: Any) -> Any:
+        """Send a command (see _serve_backend) and wait for its result; BackendFailed if it failed."""
+        self.conn.send((command, *args))
+        return self._reply()
+
+    def _reply(self) -> Any:
+        while True:
+            try:
+                kind, value = self.conn.recv()
+            except EOFError:
+                self.process.join(timeout=10)
+                raise BackendFailed(f"its process ended (exit code {self.process.exitcode})") from None
+            if kind == "update":
+                self.bar.update(value)
+            elif kind == "postfix":
+                self.bar.set_postfix_str(value)
+            elif kind == "failed":
+                raise BackendFailed(value)
+            else:
+                return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the worker may be gone already
+            self.conn.send(("close",))
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.conn.close()
 
 
 def op_profiles(variant: Variant, session: Session) -> list[dict[str, Any]]:
@@ -577,37 +689,39 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
     e2e_count = len(config.end_to_end) * min(config.repeats, config.e2e_repeats)
     records: list[Record] = []
     profiles: list[dict[str, Any]] = []
-    sessions: dict[Variant, Session] = {}
+    workers: dict[Variant, BackendProcess] = {}
     total = (stage_count + e2e_count) * len(variants)
-    with tqdm(total=total, desc="bench", unit="measurement", disable=None,
-              file=sys.stderr) as bar:
+    with tqdm(total=total, desc="bench", unit="measurement", disable=None, file=sys.stderr) as bar:
         ctx = _Context(config, device, costs, references, bar)
-        # Stages one backend after another; each stays open for the interleaved end-to-end runs.
-        for variant in variants:
-            bar.set_postfix_str(f"opening {variant.label}")
-            try:
-                session = opener(variant, config.device, files)
-            except Exception as e:  # whatever a backend raises while opening, the run goes on without it
-                skipped.append({"backend": variant.backend, "precision": variant.precision, "reason": _reason(e)})
-                log(f"skipped {variant.label}: {_reason(e)}")
-                bar.update(stage_count + e2e_count)
-                continue
-            start = bar.n
-            try:
-                records += _measure_stages(ctx, variant, session)
-                bar.set_postfix_str(f"{variant.label} op profile")
-                profiles += op_profiles(variant, session)
-                sessions[variant] = session
-            except Exception as e:  # a backend that breaks mid-run keeps its finished rows
-                skipped.append({"backend": variant.backend, "precision": variant.precision,
-                                "reason": f"failed while measuring: {_reason(e)}"})
-                log(f"{variant.label} failed while measuring: {_reason(e)}")
-                bar.update(start + stage_count + e2e_count - bar.n)  # what the failure left unmeasured
-            del session
-        records += _measure_end_to_end(ctx, sessions, skipped)
+        try:
+            # Stages one backend after another (the others idle); each stays open for the end-to-end runs.
+            for variant in variants:
+                bar.set_postfix_str(f"opening {variant.label}")
+                start = bar.n
+                try:
+                    worker = BackendProcess(variant, config, files, costs, opener, bar)
+                except BackendFailed as e:
+                    skipped.append({"backend": variant.backend, "precision": variant.precision, "reason": e.reason})
+                    log(f"skipped {variant.label}: {e.reason}")
+                    bar.update(stage_count + e2e_count)
+                    continue
+                try:
+                    stage_records, stage_profiles = worker.call("stages")
+                except BackendFailed as e:  # a backend that breaks mid-run keeps its finished rows
+                    skipped.append({"backend": variant.backend, "precision": variant.precision,
+                                    "reason": f"failed while measuring: {e.reason}"})
+                    log(f"{variant.label} failed while measuring: {e.reason}")
+                    worker.close()
+                    bar.update(start + stage_count + e2e_count - bar.n)  # what the failure left unmeasured
+                    continue
+                records += stage_records
+                profiles += stage_profiles
+                workers[variant] = worker
+            records += _measure_end_to_end(ctx, workers, skipped)
+        finally:
+            for worker in workers.values():
+                worker.close()
         bar.update(total - bar.n)  # end-to-end runs of backends that failed on the way
-    sessions.clear()
-    _release()
     log("measuring the GEMM peak again")
     # The peak is the best of both measurements: on a shared machine either may fall in a slow spell.
     for p in precisions:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -69,14 +72,24 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Any
     """One tiny run: torch fp32, the perturbed torch, and TensorRT (which cannot run on the CPU)."""
     root = tmp_path_factory.mktemp("bench")
     write_demo_weights(root / "weights", "small", seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared CPU, thread barriers in many small ops make timings crawl
-    try:
-        # 5 PLMS steps: 3 warm-up steps, then two PLMS steps, whose interval is the sampler-step row
-        config = BenchConfig.preset(True, models=root / "weights", output=root / "results", repeats=1, warmup=0,
-                                    end_to_end=((5, 1),), gemm_seconds=0.05,
-                                    variants=(REFERENCE, WRONG, Variant("tensorrt", "fp16")))
+    # 5 PLMS steps: 3 warm-up steps, then two PLMS steps, whose interval is the sampler-step row
+    config = BenchConfig.preset(True, models=root / "weights", output=root / "results", repeats=1, warmup=0,
+                                end_to_end=((5, 1),), gemm_seconds=0.05,
+                                variants=(REFERENCE, WRONG, Variant("tensorrt", "fp16")))
+    with one_thread():
         return run_bench(config, opener)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread here and in the backends' worker processes (they read OMP_NUM_THREADS): on a shared
+    CPU, thread barriers in many small ops make timings crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", "1")
+            yield
     finally:
         torch.set_num_threads(threads)
 
@@ -243,15 +256,16 @@ def test_report_shows_where_the_time_goes(bench):
 
 
 class Recording(PerturbedBackend):
-    """Torch, recording each end-to-end job's start (its text encoding) in ``log``; with ``fail_after``, the
-    U-Net raises from that call on (a backend that breaks in the middle of a run)."""
+    """Torch, appending its label to the file $CCLD_TRT_TEST_LOG at each text encoding (the start of every
+    end-to-end job); with ``fail_after``, the U-Net raises from that call on (a backend that breaks mid-run)."""
 
-    def __init__(self, inner: Any, label: str, log: list[str], fail_after: int | None = None) -> None:
+    def __init__(self, inner: Any, label: str, fail_after: int | None = None) -> None:
         super().__init__(inner)
-        self.label, self.log, self.fail_after, self.unet_calls = label, log, fail_after, 0
+        self.label, self.fail_after, self.unet_calls = label, fail_after, 0
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.log.append(self.label)
+        with open(os.environ["CCLD_TRT_TEST_LOG"], "a") as log:
+            log.write(self.label + "\n")
         return self.inner.encode_text(tokens)
 
     def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -261,29 +275,32 @@ class Recording(PerturbedBackend):
         return self.inner.unet(x, t, conds, weights)
 
 
-def test_end_to_end_repeats_interleave_the_backends(tmp_path: Path):
+def recording_opener(variant: Variant, device: str, files: ModelFiles) -> Session:
+    """Torch fp32 under the variant's name (module level: worker processes import it by name); "broken" passes
+    its two stage U-Net calls (repeats 2, no warm-up), then fails in its first end-to-end job."""
+    session = open_variant(REFERENCE, device, files)
+    fail_after = 2 if variant.backend == "broken" else None
+    return replace(session, backend=Recording(session.backend, variant.backend, fail_after))
+
+
+def test_end_to_end_repeats_interleave_the_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     write_demo_weights(tmp_path / "weights", "small", seed=0)
-    log: list[str] = []
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("CCLD_TRT_TEST_LOG", str(log))
     second, broken = Variant("second", "fp32"), Variant("broken", "fp32")
-
-    def recording_opener(variant: Variant, device: str, files: ModelFiles) -> Session:
-        session = open_variant(REFERENCE, device, files)
-        # "broken" passes its two stage U-Net calls (repeats 2, no warm-up), then fails in its first job
-        fail_after = 2 if variant == broken else None
-        return replace(session, backend=Recording(session.backend, variant.backend, log, fail_after))
-
     config = BenchConfig.preset(True, models=tmp_path / "weights", output=tmp_path / "results", repeats=2,
                                 e2e_repeats=2, warmup=0, end_to_end=((3, 1),), gemm_seconds=0.05,
                                 variants=(REFERENCE, second, broken))
-    doc, _ = run_bench(config, recording_opener)
+    with one_thread():
+        doc, _ = run_bench(config, recording_opener)
     # stages backend by backend (3 text encodings each: the U-Net stage's conditions, then 2 timed), then the
     # end-to-end jobs: round 1 runs every backend, round 2 the survivors in rotated order
-    assert log == ["torch"] * 3 + ["second"] * 3 + ["broken"] * 3 + ["torch", "second", "broken", "second", "torch"]
+    stages = ["torch"] * 3 + ["second"] * 3 + ["broken"] * 3
+    assert log.read_text().split() == [*stages, "torch", "second", "broken", "second", "torch"]
     (skip,) = doc["skipped"]
     assert (skip["backend"], skip["reason"]) == ("broken", "failed while measuring: RuntimeError: device lost")
     e2e = {r["backend"]: r for r in doc["results"] if r["stage"] == "end-to-end"}
     assert set(e2e) == {"torch", "second"}
     assert e2e["second"]["repeats"] == 2 and e2e["second"]["latents_rel_error"] == 0.0
-    assert "all backends open" in e2e["second"]["rss_scope"]
     assert {r["stage"] for r in doc["results"] if r["backend"] == "broken"} == {"text-encoder", "image-encoder",
                                                                                  "unet", "decoder"}

@@ -11,8 +11,10 @@ Stages (all at the full-size architectures unless told otherwise):
 * ``decoder``: latents [B, 4, 32, 32] -> images [B, 3, 256, 256];
 * ``end-to-end``: text prompt -> n decoded uint8 images, PLMS, all n in one batch.
 
-Each backend's end-to-end latents and pixels are compared with torch fp32 on the same seed; a backend that is
-fast but wrong is flagged.
+Each backend runs in a process of its own (BackendProcess): the stages of one backend after another, then the
+end-to-end runs with the backends' repeats interleaved, so that a shared machine's slow spells do not land on
+one backend only. Each backend's end-to-end latents and pixels are compared with torch fp32 on the same seed;
+a backend that is fast but wrong is flagged.
 """
 
 from __future__ import annotations

@@ -191,8 +191,7 @@ class Record:
     achieved_gflops: float | None
     peak_fraction: float | None          # achieved / measured fp32 GEMM peak (set once the run's peak is known)
     peak_rss_mb: float
-    rss_scope: str                       # "measurement" (peak reset before it) or "process" (lifetime peak);
-                                         # end-to-end rows add ", all backends open" (their RSS counts too)
+    rss_scope: str                       # "measurement" (peak reset before it) or "process" (lifetime peak)
     device_peak_mb: float | None         # torch.cuda.max_memory_allocated: torch allocations only
     rows: int | None = None
     steps: int | None = None
@@ -403,6 +402,10 @@ class _Context:
     references: dict[tuple[int, int], EndToEndOutput]
     bar: Progress
 
+    def costs_of(self, variant: Variant) -> dict[tuple[str, int], Cost]:
+        """The costs of what ``variant`` runs: the exported graphs' or the torch modules'."""
+        return self.costs[variant.backend in GRAPH_BACKENDS]
+
 
 def _request(steps: int, n: int, seed: int) -> Request:
     return Request(prompts=[PROMPT], n=n, seed=seed, steps=steps, method=METHOD, latent_size=LATENT_SIZE)
@@ -444,7 +447,7 @@ def _stage_calls(session: Session, config: BenchConfig,
 def _measure_stages(ctx: _Context, variant: Variant, session: Session) -> list[Record]:
     """Every single-network stage of one open backend."""
     config, device = ctx.config, ctx.device
-    costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
+    costs = ctx.costs_of(variant)
     records: list[Record] = []
     for stage, batch, call in _stage_calls(session, config, device):
         ctx.bar.set_postfix_str(f"{variant.label} {stage} b{batch}")
@@ -502,7 +505,7 @@ def _measure_end_to_end(ctx: _Context, workers: dict[Variant, BackendProcess],
             m = Measurement([t for m in ms for t in m.samples_ms], max(m.peak_rss_mb for m in ms), ms[0].rss_scope,
                             device_peak, out)
             step_rows[variant, n] = replace(m, samples_ms=[t for m in ms for t in m.output.step_ms])
-            costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
+            costs = ctx.costs_of(variant)
             record = _record(ctx, variant, "end-to-end", n, m, end_to_end_cost(costs, evaluations(METHOD, steps), n),
                              1 if config.warmup else 0, steps=steps, n=n, rows=n * 2,
                              images_per_s=n / (float(np.median(m.samples_ms)) / 1e3))
@@ -517,7 +520,7 @@ def _measure_end_to_end(ctx: _Context, workers: dict[Variant, BackendProcess],
             records.append(record)
     for (variant, n), m in step_rows.items():
         if m.samples_ms:
-            costs = ctx.costs[variant.backend in GRAPH_BACKENDS]
+            costs = ctx.costs_of(variant)
             records.append(_record(ctx, variant, "sampler-step", n, m, costs["unet", n], 0, rows=n * 2))
     return records
 

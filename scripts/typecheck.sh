@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# mypy over the ccld_trt packages, with the TensorRT code checked against NVIDIA's published type stubs.
+# mypy over the whole ccld_trt namespace package (its source roots are in pyproject's mypy_path), with the
+# TensorRT code checked against NVIDIA's published type stubs.
 #
-# Two things stand in mypy's way, and this script removes them without touching the venv:
-#  - the editable install maps ccld_trt -> runtime/ through an import hook mypy cannot follow, so a tree of
-#    symlinks under build/mypy gives it the package as users import it;
-#  - tensorrt-stubs pins the real tensorrt package (which cannot be installed here) and its .pyi has a few
-#    syntax errors (parameters named `in`), so the wheel is unpacked and patched instead of installed.
+# tensorrt-stubs pins the real tensorrt package (which cannot be installed here) and its .pyi has a few syntax
+# errors (parameters named `in`), so the wheel is unpacked and patched under build/typings instead of installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,7 +14,4 @@ if [ ! -f build/typings/tensorrt_bindings/tensorrt.pyi ]; then
   sed -i -E 's/\(self(: IPluginV3)?, in: /(self\1, in_: /; s/, channel_axis: int\) -> IScaleLayer/, channel_axis: int = ...) -> IScaleLayer/' \
     build/typings/tensorrt_bindings/tensorrt.pyi
 fi
-rm -rf build/mypy && mkdir -p build/mypy/ccld_trt
-for f in runtime/*; do ln -s "../../../$f" build/mypy/ccld_trt/; done
-for pkg in export engines benchmarks; do ln -s "../../../$pkg" "build/mypy/ccld_trt/$pkg"; done
-MYPYPATH=build/mypy:build/typings exec "$PY" -m mypy -p ccld_trt
+exec "$PY" -m mypy export engines runtime benchmarks

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
-from ccld_trt.errors import UserError
 from ccld_trt.export.autoencoder import (
     AutoencoderDecoder,
     autoencoder_state_shapes,
     load_autoencoder_config,
     load_decoder,
 )
+from ccld_trt.export.errors import UserError
 
 SPECS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "specs"
 # A cheap config for checkpoints the tests write themselves: 4x upsampling, an extra attention level.

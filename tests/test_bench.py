@@ -31,7 +31,7 @@ from ccld_trt.benchmarks.suite import (
 )
 from ccld_trt.export.autoencoder import Upsample
 from ccld_trt.export.demo_weights import write_demo_weights
-from ccld_trt.models import ModelFiles, load_networks
+from ccld_trt.export.models import ModelFiles, load_networks
 from ccld_trt.runner import Session
 
 WRONG = Variant("perturbed", "fp32")
@@ -198,7 +198,7 @@ def test_compare_ratios(tmp_path: Path):
 
 
 def test_compare_refuses_another_schema(tmp_path: Path):
-    from ccld_trt.errors import UserError
+    from ccld_trt.export.errors import UserError
 
     (tmp_path / "old.json").write_text(json.dumps({**_doc("2024-01-01", []), "schema_version": 0}))
     with pytest.raises(UserError, match="schema_version"):

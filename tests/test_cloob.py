@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from ccld_trt.errors import UserError
 from ccld_trt.export.cloob import (
     DEFAULT_CLOOB_CONFIG,
     CLOOBImageEncoder,
@@ -29,6 +28,7 @@ from ccld_trt.export.cloob import (
     load_cloob_config,
 )
 from ccld_trt.export.cloob_pickle import ParamShapes, read_cloob_params
+from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import load_image_prompt
 from ccld_trt.tokenizer import EOT_TOKEN, tokenize
 

@@ -7,7 +7,7 @@ import torch
 
 from ccld_trt.backends.cuda_graph import GraphedCall
 from ccld_trt.backends.torch_backend import TorchBackend
-from ccld_trt.errors import UserError
+from ccld_trt.export.errors import UserError
 
 
 def test_cuda_graph_needs_cuda():

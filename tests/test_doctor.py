@@ -11,7 +11,7 @@ import torch
 from ccld_trt import backend_select, doctor
 from ccld_trt.backend_select import resolve_backend
 from ccld_trt.doctor import Check, doctor_report, format_report
-from ccld_trt.errors import UserError
+from ccld_trt.export.errors import UserError
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from ccld_trt.engines.sidecar import (
     sidecar_path,
     write_sidecar,
 )
-from ccld_trt.errors import UserError
+from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import DECODER, GRAPHS, TEXT_ENCODER, UNET_CFG
 
 # --- profiles ---------------------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from test_e2e import CASES
-from test_onnx import TEST_DIMS, export_seed3
 
 from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from ccld_trt.export.cloob import load_cloob_config
@@ -18,6 +16,8 @@ from ccld_trt.export.fp16 import FP16_TOLERANCE, convert_to_fp16, emulate_fp16, 
 from ccld_trt.export.onnx_export import GRAPH_NAMES, check_graph, cpu_session, onnx_path, random_inputs, save_onnx
 from ccld_trt.image_prompt import parse_prompt
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
+from test_e2e import CASES
+from test_onnx import TEST_DIMS, export_seed3
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 UNSAFE_IN_FP16 = {"InstanceNormalization", "LayerNormalization", "Softmax", "ReduceL2", "ReduceSum", "Cos", "Sin"}

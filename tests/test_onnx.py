@@ -14,12 +14,12 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from test_e2e import CASES, rel_error, sample_case  # tests/ is on sys.path under pytest's default import mode
 
 from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend, check_precision, session_options
-from ccld_trt.errors import UserError
 from ccld_trt.export.checkpoints import sha256_file
+from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPHS
+from ccld_trt.export.models import ModelFiles, Networks, load_networks
 from ccld_trt.export.onnx_export import (
     EXTERNAL_DATA_THRESHOLD,
     GRAPH_NAMES,
@@ -37,7 +37,7 @@ from ccld_trt.export.onnx_export import (
     save_onnx,
     tensorrt_problems,
 )
-from ccld_trt.models import ModelFiles, Networks, load_networks
+from test_e2e import CASES, rel_error, sample_case  # tests/ is on sys.path under pytest's default import mode
 
 # Batch sizes 1 and 3 and non-square latents, none of them the exporter's own trace or check shapes.
 TEST_DIMS = ({"batch": 1, "conds": 2, "height": 16, "width": 24}, {"batch": 3, "conds": 3, "height": 24, "width": 8})

@@ -31,7 +31,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from ccld_trt.cli import run
-from ccld_trt.errors import UserError
+from ccld_trt.export.errors import UserError
 from ccld_trt.serve import MAX_UPLOAD_PIXELS, ModelLoader, build_app, check_host, parse_job
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

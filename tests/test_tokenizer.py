@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccld_trt.errors import UserError
+from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import parse_prompt
 from ccld_trt.tokenizer import CONTEXT_LENGTH, EOT_TOKEN, SOT_TOKEN, tokenize
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccld_trt.errors import UserError
+from ccld_trt.export.errors import UserError
 from ccld_trt.export.unet import DiffusionModel, infer_unet_config, load_unet, unet_state_shapes
 
 SPECS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "specs"

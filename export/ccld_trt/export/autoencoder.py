@@ -1,0 +1,291 @@
+"""The decoding half of ldm's ``AutoencoderKL`` (``post_quant_conv`` then ``Decoder``), loading the original
+checkpoints unchanged, plus the ldm YAML config reader.
+
+Sub-module names mirror ldm's (``decoder.up.3.block.0.nin_shortcut``...) because they are the state-dict keys.
+Shapes stay symbolic in ``forward`` so the decoder exports to ONNX with dynamic batch, height and width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import torch
+import yaml
+from torch import nn
+
+from ccld_trt.export.checkpoints import load_state_into, load_torch_checkpoint, require_file
+from ccld_trt.export.errors import UserError
+
+_WHAT = "autoencoder checkpoint"
+_WHAT_CONFIG = "autoencoder config"
+
+# ddconfig keys ldm's Encoder/Decoder require, by type.
+_INT_KEYS = ("ch", "out_ch", "num_res_blocks", "in_channels", "resolution", "z_channels")
+_INT_LIST_KEYS = ("ch_mult", "attn_resolutions")
+# ddconfig options this reimplementation does not cover, with the only value it accepts.
+_FIXED_OPTIONS = {"double_z": True, "resamp_with_conv": True, "give_pre_end": False, "tanh_out": False,
+                  "use_linear_attn": False, "attn_type": "vanilla"}
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """ldm's nonlinearity, written as it does (x * sigmoid(x)) so the rounding matches."""
+    return x * torch.sigmoid(x)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """ldm's ``Normalize``: 32 groups, eps 1e-6, affine."""
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """norm, swish, 3x3 conv, twice, plus a skip (1x1 ``nin_shortcut`` when the width changes).
+
+    ldm's dropout sits between the second swish and conv; it is the identity at inference, so it is left out.
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels (ldm's "vanilla" attention), residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.scale = channels**-0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        q = self.q(h).flatten(2).transpose(1, 2)  # [N, HW, C]
+        k = self.k(h).flatten(2)  # [N, C, HW]
+        v = self.v(h).flatten(2)  # [N, C, HW]
+        # Scaled after the product, as ldm does.
+        w = torch.softmax(torch.bmm(q, k) * self.scale, dim=2)  # [N, HW (query), HW (key)]
+        h = torch.bmm(v, w.transpose(1, 2)).reshape_as(x)
+        return x + self.proj_out(h)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    """The middle of the encoder and decoder: resnet block, attention, resnet block."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class _Level(nn.Module):
+    """One resolution level: ``block`` (resnet blocks) and ``attn`` (one after each block, or none)."""
+
+    def __init__(self, blocks: list[ResnetBlock], attn: bool) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList([AttnBlock(b.conv2.out_channels) for b in blocks] if attn else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if self.attn:
+                x = self.attn[i](x)
+        return x
+
+
+class _UpLevel(_Level):
+    """A decoder level, then ``upsample`` (the identity, without parameters, at full resolution)."""
+
+    def __init__(self, blocks: list[ResnetBlock], attn: bool, upsample: nn.Module) -> None:
+        super().__init__(blocks, attn)
+        self.upsample = upsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsample(super().forward(x))
+
+
+class _DownsampleLayout(nn.Module):
+    """Parameters of ldm's ``Downsample``: a stride-2 3x3 conv (ldm pads right/bottom by one first)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+
+class Decoder(nn.Module):
+    """ldm's ``Decoder``: z [N, z_channels, h, w] -> image [N, out_ch, h·2^(L-1), w·2^(L-1)], L = len(ch_mult).
+
+    The middle block always has an attention layer; ``attn_resolutions`` adds more (none for kl-f8).
+    """
+
+    def __init__(self, ddconfig: Mapping[str, Any]) -> None:
+        super().__init__()
+        ch, ch_mult, n_blocks = ddconfig["ch"], list(ddconfig["ch_mult"]), ddconfig["num_res_blocks"]
+        c = ch * ch_mult[-1]
+        res = ddconfig["resolution"] // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(ddconfig["z_channels"], c, 3, padding=1)
+        self.mid = _Mid(c)
+        levels: list[_Level] = []
+        # Built from the lowest resolution up, but indexed by level (up.0 is the full resolution), as ldm.
+        for i in reversed(range(len(ch_mult))):
+            c_out = ch * ch_mult[i]
+            blocks = [ResnetBlock(c if j == 0 else c_out, c_out) for j in range(n_blocks + 1)]
+            upsample = Upsample(c_out) if i != 0 else nn.Identity()
+            levels.insert(0, _UpLevel(blocks, res in ddconfig["attn_resolutions"], upsample))
+            c = c_out
+            if i != 0:
+                res *= 2
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, ddconfig["out_ch"], 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class EncoderLayout(nn.Module):
+    """The parameters of ldm's ``Encoder``, to list a full AutoencoderKL checkpoint's tensors.
+
+    This runtime never encodes, so there is no forward.
+    """
+
+    def __init__(self, ddconfig: Mapping[str, Any]) -> None:
+        super().__init__()
+        ch, ch_mult, n_blocks = ddconfig["ch"], list(ddconfig["ch_mult"]), ddconfig["num_res_blocks"]
+        self.conv_in = nn.Conv2d(ddconfig["in_channels"], ch, 3, padding=1)
+        c, res = ch, ddconfig["resolution"]
+        levels: list[_Level] = []
+        for i, m in enumerate(ch_mult):
+            blocks = [ResnetBlock(c if j == 0 else ch * m, ch * m) for j in range(n_blocks)]
+            c = ch * m
+            level = _Level(blocks, res in ddconfig["attn_resolutions"])
+            if i != len(ch_mult) - 1:
+                level.downsample = _DownsampleLayout(c)
+                res //= 2
+            levels.append(level)
+        self.down = nn.ModuleList(levels)
+        self.mid = _Mid(c)
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, 2 * ddconfig["z_channels"], 3, padding=1)
+
+
+class AutoencoderDecoder(nn.Module):
+    """``AutoencoderKL.decode``: latents z [N, embed_dim, h, w] float32 (already multiplied by the latent
+    scale) -> image float32 [N, out_ch, 8h, 8w] for kl-f8 (2^(len(ch_mult)-1) in general), about [-1, 1]."""
+
+    def __init__(self, embed_dim: int, ddconfig: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        self.decoder = Decoder(ddconfig)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+class _FullAutoencoderLayout(nn.Module):
+    """``AutoencoderKL``'s parameters in its attribute order (encoder, decoder, quant_conv, post_quant_conv)."""
+
+    def __init__(self, embed_dim: int, ddconfig: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.encoder = EncoderLayout(ddconfig)
+        self.decoder = Decoder(ddconfig)
+        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+
+
+def autoencoder_state_shapes(embed_dim: int, ddconfig: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in an original AutoencoderKL checkpoint (no loss module), without
+    allocating."""
+    with torch.device("meta"):
+        model = _FullAutoencoderLayout(embed_dim, ddconfig)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _is_int(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def load_autoencoder_config(yaml_path: Path) -> tuple[int, dict[str, Any]]:
+    """Read an ldm-style autoencoder YAML -> (``model.params.embed_dim``, ``model.params.ddconfig``).
+
+    Raises UserError naming the file for unreadable or malformed YAML, missing or mistyped keys, and options
+    this decoder does not implement.
+    """
+    path = require_file(yaml_path, _WHAT_CONFIG)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{_WHAT_CONFIG} {path}: not readable YAML: {first}") from e
+    section = doc.get("model") if isinstance(doc, dict) else None
+    params = section.get("params") if isinstance(section, dict) else None
+    if not isinstance(params, dict):
+        raise UserError(f"{_WHAT_CONFIG} {path}: missing model.params")
+    embed_dim, ddconfig = params.get("embed_dim"), params.get("ddconfig")
+    if not _is_int(embed_dim):
+        raise UserError(f"{_WHAT_CONFIG} {path}: model.params.embed_dim must be an integer, got {embed_dim!r}")
+    if not isinstance(ddconfig, dict):
+        raise UserError(f"{_WHAT_CONFIG} {path}: missing model.params.ddconfig")
+    for key in _INT_KEYS:
+        if not _is_int(ddconfig.get(key)):
+            raise UserError(f"{_WHAT_CONFIG} {path}: model.params.ddconfig.{key} must be an integer, "
+                            f"got {ddconfig.get(key)!r}")
+    for key in _INT_LIST_KEYS:
+        value = ddconfig.get(key)
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
+            raise UserError(f"{_WHAT_CONFIG} {path}: model.params.ddconfig.{key} must be a list of integers, "
+                            f"got {value!r}")
+    widths = [ddconfig["ch"] * m for m in ddconfig["ch_mult"]]
+    if not widths or any(w <= 0 or w % 32 for w in widths):
+        raise UserError(f"{_WHAT_CONFIG} {path}: model.params.ddconfig ch × ch_mult gives widths {widths}; "
+                        "ldm's GroupNorm needs positive multiples of 32")
+    for key, accepted in _FIXED_OPTIONS.items():
+        if ddconfig.get(key, accepted) != accepted:
+            raise UserError(f"{_WHAT_CONFIG} {path}: model.params.ddconfig.{key}={ddconfig[key]!r} is not "
+                            f"supported (only {accepted!r})")
+    return embed_dim, dict(ddconfig)
+
+
+def load_decoder(ckpt_path: Path, yaml_path: Path) -> AutoencoderDecoder:
+    """Load the decoder of an AutoencoderKL checkpoint (a plain state dict or ldm's ``{'state_dict': ...}``)
+    -> eval-mode float32 CPU module. Encoder, quant_conv and loss tensors in the file are ignored."""
+    embed_dim, ddconfig = load_autoencoder_config(yaml_path)
+    state = load_torch_checkpoint(ckpt_path, _WHAT)
+    with torch.device("meta"):
+        model = AutoencoderDecoder(embed_dim, ddconfig)
+    # Allocate without random init: the checkpoint overwrites every tensor.
+    model = model.to_empty(device="cpu")
+    load_state_into(model, state, ckpt_path, _WHAT, ignore_prefixes=("encoder.", "quant_conv.", "loss."))
+    return model.eval().requires_grad_(False)

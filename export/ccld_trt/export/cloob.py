@@ -1,0 +1,289 @@
+"""CLOOB text and image encoders (torch), numerically matching cloob-training's ``model_pt`` port.
+
+Both are pre-LayerNorm transformers whose first token, projected to ``d_embed``, is L2-normalised. The
+modules are written for ``torch.onnx.export`` with a dynamic batch dimension: nothing depends on the batch
+size as a Python int.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ccld_trt.export.cloob_pickle import ParamShapes, haiku_to_torch, read_cloob_params
+from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import CONTEXT_LENGTH, EOT_TOKEN
+
+DEFAULT_CLOOB_CONFIG = "cloob_laion_400m_vit_b_16_16_epochs"
+_BUILTIN_DIR = Path(__file__).resolve().parent
+_BUILTIN_CONFIGS = (DEFAULT_CLOOB_CONFIG,)
+
+# key -> expected type, per section of the config (same schema as cloob-training's pretrained configs).
+_SCHEMA: dict[str, dict[str, type]] = {
+    "": {"d_embed": int, "image_encoder": dict, "text_encoder": dict},
+    "image_encoder": {"type": str, "image_size": int, "input_channels": int, "normalize": dict,
+                      "patch_size": int, "n_layers": int, "d_model": int, "n_heads": int},
+    "image_encoder.normalize": {"mean": list, "std": list},
+    "text_encoder": {"type": str, "tokenizer": str, "text_size": int, "vocab_size": int,
+                     "n_layers": int, "d_model": int, "n_heads": int},
+}
+
+
+def _validate_config(config: Any, source: str) -> dict[str, Any]:
+    """Check keys, types and the constraints the original model silently assumes; UserError names ``source``."""
+    if not isinstance(config, dict):
+        raise UserError(f"CLOOB config {source}: expected a JSON object, got {type(config).__name__}")
+    for section, keys in _SCHEMA.items():
+        node: Any = config
+        for part in filter(None, section.split(".")):
+            node = node[part]
+        for key, kind in keys.items():
+            where = f"{section}.{key}" if section else key
+            if key not in node:
+                raise UserError(f"CLOOB config {source}: missing key {where!r}")
+            value = node[key]
+            if kind is int:  # bool is an int subclass, and sizes must be positive
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise UserError(f"CLOOB config {source}: {where!r} must be a "
+                                f"{'positive integer' if kind is int else kind.__name__}, got {value!r}")
+    image, text = config["image_encoder"], config["text_encoder"]
+    checks = [
+        (image["type"] == "ViT", f"image_encoder.type {image['type']!r} is not supported (only 'ViT')"),
+        (text["type"] == "transformer",
+         f"text_encoder.type {text['type']!r} is not supported (only 'transformer')"),
+        (text["tokenizer"] == "clip", f"text_encoder.tokenizer {text['tokenizer']!r} is not supported (only 'clip')"),
+        (text["text_size"] == CONTEXT_LENGTH and text["vocab_size"] == EOT_TOKEN + 1,
+         f"the CLIP tokenizer needs text_size {CONTEXT_LENGTH} and vocab_size {EOT_TOKEN + 1}"),
+        # The haiku original embeds tokens at d_embed width, the torch port at d_model: they must agree.
+        (text["d_model"] == config["d_embed"], "text_encoder.d_model must equal d_embed"),
+        (image["d_model"] % image["n_heads"] == 0, "image_encoder.d_model must be divisible by n_heads"),
+        (text["d_model"] % text["n_heads"] == 0, "text_encoder.d_model must be divisible by n_heads"),
+        (image["patch_size"] <= image["image_size"], "image_encoder.patch_size exceeds image_size"),
+        (all(len(image["normalize"][k]) == image["input_channels"]
+             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in image["normalize"][k])
+             for k in ("mean", "std")),
+         "image_encoder.normalize mean/std need one number per input channel"),
+        (all(v != 0 for v in image["normalize"]["std"]), "image_encoder.normalize.std must not contain 0"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise UserError(f"CLOOB config {source}: {problem}")
+    return config
+
+
+def cloob_image_size(config: Mapping[str, Any]) -> int:
+    """The side of the square images the CLOOB image encoder takes (224 for ViT-B/16)."""
+    return int(config["image_encoder"]["image_size"])
+
+
+def load_cloob_config(value: str | Path) -> dict[str, Any]:
+    """A CLOOB config from a JSON file, or the built-in ``cloob_laion_400m_vit_b_16_16_epochs``.
+
+    Raises UserError naming the file when it is missing, not JSON, or lacks/mistypes a required key.
+    """
+    if str(value) in _BUILTIN_CONFIGS:
+        path = _BUILTIN_DIR / f"{value}.json"
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"CLOOB config not found: {value} (give a JSON file or the built-in name "
+                            f"{DEFAULT_CLOOB_CONFIG!r})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"CLOOB config {path}: not readable JSON: {e}") from e
+    return _validate_config(config, str(path))
+
+
+def cloob_param_shapes(config: Mapping[str, Any]) -> tuple[ParamShapes, ParamShapes]:
+    """Haiku parameter shapes of a CLOOB checkpoint: (image_params, text_params) as {module: {param: shape}}.
+
+    Module paths and layouts are the original's: linear ``w`` [in, out] with ``b`` [out], patch conv ``w``
+    HWIO, LayerNorm ``scale``/``offset``, the ViT class embedding at the encoder's root module.
+    """
+    d_embed = config["d_embed"]
+
+    def encoder(base: str, n_layers: int, d: int) -> ParamShapes:
+        shapes: ParamShapes = {}
+        for i in range(n_layers):
+            layer = f"{base}/layer_{i}"
+            shapes[f"{layer}/self_attention/layer_norm"] = {"scale": (d,), "offset": (d,)}
+            shapes[f"{layer}/feed_forward/layer_norm"] = {"scale": (d,), "offset": (d,)}
+            for proj in ("query", "key", "value", "linear"):
+                shapes[f"{layer}/self_attention/multi_head_attention/{proj}"] = {"w": (d, d), "b": (d,)}
+            shapes[f"{layer}/feed_forward/linear_0"] = {"w": (d, 4 * d), "b": (4 * d,)}
+            shapes[f"{layer}/feed_forward/linear_1"] = {"w": (4 * d, d), "b": (d,)}
+        shapes[f"{base}/proj"] = {"w": (d, d_embed), "b": (d_embed,)}
+        return shapes
+
+    img = config["image_encoder"]
+    d_img, patch = img["d_model"], img["patch_size"]
+    n_patches = (img["image_size"] // patch) ** 2
+    image: ParamShapes = {
+        "vi_t_image_encoder": {"class_embed": (d_img,)},
+        "vi_t_image_encoder/embed": {"w": (patch, patch, img["input_channels"], d_img)},
+        "vi_t_image_encoder/pos_embed": {"w": (n_patches + 1, d_img)},
+        **encoder("vi_t_image_encoder", img["n_layers"], d_img),
+    }
+    txt = config["text_encoder"]
+    text: ParamShapes = {
+        "text_encoder/embed": {"embeddings": (txt["vocab_size"], d_embed)},
+        "text_encoder/pos_embed": {"w": (txt["text_size"], txt["d_model"])},
+        **encoder("text_encoder", txt["n_layers"], txt["d_model"]),
+    }
+    return image, text
+
+
+class PositionalEmbedding(nn.Module):
+    """Learned absolute positions added to a [N, S, D] sequence (parameter ``weight`` [S, D])."""
+
+    def __init__(self, seq_len: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(seq_len, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention with CLOOB's query-axis padding mask."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.n_heads = n_heads
+        self.head_size = d_model // n_heads
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: float [N, S, D]; keep: bool [N, S], the positions up to and including the first EOT."""
+        x = self.norm(x)
+        # [N, S, D] -> [N, heads, S, head_size]
+        q, k, v = (proj(x).unflatten(-1, (self.n_heads, self.head_size)).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_size)
+        if keep is not None:
+            # The original masks the QUERY axis (a known bug, kept for fidelity): rows of positions after
+            # the first EOT are set to -1e30, so they attend uniformly to every position, while the kept
+            # rows still attend to the padding. Any constant row gives exactly the same uniform softmax; 0
+            # also stays finite in fp16, where -1e30 would turn into -inf and the softmax into NaN.
+            logits = torch.where(keep[:, None, :, None], logits, torch.zeros((), dtype=logits.dtype))
+        attn = logits.softmax(-1) @ v
+        return self.out(attn.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    """Pre-norm MLP with exact (erf) GELU, as the torch port uses (the haiku original used tanh GELU)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.linear_0 = nn.Linear(d_model, d_ff)
+        self.linear_1 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(F.gelu(self.linear_0(self.norm(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Residual pre-norm transformer block."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.attn = SelfAttention(d_model, n_heads)
+        self.ff = FeedForward(d_model, 4 * d_model)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(x, keep)
+        return x + self.ff(x)
+
+
+class CLOOBTextEncoder(nn.Module):
+    """CLOOB text tower: CLIP token ids -> unit-norm text embedding.
+
+    forward: tokens int64 [N, 77] (``ccld_trt.tokenizer.tokenize``) -> float32 [N, d_embed], L2-normalised
+    (the original ``text_encoder`` normalises its output itself).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = config["text_encoder"]
+        self.context_length: int = cfg["text_size"]
+        self.eot_token: int = cfg["vocab_size"] - 1
+        self.embed = nn.Embedding(cfg["vocab_size"], cfg["d_model"])
+        self.pos_embed = PositionalEmbedding(cfg["text_size"], cfg["d_model"])
+        self.layers = nn.ModuleList(EncoderLayer(cfg["d_model"], cfg["n_heads"]) for _ in range(cfg["n_layers"]))
+        self.proj = nn.Linear(cfg["d_model"], config["d_embed"])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(self.context_length, device=tokens.device)
+        # Index of the first EOT, or the sequence length when there is none (then every position is kept,
+        # as in the original's cumsum-based mask).
+        first_eot = torch.where(tokens == self.eot_token, positions, self.context_length).amin(-1, keepdim=True)
+        keep = positions <= first_eot
+        x = self.pos_embed(self.embed(tokens))
+        for layer in self.layers:
+            x = layer(x, keep)
+        return F.normalize(self.proj(x[:, 0]), dim=-1)
+
+
+class CLOOBImageEncoder(nn.Module):
+    """CLOOB ViT image tower, with the CLOOB pixel normalisation built in.
+
+    forward: pixels float32 [N, C, S, S] in [0, 1], S = config image_size -> float32 [N, d_embed], L2-normalised.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = config["image_encoder"]
+        d, patch = cfg["d_model"], cfg["patch_size"]
+        self.image_size: int = cfg["image_size"]
+        self.register_buffer("mean", torch.tensor(cfg["normalize"]["mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["normalize"]["std"]).view(1, -1, 1, 1), persistent=False)
+        self.embed = nn.Conv2d(cfg["input_channels"], d, patch, stride=patch, bias=False)
+        self.class_embed = nn.Parameter(torch.zeros(d))
+        self.pos_embed = PositionalEmbedding((cfg["image_size"] // patch) ** 2 + 1, d)
+        self.layers = nn.ModuleList(EncoderLayer(d, cfg["n_heads"]) for _ in range(cfg["n_layers"]))
+        self.proj = nn.Linear(d, config["d_embed"])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embed((pixels - self.mean) / self.std)
+        x = x.flatten(2).transpose(1, 2)  # [N, D, h, w] -> [N, h*w, D]
+        cls = self.class_embed.expand(x.shape[0], 1, -1)
+        x = self.pos_embed(torch.cat([cls, x], dim=1))
+        for layer in self.layers:
+            x = layer(x)
+        # The ViT normalises its output and cfg_sample normalises it again; doing both keeps the result
+        # bit-identical to the pipeline's (a single pass differs by ~1e-7).
+        return F.normalize(F.normalize(self.proj(x[:, 0]), dim=-1), dim=-1)
+
+
+def load_cloob(pkl_path: str | Path,
+               config: Mapping[str, Any]) -> tuple[CLOOBTextEncoder, CLOOBImageEncoder]:
+    """Both CLOOB towers from a haiku pickle, in eval mode, fp32, without gradients.
+
+    ``config`` is a validated dict from ``load_cloob_config``. Raises UserError for a missing, corrupt,
+    hostile or mismatched checkpoint (see ``cloob_pickle.read_cloob_params``).
+    """
+    image_params, text_params = read_cloob_params(Path(pkl_path), cloob_param_shapes(config))
+    image_state, text_state = haiku_to_torch(image_params, text_params)
+    text, image = CLOOBTextEncoder(config), CLOOBImageEncoder(config)
+    text.load_state_dict(text_state, strict=True)
+    image.load_state_dict(image_state, strict=True)
+    return text.eval().requires_grad_(False), image.eval().requires_grad_(False)

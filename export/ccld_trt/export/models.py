@@ -1,0 +1,124 @@
+"""Where the model files live and how they are loaded into the networks every backend starts from."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ccld_trt.export.cloob import DEFAULT_CLOOB_CONFIG, cloob_image_size
+from ccld_trt.export.errors import UserError
+
+UNET_FILE = "model_student.ckpt"
+AE_FILE = "ae_model.ckpt"
+AE_CONFIG_FILE = "ae_model.yaml"
+CLOOB_CONFIG_FILE = "cloob_config.json"
+DEMO_CLOOB_FILE = "cloob.pkl"
+# The short names the reference kit's synthetic checkpoints use; found when the published names are absent.
+_SHORT_NAMES = {UNET_FILE: "unet.ckpt", AE_FILE: "ae.ckpt"}
+
+
+def _in_dir(directory: Path, name: str) -> Path:
+    path = directory / name
+    short = directory / _SHORT_NAMES.get(name, name)
+    return short if not path.exists() and short.exists() else path
+
+
+def models_dir(value: str | Path | None = None) -> Path:
+    """The models directory: the argument, else $CCLD_TRT_MODELS, else ./models."""
+    return Path(value or os.environ.get("CCLD_TRT_MODELS") or "models")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Paths of the four checkpoints and their configs. ``cloob_config`` is a JSON path or a built-in name."""
+
+    unet: Path
+    autoencoder: Path
+    autoencoder_config: Path
+    cloob: Path
+    cloob_config: str
+
+    @classmethod
+    def resolve(cls, directory: Path, unet: str | None = None, autoencoder: str | None = None,
+                autoencoder_config: str | None = None, cloob: str | None = None,
+                cloob_config: str | None = None) -> ModelFiles:
+        """Explicit paths win; the rest come from ``directory`` (as ``download`` / ``demo-weights`` lay it out).
+
+        The CLOOB config defaults to ``cloob_config.json`` in the directory if present, else the built-in
+        ViT-B/16 config; the CLOOB pickle defaults to the file name of the config's URL (which carries its
+        SHA-256), or ``cloob.pkl`` for a config without one (demo weights).
+        """
+        from ccld_trt.export.cloob import load_cloob_config
+
+        if cloob_config is None:
+            local = directory / CLOOB_CONFIG_FILE
+            cloob_config = str(local) if local.exists() else DEFAULT_CLOOB_CONFIG
+        if cloob is None:
+            url = load_cloob_config(cloob_config).get("url")
+            cloob = str(directory / (url.rsplit("/", 1)[-1] if url else DEMO_CLOOB_FILE))
+        ae = Path(autoencoder) if autoencoder else _in_dir(directory, AE_FILE)
+        return cls(
+            unet=Path(unet) if unet else _in_dir(directory, UNET_FILE),
+            autoencoder=ae,
+            autoencoder_config=Path(autoencoder_config) if autoencoder_config else ae.with_suffix(".yaml"),
+            cloob=Path(cloob),
+            cloob_config=cloob_config,
+        )
+
+    def check_present(self) -> None:
+        """One UserError listing every missing file, and how to get them."""
+        missing = [str(p) for p in (self.unet, self.autoencoder, self.autoencoder_config, self.cloob)
+                   if not p.is_file()]
+        if missing:
+            raise UserError(f"missing model file(s): {', '.join(missing)} — run `ccld-trt download` "
+                            "(or `ccld-trt demo-weights DIR` for random test weights) or pass the paths")
+
+    def is_demo(self) -> bool:
+        """Whether these are the random weights of ``ccld-trt demo-weights``."""
+        from ccld_trt.export.demo_weights import MARKER
+
+        return (self.unet.parent / MARKER).exists()
+
+
+@dataclass
+class Networks:
+    """The fp32 torch networks, in eval mode on the CPU, and what the checkpoints say about them."""
+
+    unet: nn.Module            # DiffusionModel: (x, t, embed) -> v
+    decoder: nn.Module         # AutoencoderDecoder: latents -> images
+    text_encoder: nn.Module    # tokens -> embed
+    image_encoder: nn.Module   # pixels in [0, 1] -> L2-normalised embed
+    cloob_config: dict
+    checkpoint_autoencoder_scale: float
+
+    @property
+    def image_size(self) -> int:
+        return cloob_image_size(self.cloob_config)
+
+
+def load_networks(files: ModelFiles, base_channels: int | None = None,
+                  channel_multipliers: list[int] | None = None) -> Networks:
+    """Load all four networks from their original checkpoint formats (data only, no code runs)."""
+    from ccld_trt.export.autoencoder import load_decoder
+    from ccld_trt.export.cloob import load_cloob, load_cloob_config
+    from ccld_trt.export.unet import load_unet
+
+    files.check_present()
+    unet, scale = load_unet(files.unet, base_channels, channel_multipliers)
+    decoder = load_decoder(files.autoencoder, files.autoencoder_config)
+    cloob_config = load_cloob_config(files.cloob_config)
+    text_encoder, image_encoder = load_cloob(files.cloob, cloob_config)
+    return Networks(unet, decoder, text_encoder, image_encoder, cloob_config, scale)
+
+
+def checkpoint_autoencoder_scale(unet_path: Path) -> float:
+    """The ``autoencoder_scale`` buffer stored in a U-Net checkpoint (for backends that skip loading the U-Net)."""
+    from ccld_trt.export.checkpoints import load_torch_checkpoint
+
+    state = load_torch_checkpoint(unet_path, "U-Net checkpoint")
+    if "autoencoder_scale" not in state:
+        raise UserError(f"U-Net checkpoint {unet_path}: missing 1 tensor(s): autoencoder_scale")
+    return float(state["autoencoder_scale"])

@@ -1,0 +1,51 @@
+"""Which backend can run on which device: checked before anything is loaded, with one-line UserErrors that say
+what to install or choose instead."""
+
+from __future__ import annotations
+
+import torch
+
+from ccld_trt.engines.engine import require_tensorrt
+from ccld_trt.export.errors import UserError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch sees no CUDA GPU, in words (meant for when torch.cuda.is_available() is False)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no NVIDIA GPU or driver"
+
+
+def resolve_backend(name: str, device: str) -> tuple[str, str]:
+    """(backend, device) normalised ("TensorRT", "CUDA:0" -> "tensorrt", "cuda:0") once the combination can run
+    here; UserError otherwise. Devices: cpu, cuda, cuda:N."""
+    backend = name.strip().lower()
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    bad_device = UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    try:
+        dev = torch.device(device.strip().lower())
+    except RuntimeError as e:
+        raise bad_device from e
+    if dev.type not in ("cpu", "cuda"):
+        raise bad_device
+    if backend == "tensorrt":
+        if dev.type != "cuda":
+            raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use --device cuda, or the onnxruntime "
+                            "or torch backend on the CPU")
+        require_tensorrt()
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {dev} is not usable: {cuda_unavailable_reason()}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {dev} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider (it offers "
+                                f"{', '.join(ort.get_available_providers())}): pip install 'ccld-trt[gpu]' "
+                                "for onnxruntime-gpu, or use --device cpu")
+    return backend, str(dev)

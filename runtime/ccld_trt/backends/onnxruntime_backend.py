@@ -1,0 +1,146 @@
+"""The ONNX Runtime backend: the Backend interface over the exported graphs (unet_cfg, decoder, text_encoder,
+image_encoder) of one directory, on the CPU, or on a CUDA GPU through the TensorRT and CUDA execution providers
+of onnxruntime-gpu.
+
+Each session is created once. A call binds the caller's torch tensors' memory as the graph inputs (IO binding, no
+copy) and has ONNX Runtime write into an output tensor allocated once per output shape; the caller gets a copy of
+it, because samplers keep earlier outputs (PLMS's history) while the buffer is reused by the next call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ccld_trt.engines.profiles import bind_dims, resolve_dim
+from ccld_trt.export.checkpoints import require_file
+from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
+from ccld_trt.export.onnx_export import onnx_path
+
+PRECISIONS = ("fp32", "fp16")
+GPU_HINT = "pip install 'ccld-trt[gpu]' (onnxruntime-gpu) and use an NVIDIA GPU, or use --device cpu"
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if this backend has graphs for it (fp32, fp16), else UserError."""
+    if precision not in PRECISIONS:
+        raise UserError(f"the onnxruntime backend runs {' or '.join(PRECISIONS)} graphs, not {precision!r}")
+    return precision
+
+
+def session_options(threads: int | None = None) -> Any:
+    """CPU-tuned session options: every graph optimisation (fusions, NCHWc layouts), ops run one after another
+    (these graphs are chains, so parallel branches gain nothing), ``threads`` per op (None: ONNX Runtime's
+    default, one per physical core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = threads or 0
+    options.log_severity_level = 3  # errors only: the optimiser's notes are not for users
+    return options
+
+
+def execution_providers(device: torch.device, precision: str, cache_dir: Path) -> list[Any]:
+    """ONNX Runtime providers for ``device``: the CPU's, or TensorRT (when onnxruntime-gpu has it; engines cached
+    in ``cache_dir``) then CUDA, with the CPU for anything they leave. UserError when CUDA is asked for but this
+    onnxruntime has no CUDA provider."""
+    import onnxruntime as ort
+
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        raise UserError(f"the onnxruntime backend runs on cpu or cuda, not {device.type}")
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider (it offers {', '.join(available)}); "
+                        f"{GPU_HINT}")
+    index = device.index or 0
+    providers: list[Any] = []
+    if "TensorrtExecutionProvider" in available:
+        providers.append(("TensorrtExecutionProvider", {
+            "device_id": index, "trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
+            "trt_timing_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+            "trt_timing_cache_path": str(cache_dir)}))
+    providers += [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return providers
+
+
+class OnnxRuntimeBackend:
+    """Backend protocol over ``<onnx_dir>/<graph>.onnx`` (``precision`` fp32) or ``<graph>.fp16.onnx`` (fp16),
+    as written by ``ccld_trt.export.onnx_export.export_all``. ``threads``: intra-op threads on the CPU.
+
+    One call at a time (as the pipeline makes them): calls share their bindings and output buffers.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32",
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.precision = check_precision(precision)
+        onnx_dir = Path(onnx_dir)
+        # what each session was opened with, kept so that tools (the benchmark's profiler) can open them alike
+        self.providers = execution_providers(self.device, precision, onnx_dir / "ort-tensorrt-cache")
+        self.options = session_options(threads)
+        self.files = {graph: require_file(onnx_path(onnx_dir, graph, precision), f"{graph} ONNX graph")
+                      for graph in BACKEND_GRAPHS}
+        self.sessions = {graph: ort.InferenceSession(str(path), self.options, providers=self.providers)
+                         for graph, path in self.files.items()}
+        self._ort_device = self.device.type
+        self._device_id = self.device.index or 0
+        # (graph, output shape) -> the IO binding with its output bound, and that output tensor
+        self._bound: dict[tuple[str, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
+
+    def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run ``graph`` on ``feed`` ({input name: tensor}, converted to the graph's dtypes on this device);
+        returns a new tensor holding its output."""
+        spec = GRAPHS[graph]
+        inputs = {t.name: feed[t.name].to(self.device, getattr(torch, t.dtype)).contiguous() for t in spec.inputs}
+        (output,) = spec.outputs
+        env = bind_dims(spec, {name: tensor.shape for name, tensor in inputs.items()})
+        shape = tuple(resolve_dim(d, env) for d in output.shape)
+        if (graph, shape) not in self._bound:
+            out = torch.empty(shape, dtype=getattr(torch, output.dtype), device=self.device)
+            binding = self.sessions[graph].io_binding()
+            binding.bind_output(output.name, self._ort_device, self._device_id, np.dtype(output.dtype), shape,
+                                out.data_ptr())
+            self._bound[graph, shape] = binding, out
+        binding, out = self._bound[graph, shape]
+        for t in spec.inputs:
+            tensor = inputs[t.name]
+            binding.bind_input(t.name, self._ort_device, self._device_id, np.dtype(t.dtype), tuple(tensor.shape),
+                               tensor.data_ptr())
+        if self.device.type == "cuda":
+            # ONNX Runtime works on its own stream: the inputs written on torch's must be complete. Run returns
+            # once its outputs are.
+            torch.cuda.current_stream(self.device).synchronize()
+        self.sessions[graph].run_with_iobinding(binding)
+        return out.clone()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [N, 77] -> CLOOB text embeddings float32 [N, 512]."""
+        return self._run("text_encoder", {"tokens": tokens})
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels float32 [N, 3, S, S] in [0, 1] -> L2-normalised embeddings float32 [N, 512]."""
+        return self._run("image_encoder", {"pixels": pixels})
+
+    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, 4, h, w], t [N], conds [C, 512], weights [C] -> v [N, 4, h, w]: one run of unet_cfg."""
+        return self._run("unet_cfg", {"x": x, "t": t, "conds": conds, "weights": weights})
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents float32 [N, 4, h, w] (already scaled) -> images float32 [N, 3, 8h, 8w] in about [-1, 1]."""
+        return self._run("decoder", {"latents": latents})

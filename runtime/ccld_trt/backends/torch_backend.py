@@ -1,0 +1,57 @@
+"""The reference backend: the PyTorch networks themselves, eager, on the CPU or a CUDA device."""
+
+from __future__ import annotations
+
+import torch
+
+from ccld_trt.backends.cuda_graph import GraphedCall
+from ccld_trt.export.errors import UserError
+from ccld_trt.export.guided_unet import GuidedUNet
+from ccld_trt.export.models import Networks
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchBackend:
+    """Eager torch. ``precision`` fp16/bf16 runs the U-Net under autocast (the original uses fp16 autocast on
+    CUDA); the encoders and the decoder stay fp32 as in the original. ``cuda_graph`` (CUDA only) replays each
+    U-Net/CFG evaluation from a CUDA graph captured per input shape: the strongest torch baseline on a GPU."""
+
+    name = "torch"
+
+    def __init__(self, networks: Networks, device: str = "cpu", precision: str = "fp32",
+                 cuda_graph: bool = False) -> None:
+        self.device = torch.device(device)
+        if cuda_graph and self.device.type != "cuda":
+            raise UserError("CUDA-graph replay needs --device cuda")
+        self.precision = precision
+        self._autocast_dtype = PRECISIONS[precision]
+        self._guided = GuidedUNet(networks.unet).to(self.device)
+        self._guided_call = GraphedCall(self._guided_autocast) if cuda_graph else self._guided_autocast
+        self._decoder = networks.decoder.to(self.device)
+        self._text = networks.text_encoder.to(self.device)
+        self._image = networks.image_encoder.to(self.device)
+
+    def _guided_autocast(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor:
+        if self._autocast_dtype is None:
+            return self._guided(x, t, conds, weights)
+        # no autocast weight cache: cached casts made during CUDA-graph capture would be freed behind the graph
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype, cache_enabled=False):
+            return self._guided(x, t, conds, weights).float()
+
+    @torch.inference_mode()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._text(tokens.to(self.device)).float()
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._image(pixels.to(self.device)).float()
+
+    @torch.inference_mode()
+    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self._guided_call(x, t, conds, weights)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decoder(latents.to(self.device)).float()

@@ -1,0 +1,358 @@
+"""The ``ccld-trt`` command: a thin layer over the library. Errors are one line unless --debug."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from ccld_trt.export.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _weighted(value: str, what: str) -> tuple[str, float]:
+    from ccld_trt.image_prompt import parse_prompt
+
+    text, weight = parse_prompt(value)
+    if not text:
+        raise UserError(f"empty {what} in {value!r}")
+    return text, weight
+
+
+def _scale(value: str) -> float | str:
+    if value == "checkpoint":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'checkpoint', got {value!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models (default: the models directory)")
+    g.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models)")
+    g.add_argument("--unet", help="U-Net checkpoint (model_student.ckpt)")
+    g.add_argument("--autoencoder", help="autoencoder checkpoint (ae_model.ckpt)")
+    g.add_argument("--autoencoder-config", help="autoencoder YAML (default: the checkpoint's name with .yaml)")
+    g.add_argument("--cloob", help="CLOOB pickle")
+    g.add_argument("--cloob-config", help="CLOOB config JSON path or built-in name")
+    g.add_argument("--base-channels", type=int, help="U-Net width (default: read from the checkpoint)")
+    g.add_argument("--channel-multipliers", type=lambda s: [int(v) for v in s.split(",")],
+                   help="U-Net multipliers, e.g. 1,1,2,2 (default: read from the checkpoint)")
+
+
+def _model_files(args: argparse.Namespace):
+    from ccld_trt.export.models import ModelFiles, models_dir
+
+    return ModelFiles.resolve(models_dir(args.models), args.unet, args.autoencoder, args.autoencoder_config,
+                              args.cloob, args.cloob_config)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
+    from ccld_trt.outputs import check_new_file, save_images, save_latents
+    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
+    from ccld_trt.runner import open_backend
+
+    request = Request(
+        prompts=[_weighted(p, "prompt") for p in args.prompts],
+        image_prompts=[(Path(p), w) for p, w in (_weighted(v, "image path") for v in args.images)],
+        n=args.n, batch_size=args.batch_size, seed=args.seed, steps=args.steps, method=args.method, eta=args.eta,
+    )
+    request.validate()
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output-dir {out_dir} is not a directory")
+    if args.save_latents:
+        check_new_file(Path(args.save_latents), "--save-latents")
+    files = _model_files(args)
+    # read every input before the (slow) model loading, so that a bad one fails at once
+    image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(files.cloob_config)))
+    session = open_backend(args.backend, args.device, files, args.precision, cuda_graph=args.cuda_graph,
+                           engine_dir=Path(args.engines),
+                           onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, base_channels=args.base_channels,
+                           channel_multipliers=args.channel_multipliers)
+    if session.demo:
+        print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
+    scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
+        DEFAULT_AUTOENCODER_SCALE if args.autoencoder_scale is None else args.autoencoder_scale)
+    with tqdm(total=request.evaluations, desc="sampling", unit="eval", disable=None) as bar:
+        result = generate(session.backend, request, image_prompts, scale, on_evaluation=lambda: bar.update())
+    if args.save_latents:
+        save_latents(result.latents.numpy(), Path(args.save_latents))
+    for path in save_images(result.pixels, out_dir):
+        print(path)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from ccld_trt.download import download_models
+    from ccld_trt.export.models import DEFAULT_CLOOB_CONFIG, models_dir
+
+    for path in download_models(models_dir(args.models), args.cloob_config or DEFAULT_CLOOB_CONFIG):
+        print(path)
+
+
+def cmd_demo_weights(args: argparse.Namespace) -> None:
+    from ccld_trt.export.demo_weights import write_demo_weights
+
+    for path in write_demo_weights(Path(args.dir), args.size, args.seed):
+        print(path)
+    print(f"wrote RANDOM demo weights ({args.size}): for trying the pipeline, not for real images", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ccld_trt.export.onnx_export import default_onnx_dir, export_all
+
+    files = _model_files(args)
+    out_dir = Path(args.output) if args.output else default_onnx_dir(files)
+    for path in export_all(files, out_dir, args.graphs, fp16=not args.no_fp16).values():
+        print(path)
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from ccld_trt.doctor import doctor_report, format_report
+
+    print(format_report(doctor_report()))
+
+
+def _triple(value: str) -> tuple[int, int, int]:
+    """'1,2,4' -> (1, 2, 4); a single 'N' -> (N, N, N)."""
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX or N, got {value!r}") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX or N, got {value!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def cmd_engines_build(args: argparse.Namespace) -> None:
+    from ccld_trt.engines.build import build_engines
+    from ccld_trt.engines.engine import require_tensorrt
+    from ccld_trt.engines.profiles import ProfileParams
+    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
+    from ccld_trt.export.onnx_export import default_onnx_dir, export_all
+
+    params = ProfileParams(batch=args.batch, conds_max=args.conds_max, height=args.height, width=args.width,
+                           image_size=args.image_size)
+    params.validate()
+    require_tensorrt()  # before the (long) export, so a machine without TensorRT gets the one clear line at once
+    if args.onnx:
+        onnx_dir = Path(args.onnx)
+    else:
+        files = _model_files(args)
+        onnx_dir = default_onnx_dir(files)
+        export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=args.precision == "fp16")
+    for path in build_engines(onnx_dir, Path(args.output), params, precision=args.precision,
+                              opt_level=args.opt_level, workspace_gib=args.workspace_gib, rebuild=args.rebuild):
+        print(path)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from ccld_trt.benchmarks.suite import BenchConfig, run_bench
+
+    config = BenchConfig.preset(
+        args.quick, backends=args.backends, device=args.device, models=Path(args.models) if args.models else None,
+        demo_size=args.demo_size, output=Path(args.output), repeats=args.repeats, warmup=args.warmup,
+        e2e_repeats=args.e2e_repeats, batches=args.batches, end_to_end=args.end_to_end)
+    _, paths = run_bench(config)
+    print(paths.markdown.read_text())
+    for path in (paths.json, paths.markdown, paths.plot):
+        print(path)
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> None:
+    from ccld_trt.benchmarks.compare import compare
+
+    print(compare(args.a, args.b), end="")
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _runs(value: str) -> tuple[tuple[int, int], ...]:
+    """'15x1,50x4' -> ((15, 1), (50, 4)): end-to-end runs as STEPSxN."""
+    try:
+        return tuple((int(s), int(n)) for s, n in (run.split("x") for run in value.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEPSxN[,STEPSxN...], e.g. 15x1,50x4, got {value!r}") from None
+
+
+def _backend_list(value: str) -> tuple[str, ...]:
+    from ccld_trt.benchmarks.suite import BACKENDS
+
+    names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(BACKENDS)}, got {value!r}")
+    return names
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ccld_trt.serve import serve
+
+    serve(args.backend, args.device, _model_files(args), args.host, args.port, args.listen, args.precision,
+          args.base_channels, args.channel_multipliers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ccld_trt.samplers import METHODS
+
+    parser = _Parser(prog="ccld-trt", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("sample", help="generate images from text and/or image prompts")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompt, optionally TEXT:WEIGHT (default 3)")
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH[:W]", help="image prompts")
+    p.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: all n)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, default=50, help="sampler timesteps (default 50)")
+    p.add_argument("--method", default="plms", choices=METHODS, help="sampler (default plms)")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
+    p.add_argument("--autoencoder-scale", type=_scale, metavar="F|checkpoint",
+                   help="latent scale before decoding (default 2.55, as the published demo)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="inference backend (default torch)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
+    p.add_argument("--engines", default="build/engines", help="TensorRT engine directory (default build/engines)")
+    p.add_argument("--onnx-dir", metavar="DIR",
+                   help="onnxruntime backend: where the exported graphs are kept, exported there unless up to date "
+                        "(default build/onnx/<hash of the model paths>)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
+    p.add_argument("--output-dir", default="outputs", help="where out_NNNNN.png go (default outputs/)")
+    p.add_argument("--save-latents", metavar="FILE.npy", help="also save the final latents, float32 [n,4,32,32]")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("download", help="download the published weights into the models directory")
+    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models)")
+    p.add_argument("--cloob-config", help="CLOOB config JSON path or built-in name")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("demo-weights", help="write small RANDOM checkpoints in the original formats")
+    p.add_argument("dir", help="directory to write into (must not already hold model files)")
+    p.add_argument("--size", choices=["small", "full"], default="small",
+                   help="small (fast) or full (the real architectures' sizes, for benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.set_defaults(func=cmd_demo_weights)
+
+    p = sub.add_parser("serve", help="a web page for generating images (this machine only unless --listen)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="inference backend (default torch)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--listen", action="store_true",
+                   help="allow a --host other machines can reach (the page has no authentication)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    from ccld_trt.export.graph_specs import GRAPHS
+
+    p = sub.add_parser("export", help="export the networks to ONNX, fp32 and mixed-precision fp16 (graphs whose "
+                                      "checkpoint, configuration and exporter are unchanged are kept)")
+    p.add_argument("--output", metavar="DIR",
+                   help="directory for the .onnx files and manifest.json (default: build/onnx/<hash of the model "
+                        "paths>, under $CCLD_TRT_BUILD instead of ./build if set)")
+    p.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), metavar="GRAPH",
+                   help=f"graphs to export (default: all of {', '.join(GRAPHS)})")
+    p.add_argument("--no-fp16", action="store_true", help="only the fp32 graphs")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("engines", help="TensorRT engines")
+    engines = p.add_subparsers(dest="engines_command", required=True, parser_class=_Parser)
+    p = engines.add_parser("build", help="build fp16 TensorRT engines from the exported ONNX graphs")
+    p.add_argument("--onnx", metavar="DIR",
+                   help="directory of exported graphs (default: export them from the model files, as `export` does)")
+    p.add_argument("--output", default="build/engines", help="engine directory (default build/engines)")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="which graphs (default fp16)")
+    p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN,OPT,MAX",
+                   help="images per sampler call (default 1,1,4)")
+    p.add_argument("--conds-max", type=int, default=4,
+                   help="CFG conditions per call, the unconditional one included (default 4)")
+    p.add_argument("--height", type=_triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
+                   help="latent height = image height / 8 (default 32)")
+    p.add_argument("--width", type=_triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
+                   help="latent width = image width / 8 (default 32)")
+    p.add_argument("--image-size", type=int, default=224, help="CLOOB image encoder input side (default 224)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    p.add_argument("--workspace-gib", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even when an engine is up to date")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_engines_build)
+
+    p = sub.add_parser("bench", help="benchmark every backend and precision that runs here: latency, FLOP/s, "
+                                     "memory, correctness against torch fp32")
+    p.add_argument("--backends", type=_backend_list, metavar="LIST",
+                   help="comma-separated, from torch,torch-cudagraph,onnxruntime,tensorrt (default: all; those "
+                        "that cannot run here are reported as skipped)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--output", default="benchmarks/results",
+                   help="results root; files go to OUTPUT/<machine>/ (default benchmarks/results)")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 and one end-to-end run (15 steps, 1 image) per backend: a few minutes on a CPU")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed calls before each measurement (default 2, quick 1)")
+    p.add_argument("--e2e-repeats", type=int, help="at most this many end-to-end repeats (default 3, quick 1)")
+    p.add_argument("--batches", type=_int_list, metavar="B,...",
+                   help="batches of the per-stage rows (default 1,4,16; quick 1)")
+    p.add_argument("--end-to-end", type=_runs, metavar="STEPSxN,...",
+                   help="end-to-end runs, PLMS (default 15x1,15x4,15x16,50x1,50x4,50x16; quick 15x1)")
+    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models); without weights "
+                                    "there, random demo weights are written once to build/bench-weights/")
+    p.add_argument("--demo-size", choices=["small", "full"], default="full",
+                   help="size of those demo weights (default full: the real networks' FLOPs)")
+    p.set_defaults(func=cmd_bench)
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare}", parser_class=_Parser)
+    c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")
+    c.add_argument("a", metavar="A.json", help="baseline results")
+    c.add_argument("b", metavar="B.json", help="results to compare with the baseline")
+    c.set_defaults(func=cmd_bench_compare)
+
+    p = sub.add_parser("doctor", help="what is installed and which backends can run here")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv), run the command; returns the exit status (errors: one line)."""
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"ccld-trt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ccld-trt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main() -> NoReturn:
+    sys.exit(run())

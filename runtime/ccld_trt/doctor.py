@@ -1,0 +1,111 @@
+"""``doctor``: what this machine has (Python, torch and CUDA, ONNX Runtime, TensorRT, cuda-python) and which
+backend can run on which device, and why not. Never fails: a missing GPU or library is a line of the report."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ccld_trt.backend_select import cuda_unavailable_reason, resolve_backend
+from ccld_trt.engines.engine import require_tensorrt
+from ccld_trt.export.errors import UserError
+
+BACKEND_DEVICES = (("torch", "cpu"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"),
+                   ("tensorrt", "cuda"))
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _python() -> Check:
+    return Check("python", sys.version_info >= (3, 10), f"{platform.python_version()} ({sys.executable})")
+
+
+def _torch() -> Check:
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    return Check("torch", True, f"{torch.__version__}, {build}")
+
+
+def _nvidia_driver() -> str:
+    """The NVIDIA driver version from nvidia-smi, or "unknown"."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "unknown (no nvidia-smi)"
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (nvidia-smi failed)"
+    return out[0] if out else "unknown"
+
+
+def _cuda() -> Check:
+    if not torch.cuda.is_available():
+        return Check("cuda", False, f"not available: {cuda_unavailable_reason()}")
+    major, minor = torch.cuda.get_device_capability(0)
+    return Check("cuda", True, f"{torch.cuda.device_count()} GPU(s), cuda:0 = {torch.cuda.get_device_name(0)} "
+                               f"(compute {major}.{minor}); CUDA {torch.version.cuda}; driver {_nvidia_driver()}")
+
+
+def _onnxruntime() -> Check:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return Check("onnxruntime", False, f"not installed ({e})")
+    return Check("onnxruntime", True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
+
+
+def _tensorrt() -> Check:
+    try:
+        return Check("tensorrt", True, require_tensorrt())
+    except UserError as e:
+        return Check("tensorrt", False, str(e))
+
+
+def _cuda_python() -> Check:
+    try:
+        return Check("cuda-python", True, importlib.metadata.version("cuda-python"))
+    except importlib.metadata.PackageNotFoundError:
+        return Check("cuda-python", False, "not installed (optional: pip install 'ccld-trt[gpu]')")
+
+
+def _backend(name: str, device: str) -> Check:
+    try:
+        resolve_backend(name, device)
+    except UserError as e:
+        return Check(f"backend {name} on {device}", False, str(e))
+    return Check(f"backend {name} on {device}", True, "can run")
+
+
+def _guarded(name: str, probe: Callable[[], Check]) -> Check:
+    try:
+        return probe()
+    except Exception as e:  # a broken driver or library must become a line of the report, not a traceback
+        return Check(name, False, f"check failed: {type(e).__name__}: {e}")
+
+
+def doctor_report() -> list[Check]:
+    """One Check per component, then one per (backend, device) pair."""
+    probes: list[tuple[str, Callable[[], Check]]] = [
+        ("python", _python), ("torch", _torch), ("cuda", _cuda), ("onnxruntime", _onnxruntime),
+        ("tensorrt", _tensorrt), ("cuda-python", _cuda_python)]
+    probes += [(f"backend {b} on {d}", functools.partial(_backend, b, d)) for b, d in BACKEND_DEVICES]
+    return [_guarded(name, probe) for name, probe in probes]
+
+
+def format_report(checks: list[Check]) -> str:
+    """One line per check: ``ok`` or ``--``, the name, the detail."""
+    width = max((len(c.name) for c in checks), default=0)
+    return "\n".join(f"{'ok' if c.ok else '--'}  {c.name:<{width}}  {c.detail}" for c in checks)

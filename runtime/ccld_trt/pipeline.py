@@ -1,0 +1,178 @@
+"""Prompts and a seed in, latents and pixels out, on any backend: the original ``cfg_sample.py`` flow."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from ccld_trt.backends.base import Backend
+from ccld_trt.export.errors import UserError
+from ccld_trt.image_prompt import load_image_prompt
+from ccld_trt.samplers import METHODS, evaluations, needs_step_noise, sample
+from ccld_trt.schedule import sampling_timesteps
+from ccld_trt.tokenizer import tokenize
+
+LATENT_CHANNELS = 4
+T = TypeVar("T")
+DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sampling job. Prompts are (text, weight); image prompts (path, weight)."""
+
+    prompts: list[tuple[str, float]]
+    image_prompts: list[tuple[Path, float]] = field(default_factory=list)
+    n: int = 1
+    batch_size: int | None = None  # None: all n images in one batch, as the original
+    seed: int = 0
+    steps: int = 50
+    method: str = "plms"
+    eta: float = 0.0
+    latent_size: tuple[int, int] = (32, 32)
+
+    def validate(self) -> None:
+        """UserError naming the first invalid field."""
+        if not self.prompts and not self.image_prompts:
+            raise UserError("give at least one text prompt or image prompt")
+        if self.n < 1:
+            raise UserError(f"-n must be >= 1, got {self.n}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.steps}")
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"--eta must be in [0, 1], got {self.eta}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if any(s < 1 for s in self.latent_size):
+            raise UserError(f"latent size must be positive, got {self.latent_size}")
+
+    @property
+    def evaluations(self) -> int:
+        """U-Net/CFG evaluations over the whole job (one per batch per sampler evaluation)."""
+        batches = -(-self.n // (self.batch_size or self.n))
+        return batches * evaluations(self.method, self.steps)
+
+
+def load_image_prompts(request: Request, image_size: int) -> list[tuple[torch.Tensor, float]]:
+    """Each image prompt as CLOOB input pixels [1, 3, S, S] in [0, 1], with its weight (UserError if unreadable)."""
+    return [(load_image_prompt(path, image_size), w) for path, w in request.image_prompts]
+
+
+def conditions(backend: Backend, request: Request,
+               image_prompts: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG conditions [C, 512] and weights [C]: [zero, text prompts..., image prompts...], [1 - sum(w), w...].
+
+    ``image_prompts`` are the pixels of ``load_image_prompts``.
+    """
+    embeds = [torch.zeros([1, 512], device=backend.device)]
+    weights = []
+    if request.prompts:
+        texts = [text for text, _ in request.prompts]
+        embeds.append(backend.encode_text(tokenize(texts).to(backend.device)))
+        weights += [w for _, w in request.prompts]
+    for pixels, w in image_prompts:
+        embeds.append(backend.encode_image(pixels.to(backend.device)))
+        weights.append(w)
+    conds = torch.cat(embeds).float()
+    return conds, torch.tensor([1 - sum(weights), *weights], device=backend.device, dtype=torch.float32)
+
+
+@dataclass
+class Noise:
+    """The random draws of a job, in the original's order from ``torch.manual_seed(seed)`` on the CPU."""
+
+    x: torch.Tensor             # [n, 4, h, w]
+    steps: list[torch.Tensor]   # per step but the last, [n, 4, h, w] each (ddpm and ddim with eta > 0)
+
+
+def draw_noise(request: Request) -> Noise:
+    gen = torch.Generator().manual_seed(request.seed)
+    shape = [request.n, LATENT_CHANNELS, *request.latent_size]
+    x = torch.randn(shape, generator=gen)
+    step_noise = ([torch.randn(shape, generator=gen) for _ in range(request.steps - 1)]
+                  if needs_step_noise(request.method, request.eta) else [])
+    return Noise(x, step_noise)
+
+
+def sample_latents(backend: Backend, request: Request, conds: torch.Tensor, weights: torch.Tensor,
+                   on_evaluation: Callable[[], object] | None = None) -> torch.Tensor:
+    """Run the sampler over all n images in batches; latents float32 [n, 4, h, w] on the CPU (unscaled)."""
+    noise = draw_noise(request)
+    steps = sampling_timesteps(request.steps).to(backend.device)
+    batch = request.batch_size or request.n
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = backend.unet(x, t, conds, weights)
+        if on_evaluation is not None:
+            on_evaluation()
+        return v
+
+    outs = []
+    for i in range(0, request.n, batch):
+        rows = slice(i, i + batch)
+        x = noise.x[rows].to(backend.device)
+        step_noise = [s[rows].to(backend.device) for s in noise.steps]
+        outs.append(sample(model, x, steps, request.method, request.eta, step_noise).float().cpu())
+    return torch.cat(outs)
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """Decoder output [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3] the way the original saves PNGs:
+    clamp, (x + 1) / 2, x255, truncate."""
+    x = ((images.float().clamp(-1, 1) + 1) / 2).mul(255).byte()
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode(backend: Backend, latents: torch.Tensor, scale: float, batch_size: int | None = None) -> np.ndarray:
+    """latents [n, 4, h, w] (unscaled) -> uint8 pixels [n, 8h, 8w, 3], decoding ``batch_size`` at a time."""
+    batch = batch_size or latents.shape[0]
+    return np.concatenate([to_pixels(backend.decode(latents[i:i + batch].to(backend.device) * scale))
+                           for i in range(0, latents.shape[0], batch)])
+
+
+@dataclass
+class Generation:
+    """What one job produced, and how long each stage took (seconds, measured after the device finished)."""
+
+    latents: torch.Tensor  # float32 [n, 4, h, w] on the CPU, before the autoencoder scale
+    pixels: np.ndarray     # uint8 [n, 8h, 8w, 3]
+    seconds: dict[str, float]  # "conditioning", "sampling", "decoding"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    # CUDA work is asynchronous: without this a stage's time would land in whichever stage next reads back.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(backend: Backend, request: Request, image_prompts: list[tuple[torch.Tensor, float]], scale: float,
+             on_evaluation: Callable[[], object] | None = None,
+             on_stage: Callable[[str], None] | None = None) -> Generation:
+    """The whole job: conditions, sampling in batches, decoding. ``image_prompts`` from ``load_image_prompts``;
+    ``on_stage`` is called with each stage's name as it starts, ``on_evaluation`` after each U-Net evaluation."""
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, work: Callable[[], T]) -> T:
+        if on_stage is not None:
+            on_stage(name)
+        start = time.perf_counter()
+        out = work()
+        synchronize(backend.device)
+        seconds[name] = time.perf_counter() - start
+        return out
+
+    conds, weights = timed("conditioning", lambda: conditions(backend, request, image_prompts))
+    latents = timed("sampling", lambda: sample_latents(backend, request, conds, weights, on_evaluation))
+    pixels = timed("decoding", lambda: decode(backend, latents, scale, request.batch_size))
+    return Generation(latents, pixels, seconds)

@@ -1,0 +1,373 @@
+"""``ccld-trt serve``: a Gradio page over the library, with the models loaded once per process.
+
+The page comes up at once while the models load in a background thread. Jobs go through a queue that runs
+one at a time (one device, one copy of the models), report progress per U-Net evaluation, and show the
+latency of each stage with the images. Every bad input is answered in the page; none takes the server down.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ccld_trt.backend_select import resolve_backend
+from ccld_trt.export.errors import UserError
+from ccld_trt.export.models import ModelFiles
+from ccld_trt.image_prompt import parse_prompt
+from ccld_trt.outputs import save_images
+from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
+from ccld_trt.runner import Session, open_backend
+from ccld_trt.samplers import METHODS
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+MAX_STEPS = 1000
+MAX_IMAGES = 16
+MAX_UPLOAD_PIXELS = 20_000_000
+MAX_UPLOAD_BYTES = 100 * 2**20  # a 20 MP PNG with little to compress stays well below this
+# Formats a browser would upload. Others that PIL opens (EPS runs Ghostscript, for one) are refused.
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+DEMO_WARNING = ("⚠ RANDOM DEMO WEIGHTS — these models were written by <code>ccld-trt demo-weights</code>: "
+                "images will be noise-like patterns, not paintings.")
+
+
+class ModelLoader:
+    """Opens the backend once, in a background thread, so that the page is served while the models load."""
+
+    def __init__(self, load: Callable[[], Session], description: str) -> None:
+        self._load = load
+        self.description = description
+        self._done = threading.Event()
+        self._session: Session | None = None
+        self._error = ""
+        self._seconds = 0.0
+
+    def start(self) -> None:
+        # Not a daemon: the interpreter exiting while torch is still loading would abort the process.
+        threading.Thread(target=self._run, name="ccld-trt-load-models").start()
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        try:
+            self._session = self._load()
+        except UserError as e:
+            self._error = str(e)
+        except Exception as e:  # a failure must reach the page and the log, not die silently with the thread
+            logger.exception("loading the models failed")
+            self._error = f"{type(e).__name__}: {e}"
+        self._seconds = time.perf_counter() - start
+        if self._session is None:
+            print(f"ccld-trt serve: error: the models failed to load: {self._error}", file=sys.stderr)
+        else:
+            print(f"ccld-trt serve: models ready ({self.description}, {self._seconds:.1f} s)", file=sys.stderr)
+        self._done.set()
+
+    @property
+    def finished(self) -> bool:
+        """Whether loading is over, successfully or not."""
+        return self._done.is_set()
+
+    def session(self) -> Session:
+        """The loaded models, or UserError saying why there are none."""
+        if not self._done.is_set():
+            raise UserError(f"the models are still loading ({self.description}) — try again in a few seconds")
+        if self._session is None:
+            raise UserError(f"the models failed to load, so nothing can be generated: {self._error}")
+        return self._session
+
+    def status_markdown(self) -> str:
+        if not self._done.is_set():
+            return f"Loading the models ({self.description})…"
+        if self._session is None:
+            return f"**The models failed to load:** {self._error}  \nFix that and restart `ccld-trt serve`."
+        return f"Models ready: {self.description} (loaded in {self._seconds:.1f} s)."
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request from the page, and the latent scale to decode it with."""
+
+    request: Request
+    autoencoder_scale: float
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds per stage of one job (each measured after the device has finished its work)."""
+
+    conditioning: float
+    sampling: float
+    decoding: float
+    evaluations: int
+
+    def markdown(self) -> str:
+        total = self.conditioning + self.sampling + self.decoding
+        per_eval = 1000 * self.sampling / self.evaluations
+        return (f"**Latency** — conditioning {self.conditioning:.3f} s · sampling {self.sampling:.3f} s "
+                f"({self.evaluations} U-Net evaluations, {per_eval:.1f} ms each) · "
+                f"decoding {self.decoding:.3f} s · total {total:.3f} s")
+
+
+def _whole(value: Any, name: str) -> int:
+    # The page sends numbers as JSON floats; API clients may send strings. Both are fine when exact.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise UserError(f"{name} must be a whole number, got {value!r}")
+
+
+def _real(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def check_image_upload(path: Path) -> None:
+    """UserError unless ``path`` is an image in a browser format of at most MAX_UPLOAD_PIXELS.
+
+    Only the header is read, so an oversized upload costs no memory; a file that is cut short after its header
+    is reported when the job loads it.
+    """
+    limit = f"the limit is {MAX_UPLOAD_PIXELS / 1e6:g} megapixels"
+    try:
+        with Image.open(path, formats=UPLOAD_FORMATS) as image:
+            width, height = image.size
+            if width * height > MAX_UPLOAD_PIXELS:
+                raise UserError(f"the image prompt is {width}x{height} ({width * height / 1e6:.1f} megapixels); "
+                                f"{limit}")
+    except Image.DecompressionBombError:  # over twice MAX_IMAGE_PIXELS: PIL refuses it in open()
+        raise UserError(f"the image prompt is too large; {limit}") from None
+    except UnidentifiedImageError:
+        raise UserError(f"the image prompt is not an image in a supported format ({', '.join(UPLOAD_FORMATS)})"
+                        ) from None
+
+
+def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: Any, seed: Any, n: Any,
+              autoencoder_scale: Any) -> Job:
+    """The page's raw input values -> a Job, or UserError naming the first bad value.
+
+    ``prompts`` holds one TEXT[:WEIGHT] per line (blank lines ignored); ``image`` is Gradio's upload record
+    (a dict with the uploaded file's ``path``) or None.
+    """
+    if prompts is not None and not isinstance(prompts, str):
+        raise UserError(f"prompts must be text, got {prompts!r}")
+    text_prompts = []
+    for number, line in enumerate((prompts or "").splitlines(), 1):
+        if not line.strip():
+            continue
+        text, weight = parse_prompt(line.strip())
+        if not text:
+            raise UserError(f"prompt line {number} has no text: {line!r}")
+        text_prompts.append((text, weight))
+    image_prompts = []
+    if image is not None:
+        path = image.get("path") if isinstance(image, dict) else None
+        if not path:
+            raise UserError("the image prompt upload was not received; upload it again")
+        check_image_upload(Path(path))
+        image_prompts.append((Path(path), _real(image_weight, "the image prompt weight")))
+    if not text_prompts and not image_prompts:
+        raise UserError("enter a prompt or upload an image prompt")
+    steps = _whole(steps, "steps")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"steps must be from 1 to {MAX_STEPS}, got {steps}")
+    n = _whole(n, "the number of images")
+    if not 1 <= n <= MAX_IMAGES:
+        raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, got {n}")
+    seed = _whole(seed, "the seed")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"the seed must be from 0 to 2**63 - 1, got {seed}")
+    if method not in METHODS:
+        raise UserError(f"unknown sampler {method!r}; choose from {', '.join(METHODS)}")
+    scale = _real(autoencoder_scale, "the autoencoder scale")
+    if scale <= 0:
+        raise UserError(f"the autoencoder scale must be positive, got {scale}")
+    request = Request(prompts=text_prompts, image_prompts=image_prompts, n=n, seed=seed, steps=steps,
+                      method=method)
+    request.validate()
+    return Job(request, scale)
+
+
+def run_job(session: Session, job: Job, out_dir: Path, on_stage: Callable[[str], None] | None = None,
+            on_evaluation: Callable[[], object] | None = None) -> tuple[list[Path], Timings]:
+    """Generate the job's images into ``out_dir`` as out_NNNNN.png; returns their paths and the stage times.
+
+    ``on_stage`` is called with "conditioning", "sampling" and "decoding" as each stage starts,
+    ``on_evaluation`` after each U-Net evaluation.
+    """
+    image_prompts = load_image_prompts(job.request, session.image_size)
+    result = generate(session.backend, job.request, image_prompts, job.autoencoder_scale, on_evaluation, on_stage)
+    timings = Timings(result.seconds["conditioning"], result.seconds["sampling"], result.seconds["decoding"],
+                      job.request.evaluations)
+    return save_images(result.pixels, out_dir), timings
+
+
+def _job_dir(root: Path) -> Path:
+    """An empty directory for one job's PNGs under ``root``, after removing those of earlier jobs.
+
+    The queue runs one job at a time, and Gradio copies a job's files into its own cache before it answers,
+    so by the time the next job starts, nothing reads the earlier ones.
+    """
+    for old in root.iterdir():
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
+def _no_analytics() -> None:
+    # Gradio reads this when it is first imported: the server must not report usage anywhere.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+
+def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blocks:
+    """The page and its API (``/generate``). ``work_dir`` holds the PNGs of the latest job."""
+    _no_analytics()
+    import gradio as gr
+
+    def generate(prompts: Any, image: Any, image_weight: Any, steps: Any, method: Any, seed: Any, n: Any,
+                 autoencoder_scale: Any,
+                 progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio asks to inject a tracker)
+                 ) -> tuple[list[str], list[str], str]:
+        try:
+            job = parse_job(prompts, image, image_weight, steps, method, seed, n, autoencoder_scale)
+            session = loader.session()
+            done, total = 0, job.request.evaluations
+
+            def evaluated() -> None:
+                nonlocal done
+                done += 1
+                progress((done, total), desc="sampling", unit="U-Net evaluations")
+
+            def started(stage: str) -> None:
+                progress(0.0 if stage == "conditioning" else done / total, desc=stage)
+
+            paths, timings = run_job(session, job, _job_dir(work_dir), started, evaluated)
+        except UserError as e:
+            raise gr.Error(str(e), duration=None, print_exception=False) from e
+        except Exception as e:  # the page must get an answer; the traceback goes to the server log
+            logger.exception("generation failed")
+            raise gr.Error(f"internal error: {type(e).__name__}: {e} (details in the server log)",
+                           duration=None) from e
+        images = [str(p) for p in paths]
+        request = job.request
+        summary = (f"{timings.markdown()}  \n{request.n} image(s), seed {request.seed}, {request.steps} steps "
+                   f"of {request.method}, {loader.description}")
+        if session.demo:
+            summary += "  \n**Random demo weights: these images are noise by design.**"
+        return images, images, summary
+
+    def poll() -> tuple[str, Any]:
+        return loader.status_markdown(), gr.Timer(active=not loader.finished)
+
+    with gr.Blocks(title="ccld-trt", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown("# ccld-trt — CLOOB-conditioned latent diffusion")
+        if demo_weights:
+            gr.HTML(f'<div id="demo-warning" style="background:#b91c1c;color:#fff;padding:12px 16px;'
+                    f'border-radius:8px;font-size:1.15em;font-weight:700">{DEMO_WARNING}</div>')
+        status = gr.Markdown(loader.status_markdown(), elem_id="model-status")
+        with gr.Row():
+            with gr.Column():
+                prompts = gr.Textbox(label="Prompts", lines=3, elem_id="prompts",
+                                     info="one per line, TEXT or TEXT:WEIGHT (weight 3 if omitted)",
+                                     placeholder="a watercolor painting of a lighthouse at dusk:3")
+                with gr.Row():
+                    image = gr.Image(label="Image prompt (optional)", type="filepath", image_mode=None,
+                                     sources=["upload", "clipboard"], elem_id="image-prompt")
+                    image_weight = gr.Number(3.0, label="Image prompt weight", elem_id="image-weight")
+                with gr.Row():
+                    steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps", elem_id="steps")
+                    method = gr.Dropdown(list(METHODS), value="plms", label="Sampler", elem_id="sampler")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+                    n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="n")
+                    scale = gr.Number(DEFAULT_AUTOENCODER_SCALE, label="Autoencoder scale", elem_id="scale",
+                                      info="latents × this before decoding (2.55, as the published demo)")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                gallery = gr.Gallery(label="Images", format="png", elem_id="gallery",
+                                     buttons=["download", "fullscreen"])
+                files = gr.File(label="Download PNGs", file_count="multiple", elem_id="files")
+                timings = gr.Markdown(elem_id="timings")
+        # Raw inputs (preprocess=False): Gradio's image preprocessing would open the upload before the size
+        # and format checks of parse_job, and its errors reach the page only as a bare "Error".
+        button.click(generate, inputs=[prompts, image, image_weight, steps, method, seed, n, scale],
+                     outputs=[gallery, files, timings], api_name="generate", preprocess=False,
+                     concurrency_limit=1, concurrency_id="device")
+        timer = gr.Timer(1.0, active=not loader.finished)
+        timer.tick(poll, outputs=[status, timer], queue=False, api_visibility="private")
+        app.load(poll, outputs=[status, timer], queue=False, api_visibility="private")
+    app.queue(default_concurrency_limit=1, max_size=32)
+    return app
+
+
+def check_host(host: str, allow_remote: bool) -> None:
+    """UserError if ``host`` is not a loopback address and remote access was not explicitly allowed."""
+    if allow_remote or host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise UserError(f"--host {host} would make the server reachable from other machines; "
+                    "add --listen to allow that")
+
+
+def serve(backend: str, device: str, files: ModelFiles, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          allow_remote: bool = False, precision: str | None = None, base_channels: int | None = None,
+          channel_multipliers: list[int] | None = None) -> None:
+    """Serve the page at http://host:port until interrupted (Ctrl-C)."""
+    check_host(host, allow_remote)
+    backend, device = resolve_backend(backend, device)
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, got {port}")
+    files.check_present()
+    demo_weights = files.is_demo()
+    if demo_weights:
+        print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
+    # Then PIL refuses, in Image.open, anything over twice the upload limit wherever this process opens it.
+    Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+    loader = ModelLoader(lambda: open_backend(backend, device, files, precision, base_channels=base_channels,
+                                              channel_multipliers=channel_multipliers), f"{backend} on {device}")
+    with tempfile.TemporaryDirectory(prefix="ccld-trt-serve-") as work_dir:
+        app = build_app(loader, demo_weights, Path(work_dir))
+        import gradio as gr
+
+        # The system's fonts: Chromium draws bold text in Gradio's bundled Source Sans with mismatched glyphs.
+        theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                  font_mono=["ui-monospace", "monospace"])
+        try:
+            # run_history=False: no record of jobs, and no offer to copy them to a Hugging Face bucket.
+            app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
+                       max_file_size=MAX_UPLOAD_BYTES, theme=theme, run_history=False, prevent_thread_lock=True)
+        except OSError as e:
+            raise UserError(f"cannot serve on {host}:{port}: {e}") from e
+        loader.start()  # once the port is ours, so that a refused start loads nothing
+        app.block_thread()

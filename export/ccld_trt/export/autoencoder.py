@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from ccld_trt.export.checkpoints import load_state_into, load_torch_checkpoint, require_file
+from ccld_trt.export.checkpoints import load_checkpoint, load_state_into, require_file
 from ccld_trt.export.errors import UserError
 
 _WHAT = "autoencoder checkpoint"
@@ -282,7 +282,7 @@ def load_decoder(ckpt_path: Path, yaml_path: Path) -> AutoencoderDecoder:
     """Load the decoder of an AutoencoderKL checkpoint (a plain state dict or ldm's ``{'state_dict': ...}``)
     -> eval-mode float32 CPU module. Encoder, quant_conv and loss tensors in the file are ignored."""
     embed_dim, ddconfig = load_autoencoder_config(yaml_path)
-    state = load_torch_checkpoint(ckpt_path, _WHAT)
+    state = load_checkpoint(ckpt_path, _WHAT)
     with torch.device("meta"):
         model = AutoencoderDecoder(embed_dim, ddconfig)
     # Allocate without random init: the checkpoint overwrites every tensor.

@@ -1,7 +1,9 @@
 """Reading CLOOB's haiku pickle without running code from it, and mapping its parameters to torch names.
 
 The file is ``pickle.dump({'params': (image_params, text_params), 'epoch': ...})`` where each params dict is
-haiku's ``{module_path: {param_name: ndarray}}``. Only what numpy needs to rebuild arrays is admitted.
+haiku's ``{module_path: {param_name: ndarray}}``. Only what numpy needs to rebuild arrays is admitted, plus
+stand-ins for the two jax/haiku types such a pickle may hold instead (jax arrays, haiku ``FlatMapping`` dicts),
+which rebuild numpy arrays and plain dicts without importing jax or haiku.
 """
 
 from __future__ import annotations
@@ -40,7 +42,29 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return codecs.encode(text, "latin1")
 
 
+def _jax_array(rebuild: Any, args: tuple[Any, ...], array_state: tuple[Any, ...], aval_state: Any = None) -> np.ndarray:
+    # A pickled jax array is the numpy array's own reduce tuple, wrapped; aval_state (weak_type...) is jax's only.
+    if rebuild is not _multiarray._reconstruct:
+        raise pickle.UnpicklingError("a jax array that is not a pickled numpy array")
+    array = rebuild(*args)
+    if not isinstance(array, np.ndarray):
+        raise pickle.UnpicklingError("a jax array that is not a pickled numpy array")
+    array.__setstate__(array_state)
+    return array
+
+
+def _haiku_mapping(data: Any) -> dict[Any, Any]:
+    # Old haiku checkpoints pickle FlatMapping(FlatMap) as the class applied to a plain dict of its contents.
+    if not isinstance(data, Mapping):
+        raise pickle.UnpicklingError(f"a haiku mapping of a {type(data).__name__}, expected a dict")
+    return dict(data)
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
+    ("jax._src.array", "_reconstruct_array"): _jax_array,
+    ("jax._src.device_array", "reconstruct_device_array"): _jax_array,
+    ("haiku._src.data_structures", "FlatMapping"): _haiku_mapping,
+    ("haiku._src.data_structures", "FlatMap"): _haiku_mapping,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("builtins", "dict"): dict,
@@ -68,7 +92,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         except KeyError:
             raise UserError(f"{WHAT} {self._path}: refused to unpickle {module}.{name} "
-                            "(only numpy arrays and plain containers are allowed)") from None
+                            "(only numpy or jax arrays, haiku mappings and plain containers are allowed)") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise UserError(f"{WHAT} {self._path}: refused to unpickle a persistent reference")

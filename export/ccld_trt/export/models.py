@@ -21,9 +21,13 @@ _SHORT_NAMES = {UNET_FILE: "unet.ckpt", AE_FILE: "ae.ckpt"}
 
 
 def _in_dir(directory: Path, name: str) -> Path:
-    path = directory / name
-    short = directory / _SHORT_NAMES.get(name, name)
-    return short if not path.exists() and short.exists() else path
+    """A checkpoint of the models directory: its safetensors copy (``ccld-trt convert``) first, then the published
+    name, then the reference kit's short name; the published name when none exists (for the error message)."""
+    for candidate in (name, _SHORT_NAMES.get(name, name)):
+        for path in (directory / Path(candidate).with_suffix(".safetensors"), directory / candidate):
+            if path.exists():
+                return path
+    return directory / name
 
 
 def models_dir(value: str | Path | None = None) -> Path:
@@ -116,9 +120,9 @@ def load_networks(files: ModelFiles, base_channels: int | None = None,
 
 def checkpoint_autoencoder_scale(unet_path: Path) -> float:
     """The ``autoencoder_scale`` buffer stored in a U-Net checkpoint (for backends that skip loading the U-Net)."""
-    from ccld_trt.export.checkpoints import load_torch_checkpoint
+    from ccld_trt.export.checkpoints import load_checkpoint
 
-    state = load_torch_checkpoint(unet_path, "U-Net checkpoint")
+    state = load_checkpoint(unet_path, "U-Net checkpoint")
     if "autoencoder_scale" not in state:
         raise UserError(f"U-Net checkpoint {unet_path}: missing 1 tensor(s): autoencoder_scale")
     return float(state["autoencoder_scale"])

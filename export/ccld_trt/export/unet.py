@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccld_trt.export.checkpoints import load_state_into, load_torch_checkpoint
+from ccld_trt.export.checkpoints import load_checkpoint, load_state_into
 from ccld_trt.export.errors import UserError
 
 EMBED_DIM = 512  # CLOOB embedding width
@@ -261,7 +261,7 @@ def load_unet(path: Path, base_channels: int | None = None,
     ``base_channels`` / ``channel_multipliers`` override what the tensor shapes imply; a checkpoint that does
     not match them is reported tensor by tensor (UserError).
     """
-    state = load_torch_checkpoint(path, _WHAT)
+    state = load_checkpoint(path, _WHAT)
     if base_channels is None or channel_multipliers is None:
         try:
             inferred_base, inferred_multipliers = infer_unet_config(state)

@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from torch import nn
 from ccld_trt.benchmarks.compare import compare
 from ccld_trt.benchmarks.flops import count_cost, count_flops, stage_costs
 from ccld_trt.benchmarks.op_profile import op_type_times
+from ccld_trt.benchmarks.plan import rotated
+from ccld_trt.benchmarks.records import Skip
 from ccld_trt.benchmarks.report import REQUIRED_KEYS, SCHEMA_VERSION, STAGES, load_results, to_markdown
 from ccld_trt.benchmarks.suite import (
     REFERENCE,
@@ -29,6 +31,7 @@ from ccld_trt.benchmarks.suite import (
     plms_step_intervals_ms,
     run_bench,
 )
+from ccld_trt.benchmarks.timing import Measurement, merged
 from ccld_trt.export.autoencoder import Upsample
 from ccld_trt.export.demo_weights import write_demo_weights
 from ccld_trt.export.models import ModelFiles, load_networks
@@ -143,6 +146,33 @@ def test_a_backend_that_cannot_open_is_skipped_with_the_reason(bench):
     (skip,) = doc["skipped"]
     assert (skip["backend"], skip["precision"]) == ("tensorrt", "fp16")
     assert "GPU" in skip["reason"]
+
+
+def test_skip_serializes_to_the_keys_the_report_reads():
+    skip = Skip.failed_while_measuring(Variant("onnxruntime", "fp16"), "RuntimeError: device lost")
+    assert asdict(skip) == {"backend": "onnxruntime", "precision": "fp16",
+                            "reason": "failed while measuring: RuntimeError: device lost"}
+
+
+def test_committed_results_still_load():
+    """Result files written by earlier versions of the suite load and render (the JSON stays compatible)."""
+    paths = sorted((Path(__file__).parents[1] / "benchmarks" / "results").rglob("*.json"))
+    assert paths
+    for path in paths:
+        doc = load_results(path)
+        assert doc["results"] and "## End to end" in to_markdown(doc)
+
+
+def test_rotated_starts_each_round_one_later():
+    assert [rotated("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert rotated([], 3) == []
+
+
+def test_merged_measurements_keep_every_sample_and_the_highest_peaks():
+    a = Measurement([1.0, 2.0], 100.0, "measurement", 5.0, "first")
+    b = Measurement([3.0], 90.0, "measurement", 7.0, "last")
+    assert merged([a, b]) == Measurement([1.0, 2.0, 3.0], 100.0, "measurement", 7.0, "last")
+    assert merged([replace(a, device_peak_mb=None)]).device_peak_mb is None  # CPU: no device memory
 
 
 def test_planned_variants_on_the_cpu():

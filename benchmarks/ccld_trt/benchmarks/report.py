@@ -8,9 +8,9 @@ JSON layout (``schema_version`` 1)::
      "run": {"device", "quick", "repeats", "warmup", "e2e_repeats", "e2e_warmup_steps", "seed", "method",
              "prompt", "weights",
              "gemm_peak_gflops": {"fp32": ...}, "reference", "thresholds", ...},
-     "results": [one object per suite.Record],
+     "results": [one object per records.Record],
      "op_profiles": [{"backend", "precision", "graph", "batch", "ops": [{"op", "ms", "share", "nodes"}]}],
-     "skipped": [{"backend", "precision", "reason"}]}
+     "skipped": [one object per records.Skip: {"backend", "precision", "reason"}]}
 
 ``op_profiles`` (ONNX Runtime's kernel time per op type) may be absent: runs before it was added lack it.
 """

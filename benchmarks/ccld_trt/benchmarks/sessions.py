@@ -1,0 +1,67 @@
+"""Where a benchmark's weights come from and how it opens a variant: the models directory (or cached demo
+weights), and ``runner.open_backend`` with a one-line reason when a variant cannot run here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ccld_trt.backend_select import BACKENDS as SELECTABLE_BACKENDS
+from ccld_trt.backend_select import resolve_backend
+from ccld_trt.benchmarks.plan import BenchConfig, Variant
+from ccld_trt.export.errors import UserError
+from ccld_trt.export.models import ModelFiles, models_dir
+from ccld_trt.runner import Session, open_backend
+
+# (variant, device, model files) -> an open session; UserError (or any exception) = skipped with the reason.
+# Worker processes are spawned and import it by name, so an opener must be a module-level function.
+Opener = Callable[[Variant, str, ModelFiles], Session]
+
+
+def bench_model_files(config: BenchConfig, log: Callable[[str], None]) -> tuple[ModelFiles, dict[str, Any]]:
+    """The models directory's files when complete, else demo weights of ``config.demo_size`` in the cache
+    (written once). Returns the files and a description of them for the report."""
+    directory = models_dir(config.models)
+    files = ModelFiles.resolve(directory)
+    try:
+        files.check_present()
+        return files, {"dir": str(directory), "demo": files.is_demo(), "size": None}
+    except UserError:
+        pass
+    from ccld_trt.export.demo_weights import MARKER, write_demo_weights
+
+    cache = config.weights_cache / f"{config.demo_size}-seed0"
+    if not (cache / MARKER).exists():
+        log(f"{directory} lacks model weights: writing {config.demo_size} RANDOM demo weights to {cache} (once)")
+        # written under a temporary name and renamed, so an interrupted write never looks complete
+        partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_demo_weights(partial, config.demo_size, seed=0)
+        shutil.rmtree(cache, ignore_errors=True)
+        partial.rename(cache)
+    return ModelFiles.resolve(cache), {"dir": str(cache), "demo": True, "size": config.demo_size}
+
+
+def open_variant(variant: Variant, device: str, files: ModelFiles) -> Session:
+    """``runner.open_backend`` for the variant; UserError with a one-line reason when it cannot run here."""
+    if variant.backend in SELECTABLE_BACKENDS:
+        resolve_backend(variant.backend, device)  # says why before anything loads
+    elif variant.backend == "torch-cudagraph" and torch.device(device).type != "cuda":
+        raise UserError("CUDA graphs need a CUDA device (--device cuda)")
+    cuda_graph = variant.backend == "torch-cudagraph"
+    session = open_backend("torch" if cuda_graph else variant.backend, device, files, variant.precision,
+                           cuda_graph=cuda_graph)
+    opened = getattr(session.backend, "precision", variant.precision)
+    if opened != variant.precision:
+        raise UserError(f"opened at precision {opened}, not {variant.precision}")
+    return session
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for the report: a UserError's message, else the exception's type and first line."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"

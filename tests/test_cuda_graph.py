@@ -11,7 +11,7 @@ from ccld_trt.export.errors import UserError
 
 
 def test_cuda_graph_needs_cuda():
-    with pytest.raises(UserError, match="--device cuda"):
+    with pytest.raises(UserError, match="needs a CUDA device"):
         TorchBackend(None, "cpu", "fp32", cuda_graph=True)  # type: ignore[arg-type]  # refused before use
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ccld_trt.cli import run
 from ccld_trt.export.errors import UserError
-from ccld_trt.serve import MAX_UPLOAD_PIXELS, ModelLoader, build_app, check_host, parse_job
+from ccld_trt.serve import MAX_UPLOAD_PIXELS, ModelLoader, build_app, check_host, generate_for_page, parse_job
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -148,13 +148,13 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "blank lines": ({"prompts": "  \n\n"}, "enter a prompt or upload an image prompt"),
     "weight without text": ({"prompts": ":3"}, "prompt line 1 has no text"),
     "non-numeric weight": ({"prompts": "style: oil"}, "is not a number"),
-    "steps 0": ({"steps": 0}, "steps must be from 1 to 1000"),
+    "steps 0": ({"steps": 0}, "steps must be >= 1, got 0"),
     "steps 1001": ({"steps": 1001}, "steps must be from 1 to 1000"),
     "fractional steps": ({"steps": 2.5}, "steps must be a whole number"),
-    "n 0": ({"n": 0}, "number of images must be from 1 to 16"),
+    "n 0": ({"n": 0}, "the number of images must be >= 1, got 0"),
     "n 17": ({"n": 17}, "number of images must be from 1 to 16"),
-    "negative seed": ({"seed": -1}, "seed must be from 0"),
-    "unknown sampler": ({"method": "euler"}, "unknown sampler 'euler'"),
+    "negative seed": ({"seed": -1}, r"the seed must be in \[0, 2\*\*63\), got -1"),
+    "unknown sampler": ({"method": "euler"}, "the sampler 'euler' is unknown"),
     "zero scale": ({"scale": 0}, "autoencoder scale must be positive"),
 }
 
@@ -325,3 +325,32 @@ def test_parse_job_reads_the_page_values() -> None:
     assert request.prompts == [("a red house", 2.0), ("blue sky", 3.0)]
     assert (request.steps, request.seed, request.n, request.method) == (10, 12, 2, "plms")
     assert request.image_prompts == [] and job.autoencoder_scale == 1.5
+
+
+def test_page_handler_runs_without_gradio(seed3_dir: Path, tmp_path: Path) -> None:
+    """The Generate button's work, called directly: its PNGs equal a solo run of the pipeline on the same job,
+    and progress is reported per U-Net evaluation and per stage."""
+    from ccld_trt.export.models import ModelFiles
+    from ccld_trt.pipeline import generate as pipeline_generate
+    from ccld_trt.runner import BackendOptions, ModelSource, open_session
+
+    loader = ModelLoader(lambda: open_session(BackendOptions(), ModelSource(ModelFiles.resolve(seed3_dir))),
+                         "torch on cpu")
+    with pytest.raises(UserError, match="still loading"):
+        generate_for_page(loader, tmp_path, "a red house", None, 3.0, 3, "prk", 5, 2, 2.55)
+    loader.start()
+    wait_for(lambda: loader.finished, 120, "the models to load")
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    gallery, files, summary = generate_for_page(loader, tmp_path, "a red house\n", None, 3.0, 3, "prk", 5, 2, 2.55,
+                                                progress=lambda value, **kw: calls.append((value, kw)))
+    assert gallery == files and len(files) == 2
+    job = parse_job("a red house", None, 3.0, 3, "prk", 5, 2, 2.55)
+    solo = pipeline_generate(loader.session().backend, job.request, [], 2.55)
+    for path, pixels in zip(files, solo.pixels, strict=True):
+        assert np.array_equal(np.asarray(Image.open(path)), pixels)
+    evaluations = [value for value, kw in calls if kw.get("unit") == "U-Net evaluations"]
+    assert evaluations == [(i, job.request.evaluations) for i in range(1, job.request.evaluations + 1)]
+    assert [kw["desc"] for _, kw in calls if "unit" not in kw] == ["conditioning", "sampling", "decoding"]
+    assert "2 image(s), seed 5, 3 steps of prk, torch on cpu" in summary and "demo weights" in summary
+    with pytest.raises(UserError, match="steps must be >= 1, got 0"):
+        generate_for_page(loader, tmp_path, "a red house", None, 3.0, 0, "prk", 5, 2, 2.55)

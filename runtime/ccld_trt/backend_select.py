@@ -1,5 +1,5 @@
-"""Which backend can run on which device: checked before anything is loaded, with one-line UserErrors that say
-what to install or choose instead."""
+"""Which backends exist, what precisions each runs, and which can run on which device: checked before anything
+is loaded, with one-line UserErrors that say what to install or choose instead."""
 
 from __future__ import annotations
 
@@ -7,8 +7,21 @@ import torch
 
 from ccld_trt.engines.engine import require_tensorrt
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# What each backend runs: torch autocasts its U-Net to fp16 or bf16; the others run the exported graphs.
+PRECISIONS: dict[str, tuple[str, ...]] = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": GRAPH_PRECISIONS,
+                                          "tensorrt": GRAPH_PRECISIONS}
+# Every precision some backend runs, in the order above
+ALL_PRECISIONS = tuple(dict.fromkeys(p for precisions in PRECISIONS.values() for p in precisions))
+
+
+def check_precision(backend: str, precision: str) -> str:
+    """``precision`` if ``backend`` runs it, else UserError."""
+    if precision not in PRECISIONS[backend]:
+        raise UserError(f"the {backend} backend runs {' or '.join(PRECISIONS[backend])}, not {precision!r}")
+    return precision
 
 
 def cuda_unavailable_reason() -> str:
@@ -33,7 +46,7 @@ def resolve_backend(name: str, device: str) -> tuple[str, str]:
         raise bad_device
     if backend == "tensorrt":
         if dev.type != "cuda":
-            raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use --device cuda, or the onnxruntime "
+            raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use a cuda device, or the onnxruntime "
                             "or torch backend on the CPU")
         require_tensorrt()
     if dev.type == "cuda":
@@ -47,5 +60,5 @@ def resolve_backend(name: str, device: str) -> tuple[str, str]:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider (it offers "
                                 f"{', '.join(ort.get_available_providers())}): pip install 'ccld-trt[gpu]' "
-                                "for onnxruntime-gpu, or use --device cpu")
+                                "for onnxruntime-gpu, or use the cpu device")
     return backend, str(dev)

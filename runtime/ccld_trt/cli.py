@@ -6,10 +6,18 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ccld_trt.export.errors import UserError
+
+if TYPE_CHECKING:
+    from ccld_trt.export.models import ModelFiles
+    from ccld_trt.runner import BackendOptions, ModelSource
+
+# Entry-point group of commands that live in higher layers; see _add_extension_commands.
+COMMANDS_GROUP = "ccld_trt.commands"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,11 +56,61 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="U-Net multipliers, e.g. 1,1,2,2 (default: read from the checkpoint)")
 
 
-def _model_files(args: argparse.Namespace):
+def _model_files(args: argparse.Namespace) -> ModelFiles:
     from ccld_trt.export.models import ModelFiles, models_dir
 
     return ModelFiles.resolve(models_dir(args.models), args.unet, args.autoencoder, args.autoencoder_config,
                               args.cloob, args.cloob_config)
+
+
+def _model_source(args: argparse.Namespace) -> ModelSource:
+    from ccld_trt.runner import ModelSource
+
+    multipliers = tuple(args.channel_multipliers) if args.channel_multipliers else None
+    return ModelSource(_model_files(args), args.base_channels, multipliers)
+
+
+def add_backend_args(p: argparse.ArgumentParser, *, variants: bool = False) -> None:
+    """The flags that say how the networks run (read back by ``backend_options``), shared by every command that
+    runs them. ``variants``: the command picks the backends and precisions itself (bench): only --device."""
+    from ccld_trt.backend_select import ALL_PRECISIONS, BACKENDS
+    from ccld_trt.runner import DEFAULT_ENGINE_DIR
+
+    g = p.add_argument_group("backend")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    if variants:
+        return
+    g.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (default torch)")
+    g.add_argument("--precision", choices=ALL_PRECISIONS,
+                   help="torch: U-Net autocast (default fp32 on cpu, fp16 on cuda, as the original); "
+                        "onnxruntime: fp32 or fp16 graphs (default fp32 on cpu, fp16 on cuda); "
+                        "tensorrt: fp32 or fp16 engines (default fp16)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
+    g.add_argument("--engines", default=str(DEFAULT_ENGINE_DIR),
+                   help=f"TensorRT engine directory (default {DEFAULT_ENGINE_DIR})")
+    g.add_argument("--onnx-dir", metavar="DIR",
+                   help="onnxruntime backend: where the exported graphs are kept, exported there unless up to date "
+                        "(default build/onnx/<hash of the model paths>)")
+
+
+def backend_options(args: argparse.Namespace) -> BackendOptions:
+    """The flags of ``add_backend_args`` as BackendOptions (those a command lacks keep their defaults)."""
+    from ccld_trt.runner import BackendOptions
+
+    given = vars(args)
+    defaults = BackendOptions()
+    onnx_dir = given.get("onnx_dir")
+    return BackendOptions(backend=given.get("backend", defaults.backend), device=args.device,
+                          precision=given.get("precision", defaults.precision),
+                          cuda_graph=given.get("cuda_graph", defaults.cuda_graph),
+                          engine_dir=Path(given.get("engines", defaults.engine_dir)),
+                          onnx_dir=Path(onnx_dir) if onnx_dir else None)
+
+
+# How `sample` names the fields of a pipeline Request
+_REQUEST_FLAGS = {"n": "-n", "batch_size": "--batch-size", "steps": "--steps",
+                  "method": "--method", "eta": "--eta", "seed": "--seed"}
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -60,27 +118,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
     from ccld_trt.outputs import check_new_file, save_images, save_latents
-    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
-    from ccld_trt.runner import open_backend
+    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest, Request, generate, load_image_prompts
+    from ccld_trt.runner import open_session
 
     request = Request(
         prompts=[_weighted(p, "prompt") for p in args.prompts],
         image_prompts=[(Path(p), w) for p, w in (_weighted(v, "image path") for v in args.images)],
         n=args.n, batch_size=args.batch_size, seed=args.seed, steps=args.steps, method=args.method, eta=args.eta,
     )
-    request.validate()
+    try:
+        request.validate()
+    except InvalidRequest as e:
+        raise UserError(f"{_REQUEST_FLAGS.get(e.field, e.field)} {e.problem}") from e
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir {out_dir} is not a directory")
     if args.save_latents:
         check_new_file(Path(args.save_latents), "--save-latents")
-    files = _model_files(args)
+    models = _model_source(args)
     # read every input before the (slow) model loading, so that a bad one fails at once
-    image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(files.cloob_config)))
-    session = open_backend(args.backend, args.device, files, args.precision, cuda_graph=args.cuda_graph,
-                           engine_dir=Path(args.engines),
-                           onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, base_channels=args.base_channels,
-                           channel_multipliers=args.channel_multipliers)
+    image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(models.files.cloob_config)))
+    session = open_session(backend_options(args), models)
     if session.demo:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
@@ -94,10 +152,25 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from ccld_trt.download import download_models
+    from ccld_trt.download import convert_checkpoints, download_models
     from ccld_trt.export.models import DEFAULT_CLOOB_CONFIG, models_dir
 
-    for path in download_models(models_dir(args.models), args.cloob_config or DEFAULT_CLOOB_CONFIG):
+    directory = models_dir(args.models)
+    for path in download_models(directory, args.cloob_config or DEFAULT_CLOOB_CONFIG):
+        print(path)
+    for path in convert_checkpoints(directory):
+        print(path)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from ccld_trt.download import convert_checkpoints
+    from ccld_trt.export.models import models_dir
+
+    directory = models_dir(args.models)
+    converted = convert_checkpoints(directory)
+    if not converted:
+        raise UserError(f"no U-Net or autoencoder checkpoint in {directory} to convert")
+    for path in converted:
         print(path)
 
 
@@ -159,55 +232,10 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
         print(path)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from ccld_trt.benchmarks.suite import BenchConfig, run_bench
-
-    config = BenchConfig.preset(
-        args.quick, backends=args.backends, device=args.device, models=Path(args.models) if args.models else None,
-        demo_size=args.demo_size, output=Path(args.output), repeats=args.repeats, warmup=args.warmup,
-        e2e_repeats=args.e2e_repeats, batches=args.batches, end_to_end=args.end_to_end)
-    _, paths = run_bench(config)
-    print(paths.markdown.read_text())
-    for path in (paths.json, paths.markdown, paths.plot):
-        print(path)
-
-
-def cmd_bench_compare(args: argparse.Namespace) -> None:
-    from ccld_trt.benchmarks.compare import compare
-
-    print(compare(args.a, args.b), end="")
-
-
-def _int_list(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-
-
-def _runs(value: str) -> tuple[tuple[int, int], ...]:
-    """'15x1,50x4' -> ((15, 1), (50, 4)): end-to-end runs as STEPSxN."""
-    try:
-        return tuple((int(s), int(n)) for s, n in (run.split("x") for run in value.split(",")))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected STEPSxN[,STEPSxN...], e.g. 15x1,50x4, got {value!r}") from None
-
-
-def _backend_list(value: str) -> tuple[str, ...]:
-    from ccld_trt.benchmarks.suite import BACKENDS
-
-    names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(BACKENDS)}, got {value!r}")
-    return names
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     from ccld_trt.serve import serve
 
-    serve(args.backend, args.device, _model_files(args), args.host, args.port, args.listen, args.precision,
-          args.base_channels, args.channel_multipliers)
+    serve(backend_options(args), _model_source(args), args.host, args.port, args.listen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,19 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
     p.add_argument("--autoencoder-scale", type=_scale, metavar="F|checkpoint",
                    help="latent scale before decoding (default 2.55, as the published demo)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
-                   help="inference backend (default torch)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
-    p.add_argument("--engines", default="build/engines", help="TensorRT engine directory (default build/engines)")
-    p.add_argument("--onnx-dir", metavar="DIR",
-                   help="onnxruntime backend: where the exported graphs are kept, exported there unless up to date "
-                        "(default build/onnx/<hash of the model paths>)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
-                   help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
     p.add_argument("--output-dir", default="outputs", help="where out_NNNNN.png go (default outputs/)")
     p.add_argument("--save-latents", metavar="FILE.npy", help="also save the final latents, float32 [n,4,32,32]")
+    add_backend_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -248,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models)")
     p.add_argument("--cloob-config", help="CLOOB config JSON path or built-in name")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="write safetensors copies of the torch checkpoints (then preferred)")
+    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo-weights", help="write small RANDOM checkpoints in the original formats")
     p.add_argument("dir", help="directory to write into (must not already hold model files)")
@@ -257,15 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_weights)
 
     p = sub.add_parser("serve", help="a web page for generating images (this machine only unless --listen)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
-                   help="inference backend (default torch)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
-                   help="torch U-Net precision (default fp32 on cpu, fp16 autocast on cuda, as the original)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--listen", action="store_true",
                    help="allow a --host other machines can reach (the page has no authentication)")
+    add_backend_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -304,37 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_engines_build)
 
-    p = sub.add_parser("bench", help="benchmark every backend and precision that runs here: latency, FLOP/s, "
-                                     "memory, correctness against torch fp32")
-    p.add_argument("--backends", type=_backend_list, metavar="LIST",
-                   help="comma-separated, from torch,torch-cudagraph,onnxruntime,tensorrt (default: all; those "
-                        "that cannot run here are reported as skipped)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--output", default="benchmarks/results",
-                   help="results root; files go to OUTPUT/<machine>/ (default benchmarks/results)")
-    p.add_argument("--quick", action="store_true",
-                   help="batch 1 and one end-to-end run (15 steps, 1 image) per backend: a few minutes on a CPU")
-    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed calls before each measurement (default 2, quick 1)")
-    p.add_argument("--e2e-repeats", type=int, help="at most this many end-to-end repeats (default 3, quick 1)")
-    p.add_argument("--batches", type=_int_list, metavar="B,...",
-                   help="batches of the per-stage rows (default 1,4,16; quick 1)")
-    p.add_argument("--end-to-end", type=_runs, metavar="STEPSxN,...",
-                   help="end-to-end runs, PLMS (default 15x1,15x4,15x16,50x1,50x4,50x16; quick 15x1)")
-    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models); without weights "
-                                    "there, random demo weights are written once to build/bench-weights/")
-    p.add_argument("--demo-size", choices=["small", "full"], default="full",
-                   help="size of those demo weights (default full: the real networks' FLOPs)")
-    p.set_defaults(func=cmd_bench)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare}", parser_class=_Parser)
-    c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")
-    c.add_argument("a", metavar="A.json", help="baseline results")
-    c.add_argument("b", metavar="B.json", help="results to compare with the baseline")
-    c.set_defaults(func=cmd_bench_compare)
-
     p = sub.add_parser("doctor", help="what is installed and which backends can run here")
     p.set_defaults(func=cmd_doctor)
+    _add_extension_commands(sub)
     return parser
+
+
+def _add_extension_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Commands of higher layers (the benchmarks' ``bench``), found through the ``ccld_trt.commands`` entry points
+    so that this layer never imports them: each is a function that adds its subparsers to ``sub``."""
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            add_commands = entry.load()
+        except ImportError as e:  # a broken extension must not take the other commands down with it
+            warnings.warn(f"the {entry.name!r} command is unavailable: {e}", stacklevel=1)
+            continue
+        add_commands(sub)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,16 @@ T = TypeVar("T")
 DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores
 
 
+class InvalidRequest(UserError):
+    """A Request field with an invalid value. The message names the field as the library does ("steps must be
+    >= 1, got 0"); a front end says it in its own words with ``problem`` (the message after the field's name)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class Request:
     """One sampling job. Prompts are (text, weight); image prompts (path, weight)."""
@@ -38,23 +48,23 @@ class Request:
     latent_size: tuple[int, int] = (32, 32)
 
     def validate(self) -> None:
-        """UserError naming the first invalid field."""
+        """InvalidRequest naming the first invalid field."""
         if not self.prompts and not self.image_prompts:
-            raise UserError("give at least one text prompt or image prompt")
+            raise InvalidRequest("prompts", "are missing: give a text prompt or an image prompt")
         if self.n < 1:
-            raise UserError(f"-n must be >= 1, got {self.n}")
+            raise InvalidRequest("n", f"must be >= 1, got {self.n}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise InvalidRequest("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}")
+            raise InvalidRequest("steps", f"must be >= 1, got {self.steps}")
         if self.method not in METHODS:
-            raise UserError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+            raise InvalidRequest("method", f"{self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if not 0.0 <= self.eta <= 1.0:
-            raise UserError(f"--eta must be in [0, 1], got {self.eta}")
+            raise InvalidRequest("eta", f"must be in [0, 1], got {self.eta}")
         if not 0 <= self.seed < 2**63:
-            raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
+            raise InvalidRequest("seed", f"must be in [0, 2**63), got {self.seed}")
         if any(s < 1 for s in self.latent_size):
-            raise UserError(f"latent size must be positive, got {self.latent_size}")
+            raise InvalidRequest("latent_size", f"must be positive, got {self.latent_size}")
 
     @property
     def evaluations(self) -> int:

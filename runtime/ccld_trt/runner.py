@@ -1,15 +1,66 @@
-"""Open a backend by name from model files: the one place that knows how each backend is constructed."""
+"""Open a backend from model files: the one place that knows how each backend is constructed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccld_trt.backend_select import resolve_backend
+from ccld_trt.backend_select import check_precision, resolve_backend
 from ccld_trt.backends.base import Backend
 from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.models import ModelFiles, checkpoint_autoencoder_scale, load_networks
+from ccld_trt.export.models import ModelFiles, Networks, checkpoint_autoencoder_scale, load_networks
+
+DEFAULT_ENGINE_DIR = Path("build/engines")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How the networks run: which backend, on which device, at which precision, and where the backend keeps
+    what it builds from the model files.
+
+    precision: None picks the backend's default (torch: fp32 on the CPU, fp16 autocast on CUDA as the original;
+    onnxruntime: fp32 on the CPU, fp16 graphs on CUDA; tensorrt: fp16 engines). cuda_graph: replay the U-Net/CFG
+    evaluation from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines. onnx_dir: where
+    the onnxruntime backend keeps the exported graphs (None: build/onnx/<hash of the model paths>).
+    """
+
+    backend: str = "torch"
+    device: str = "cpu"
+    precision: str | None = None
+    cuda_graph: bool = False
+    engine_dir: Path = DEFAULT_ENGINE_DIR
+    onnx_dir: Path | None = None
+
+    def resolved(self) -> BackendOptions:
+        """These options with the backend and device names normalised, once the combination can run here;
+        UserError saying why otherwise (checked before anything loads)."""
+        backend, device = resolve_backend(self.backend, self.device)
+        if self.cuda_graph and backend == "onnxruntime":
+            raise UserError("CUDA-graph replay is for the torch and tensorrt backends")
+        if self.precision is not None:
+            check_precision(backend, self.precision)
+        return BackendOptions(backend, device, self.precision, self.cuda_graph, self.engine_dir, self.onnx_dir)
+
+    def describe(self) -> str:
+        """e.g. "torch on cpu", "onnxruntime fp16 on cuda:0"."""
+        precision = f" {self.precision}" if self.precision else ""
+        return f"{self.backend}{precision} on {self.device}"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model files, and the U-Net shape for a checkpoint that does not imply its own (None: read from the
+    checkpoint's tensors)."""
+
+    files: ModelFiles
+    base_channels: int | None = None
+    channel_multipliers: tuple[int, ...] | None = None
+
+    def load(self) -> Networks:
+        """The fp32 torch networks on the CPU (see export.models.load_networks)."""
+        multipliers = list(self.channel_multipliers) if self.channel_multipliers is not None else None
+        return load_networks(self.files, self.base_channels, multipliers)
 
 
 @dataclass
@@ -20,46 +71,40 @@ class Session:
     demo: bool                            # random demo weights?
 
 
-DEFAULT_ENGINE_DIR = Path("build/engines")
-
-
-def open_backend(name: str, device: str, files: ModelFiles, precision: str | None = None, *,
-                 cuda_graph: bool = False, engine_dir: Path | None = None, onnx_dir: Path | None = None,
-                 base_channels: int | None = None,
-                 channel_multipliers: list[int] | None = None) -> Session:
-    """Load the networks and wrap them in the named backend (torch | onnxruntime | tensorrt).
-
-    precision: None picks the backend's default (torch: fp32 on the CPU, fp16 autocast on CUDA as the original;
-    onnxruntime: fp32 on the CPU, fp16 graphs on CUDA; tensorrt: fp16 engines). cuda_graph: replay the U-Net/CFG
-    evaluation from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines. onnx_dir: where
-    the onnxruntime backend keeps the exported graphs (default: build/onnx/<hash of the model paths>).
-    """
-    name, device = resolve_backend(name, device)  # says why a combination cannot run before anything loads
-    if cuda_graph and name == "onnxruntime":
-        raise UserError("--cuda-graph is for the torch and tensorrt backends")
-    if name == "tensorrt":
+def open_session(options: BackendOptions, models: ModelSource) -> Session:
+    """Load the networks of ``models`` and wrap them in the backend ``options`` name (torch | onnxruntime |
+    tensorrt); UserError when that cannot run here, said before anything loads."""
+    options = options.resolved()
+    files = models.files
+    if options.backend == "tensorrt":
         from ccld_trt.backends.tensorrt_backend import TensorRTBackend
 
-        trt_backend = TensorRTBackend(engine_dir or DEFAULT_ENGINE_DIR, device=device, precision=precision or "fp16",
-                                      cuda_graph=cuda_graph)
+        trt_backend = TensorRTBackend(options.engine_dir, device=options.device,
+                                      precision=options.precision or "fp16", cuda_graph=options.cuda_graph)
         return Session(trt_backend, cloob_image_size(load_cloob_config(files.cloob_config)),
                        checkpoint_autoencoder_scale(files.unet), files.is_demo())
-    networks = load_networks(files, base_channels, channel_multipliers)
-    precision = precision or ("fp16" if device.startswith("cuda") else "fp32")
-    if name == "torch":
+    networks = models.load()
+    precision = options.precision or ("fp16" if options.device.startswith("cuda") else "fp32")
+    if options.backend == "torch":
         from ccld_trt.backends.torch_backend import TorchBackend
 
-        backend: Backend = TorchBackend(networks, device, precision, cuda_graph)
-    elif name == "onnxruntime":
-        from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend, check_precision
+        backend: Backend = TorchBackend(networks, options.device, precision, options.cuda_graph)
+    elif options.backend == "onnxruntime":
+        from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
         from ccld_trt.export.graph_specs import BACKEND_GRAPHS
         from ccld_trt.export.onnx_export import default_onnx_dir, export_all
 
-        check_precision(precision)
+        check_precision(options.backend, precision)
         # Exported once per set of model files; later runs find them up to date in the manifest.
-        onnx_dir = onnx_dir or default_onnx_dir(files)
+        onnx_dir = options.onnx_dir or default_onnx_dir(files)
         export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=precision == "fp16", networks=networks)
-        backend = OnnxRuntimeBackend(onnx_dir, device, precision)
+        backend = OnnxRuntimeBackend(onnx_dir, options.device, precision)
     else:
-        raise UserError(f"unknown backend {name!r}")
+        raise UserError(f"unknown backend {options.backend!r}")
     return Session(backend, networks.image_size, networks.checkpoint_autoencoder_scale, files.is_demo())
+
+
+def open_backend(name: str, device: str, files: ModelFiles, precision: str | None = None, *,
+                 cuda_graph: bool = False) -> Session:
+    """``open_session`` with loose arguments: kept only until the benchmark suite passes BackendOptions."""
+    return open_session(BackendOptions(name, device, precision, cuda_graph), ModelSource(files))

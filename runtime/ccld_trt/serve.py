@@ -23,13 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ccld_trt.backend_select import resolve_backend
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.models import ModelFiles
 from ccld_trt.image_prompt import parse_prompt
 from ccld_trt.outputs import save_images
-from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
-from ccld_trt.runner import Session, open_backend
+from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest, Request, generate, load_image_prompts
+from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 from ccld_trt.samplers import METHODS
 
 if TYPE_CHECKING:
@@ -170,6 +168,10 @@ def check_image_upload(path: Path) -> None:
                         ) from None
 
 
+# How the page names the fields of a pipeline Request
+_PAGE_NAMES = {"n": "the number of images", "seed": "the seed", "method": "the sampler"}
+
+
 def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: Any, seed: Any, n: Any,
               autoencoder_scale: Any) -> Job:
     """The page's raw input values -> a Job, or UserError naming the first bad value.
@@ -194,25 +196,23 @@ def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: A
             raise UserError("the image prompt upload was not received; upload it again")
         check_image_upload(Path(path))
         image_prompts.append((Path(path), _real(image_weight, "the image prompt weight")))
-    if not text_prompts and not image_prompts:
-        raise UserError("enter a prompt or upload an image prompt")
     steps = _whole(steps, "steps")
-    if not 1 <= steps <= MAX_STEPS:
+    if steps > MAX_STEPS:
         raise UserError(f"steps must be from 1 to {MAX_STEPS}, got {steps}")
     n = _whole(n, "the number of images")
-    if not 1 <= n <= MAX_IMAGES:
+    if n > MAX_IMAGES:
         raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, got {n}")
-    seed = _whole(seed, "the seed")
-    if not 0 <= seed < 2**63:
-        raise UserError(f"the seed must be from 0 to 2**63 - 1, got {seed}")
-    if method not in METHODS:
-        raise UserError(f"unknown sampler {method!r}; choose from {', '.join(METHODS)}")
     scale = _real(autoencoder_scale, "the autoencoder scale")
     if scale <= 0:
         raise UserError(f"the autoencoder scale must be positive, got {scale}")
-    request = Request(prompts=text_prompts, image_prompts=image_prompts, n=n, seed=seed, steps=steps,
-                      method=method)
-    request.validate()
+    request = Request(prompts=text_prompts, image_prompts=image_prompts, n=n, seed=_whole(seed, "the seed"),
+                      steps=steps, method=method)
+    try:
+        request.validate()  # the lower bounds, the seed's range and the sampler's name
+    except InvalidRequest as e:
+        if e.field == "prompts":
+            raise UserError("enter a prompt or upload an image prompt") from e
+        raise UserError(f"{_PAGE_NAMES.get(e.field, e.field)} {e.problem}") from e
     return Job(request, scale)
 
 
@@ -241,6 +241,39 @@ def _job_dir(root: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=root))
 
 
+def generate_for_page(loader: ModelLoader, work_dir: Path, prompts: Any, image: Any, image_weight: Any, steps: Any,
+                      method: Any, seed: Any, n: Any, autoencoder_scale: Any,
+                      progress: Callable[..., object] | None = None) -> tuple[list[str], list[str], str]:
+    """What the page's Generate button does with its raw values (see parse_job): the job's PNGs, written into a
+    fresh directory under ``work_dir``, as (gallery paths, download paths, summary Markdown). UserError for bad
+    input, or while the models are loading or after they failed to.
+
+    ``progress`` is called as Gradio's progress tracker is: ``progress((done, total), desc=..., unit=...)`` per
+    U-Net evaluation and ``progress(fraction, desc=stage)`` as each stage starts.
+    """
+    job = parse_job(prompts, image, image_weight, steps, method, seed, n, autoencoder_scale)
+    session = loader.session()
+    done, total = 0, job.request.evaluations
+    report = progress or (lambda *args, **kwargs: None)
+
+    def evaluated() -> None:
+        nonlocal done
+        done += 1
+        report((done, total), desc="sampling", unit="U-Net evaluations")
+
+    def started(stage: str) -> None:
+        report(0.0 if stage == "conditioning" else done / total, desc=stage)
+
+    paths, timings = run_job(session, job, _job_dir(work_dir), started, evaluated)
+    images = [str(p) for p in paths]
+    request = job.request
+    summary = (f"{timings.markdown()}  \n{request.n} image(s), seed {request.seed}, {request.steps} steps "
+               f"of {request.method}, {loader.description}")
+    if session.demo:
+        summary += "  \n**Random demo weights: these images are noise by design.**"
+    return images, images, summary
+
+
 def _no_analytics() -> None:
     # Gradio reads this when it is first imported: the server must not report usage anywhere.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -251,37 +284,19 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
     _no_analytics()
     import gradio as gr
 
-    def generate(prompts: Any, image: Any, image_weight: Any, steps: Any, method: Any, seed: Any, n: Any,
-                 autoencoder_scale: Any,
-                 progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio asks to inject a tracker)
-                 ) -> tuple[list[str], list[str], str]:
+    def on_generate(prompts: Any, image: Any, image_weight: Any, steps: Any, method: Any, seed: Any, n: Any,
+                    autoencoder_scale: Any,
+                    progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio asks to inject a tracker)
+                    ) -> tuple[list[str], list[str], str]:
         try:
-            job = parse_job(prompts, image, image_weight, steps, method, seed, n, autoencoder_scale)
-            session = loader.session()
-            done, total = 0, job.request.evaluations
-
-            def evaluated() -> None:
-                nonlocal done
-                done += 1
-                progress((done, total), desc="sampling", unit="U-Net evaluations")
-
-            def started(stage: str) -> None:
-                progress(0.0 if stage == "conditioning" else done / total, desc=stage)
-
-            paths, timings = run_job(session, job, _job_dir(work_dir), started, evaluated)
+            return generate_for_page(loader, work_dir, prompts, image, image_weight, steps, method, seed, n,
+                                     autoencoder_scale, progress)
         except UserError as e:
             raise gr.Error(str(e), duration=None, print_exception=False) from e
         except Exception as e:  # the page must get an answer; the traceback goes to the server log
             logger.exception("generation failed")
             raise gr.Error(f"internal error: {type(e).__name__}: {e} (details in the server log)",
                            duration=None) from e
-        images = [str(p) for p in paths]
-        request = job.request
-        summary = (f"{timings.markdown()}  \n{request.n} image(s), seed {request.seed}, {request.steps} steps "
-                   f"of {request.method}, {loader.description}")
-        if session.demo:
-            summary += "  \n**Random demo weights: these images are noise by design.**"
-        return images, images, summary
 
     def poll() -> tuple[str, Any]:
         return loader.status_markdown(), gr.Timer(active=not loader.finished)
@@ -317,7 +332,7 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
                 timings = gr.Markdown(elem_id="timings")
         # Raw inputs (preprocess=False): Gradio's image preprocessing would open the upload before the size
         # and format checks of parse_job, and its errors reach the page only as a bare "Error".
-        button.click(generate, inputs=[prompts, image, image_weight, steps, method, seed, n, scale],
+        button.click(on_generate, inputs=[prompts, image, image_weight, steps, method, seed, n, scale],
                      outputs=[gallery, files, timings], api_name="generate", preprocess=False,
                      concurrency_limit=1, concurrency_id="device")
         timer = gr.Timer(1.0, active=not loader.finished)
@@ -340,22 +355,22 @@ def check_host(host: str, allow_remote: bool) -> None:
                     "add --listen to allow that")
 
 
-def serve(backend: str, device: str, files: ModelFiles, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          allow_remote: bool = False, precision: str | None = None, base_channels: int | None = None,
-          channel_multipliers: list[int] | None = None) -> None:
-    """Serve the page at http://host:port until interrupted (Ctrl-C)."""
+def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          allow_remote: bool = False) -> None:
+    """Serve the page at http://host:port until interrupted (Ctrl-C), running the networks of ``models`` as
+    ``options`` say."""
     check_host(host, allow_remote)
-    backend, device = resolve_backend(backend, device)
+    options = options.resolved()  # a combination that cannot run here fails now, not in the page
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {port}")
+    files = models.files
     files.check_present()
     demo_weights = files.is_demo()
     if demo_weights:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     # Then PIL refuses, in Image.open, anything over twice the upload limit wherever this process opens it.
     Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
-    loader = ModelLoader(lambda: open_backend(backend, device, files, precision, base_channels=base_channels,
-                                              channel_multipliers=channel_multipliers), f"{backend} on {device}")
+    loader = ModelLoader(lambda: open_session(options, models), options.describe())
     with tempfile.TemporaryDirectory(prefix="ccld-trt-serve-") as work_dir:
         app = build_app(loader, demo_weights, Path(work_dir))
         import gradio as gr

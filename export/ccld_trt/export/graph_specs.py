@@ -63,3 +63,5 @@ IMAGE_ENCODER = GraphSpec(
 GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (UNET, UNET_CFG, DECODER, TEXT_ENCODER, IMAGE_ENCODER)}
 # What the onnxruntime and tensorrt backends run (the plain `unet` graph is for other runtimes).
 BACKEND_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder")
+# Precisions the graphs are exported in: fp32, and mixed-precision fp16 (fp32 I/O, fp32 where fp16 is unsafe).
+GRAPH_PRECISIONS = ("fp32", "fp16")

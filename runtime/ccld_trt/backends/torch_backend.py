@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from ccld_trt.backend_select import check_precision
 from ccld_trt.backends.cuda_graph import GraphedCall
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.guided_unet import GuidedUNet
 from ccld_trt.export.models import Networks
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The U-Net's autocast dtype per precision (backend_select.PRECISIONS["torch"]); fp32 runs without autocast.
+_AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchBackend:
@@ -23,9 +25,9 @@ class TorchBackend:
                  cuda_graph: bool = False) -> None:
         self.device = torch.device(device)
         if cuda_graph and self.device.type != "cuda":
-            raise UserError("CUDA-graph replay needs --device cuda")
-        self.precision = precision
-        self._autocast_dtype = PRECISIONS[precision]
+            raise UserError("CUDA-graph replay needs a CUDA device")
+        self.precision = check_precision(self.name, precision)
+        self._autocast_dtype = _AUTOCAST_DTYPES[precision]
         self._guided = GuidedUNet(networks.unet).to(self.device)
         self._guided_call = GraphedCall(self._guided_autocast) if cuda_graph else self._guided_autocast
         self._decoder = networks.decoder.to(self.device)

@@ -1,0 +1,87 @@
+"""The ``ccld-trt bench`` commands. The main CLI finds them through the ``ccld_trt.commands`` entry point
+(pyproject.toml), so the runtime layer never imports the benchmarks; importing this module stays cheap, because
+every ``ccld-trt`` run does."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ccld_trt.cli import add_backend_args, backend_options
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from ccld_trt.benchmarks.suite import BenchConfig, run_bench
+
+    config = BenchConfig.preset(
+        args.quick, backends=args.backends, device=backend_options(args).device,
+        models=Path(args.models) if args.models else None, demo_size=args.demo_size, output=Path(args.output),
+        repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, batches=args.batches,
+        end_to_end=args.end_to_end)
+    _, paths = run_bench(config)
+    print(paths.markdown.read_text())
+    for path in (paths.json, paths.markdown, paths.plot):
+        print(path)
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> None:
+    from ccld_trt.benchmarks.compare import compare
+
+    print(compare(args.a, args.b), end="")
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _runs(value: str) -> tuple[tuple[int, int], ...]:
+    """'15x1,50x4' -> ((15, 1), (50, 4)): end-to-end runs as STEPSxN."""
+    try:
+        return tuple((int(s), int(n)) for s, n in (run.split("x") for run in value.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEPSxN[,STEPSxN...], e.g. 15x1,50x4, got {value!r}") from None
+
+
+def _backend_list(value: str) -> tuple[str, ...]:
+    from ccld_trt.benchmarks.suite import BACKENDS
+
+    names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(BACKENDS)}, got {value!r}")
+    return names
+
+
+def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``bench`` and ``bench compare`` to the main CLI's subcommands ``sub`` (the entry point's target)."""
+    p = sub.add_parser("bench", help="benchmark every backend and precision that runs here: latency, FLOP/s, "
+                                     "memory, correctness against torch fp32")
+    p.add_argument("--backends", type=_backend_list, metavar="LIST",
+                   help="comma-separated, from torch,torch-cudagraph,onnxruntime,tensorrt (default: all; those "
+                        "that cannot run here are reported as skipped)")
+    add_backend_args(p, variants=True)
+    p.add_argument("--output", default="benchmarks/results",
+                   help="results root; files go to OUTPUT/<machine>/ (default benchmarks/results)")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 and one end-to-end run (15 steps, 1 image) per backend: a few minutes on a CPU")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed calls before each measurement (default 2, quick 1)")
+    p.add_argument("--e2e-repeats", type=int, help="at most this many end-to-end repeats (default 3, quick 1)")
+    p.add_argument("--batches", type=_int_list, metavar="B,...",
+                   help="batches of the per-stage rows (default 1,4,16; quick 1)")
+    p.add_argument("--end-to-end", type=_runs, metavar="STEPSxN,...",
+                   help="end-to-end runs, PLMS (default 15x1,15x4,15x16,50x1,50x4,50x16; quick 15x1)")
+    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models); without weights "
+                                    "there, random demo weights are written once to build/bench-weights/")
+    p.add_argument("--demo-size", choices=["small", "full"], default="full",
+                   help="size of those demo weights (default full: the real networks' FLOPs)")
+    p.set_defaults(func=cmd_bench)
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare}", parser_class=type(p))
+    c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")
+    c.add_argument("a", metavar="A.json", help="baseline results")
+    c.add_argument("b", metavar="B.json", help="results to compare with the baseline")
+    c.set_defaults(func=cmd_bench_compare)

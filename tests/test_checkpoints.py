@@ -245,3 +245,28 @@ def test_a_jax_array_must_wrap_a_numpy_array(tmp_path: Path) -> None:
     path.write_bytes(dumps_jax_haiku({"params": ({"m": {"w": NotAnArray(np.zeros(2))}}, {})}))
     with pytest.raises(UserError, match=r"c\.pkl.*a jax array that is not a pickled numpy array"):
         read_cloob_params(path, ({"m": {"w": (2,)}}, {}))
+
+
+def test_convert_command_writes_keeps_and_refreshes_copies(seed3_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    models = shutil.copytree(seed3_dir, tmp_path / "m")
+    assert run(["convert", "--models", str(models)]) == 0
+    copies = [models / "model_student.safetensors", models / "ae_model.safetensors"]
+    assert capsys.readouterr().out.split() == [str(p) for p in copies]
+    for copy in copies:
+        assert safetensors_source(copy)["source_sha256"] == sha256_file(models / copy.with_suffix(".ckpt").name)
+    stamps = [p.stat().st_mtime_ns for p in copies]
+    assert run(["convert", "--models", str(models)]) == 0  # up to date: nothing rewritten
+    assert [p.stat().st_mtime_ns for p in copies] == stamps
+    state = load_checkpoint(models / "model_student.ckpt", "u")
+    state["autoencoder_scale"] = torch.tensor(1.5)
+    torch.save(state, models / "model_student.ckpt")
+    assert run(["convert", "--models", str(models)]) == 0  # the source changed: the copy follows it
+    assert float(load_checkpoint(copies[0], "u")["autoencoder_scale"]) == 1.5
+    assert ModelFiles.resolve(models).unet == copies[0]
+
+
+def test_convert_command_without_checkpoints_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["convert", "--models", str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no U-Net or autoencoder checkpoint" in err

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from ccld_trt.download import HF_FILES, download_models
+from ccld_trt.export.checkpoints import safetensors_source, sha256_file
 from ccld_trt.export.errors import UserError
 
 COMMIT = "3f1c0ffee0ddba11cafe0123456789abcdef0123"
@@ -253,6 +254,15 @@ def assert_identical(site: Site, paths: list[Path], models: Path) -> None:
         assert path.read_bytes() == read(src), path.name
 
 
+def assert_downloaded_then_converted(site: Site, stdout: str, models: Path) -> None:
+    """``ccld-trt download`` prints the four files, then the safetensors copies it made of the two checkpoints."""
+    paths = [Path(line) for line in stdout.splitlines()]
+    assert_identical(site, paths[:4], models)
+    assert paths[4:] == [models / "model_student.safetensors", models / "ae_model.safetensors"]
+    for copy in paths[4:]:
+        assert safetensors_source(copy)["source_sha256"] == sha256_file(copy.with_suffix(".ckpt"))
+
+
 def cli_download(models: Path, config: Path, endpoint: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     result = subprocess.run(
@@ -373,7 +383,7 @@ def test_cli_downloads_from_hf_endpoint(first: FirstDownload, site: Site, tmp_pa
     models = prefilled(first, tmp_path / "models", "ae_model.yaml")
     result, _ = cli_download(models, site.config, site.hub.url)
     assert result.returncode == 0, result.stderr
-    assert_identical(site, [Path(line) for line in result.stdout.splitlines()], models)
+    assert_downloaded_then_converted(site, result.stdout, models)
     assert [p for m, p, _ in site.hub.requests() if m == "GET"] == [resolve_path("huggan/ccld_wa", "ae_model.yaml")]
 
 
@@ -393,5 +403,5 @@ def test_cli_hf_hub_offline_makes_no_request(first: FirstDownload, site: Site, t
     models = prefilled(first, tmp_path / "kept")
     result, _ = cli_download(models, site.config, site.hub.url, HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr
-    assert_identical(site, [Path(line) for line in result.stdout.splitlines()], models)
+    assert_downloaded_then_converted(site, result.stdout, models)
     assert not site.hub.requests() and not site.cdn.requests()

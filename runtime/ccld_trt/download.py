@@ -7,9 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ccld_trt.export.checkpoints import safetensors_copy
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.models import AE_CONFIG_FILE, AE_FILE, DEFAULT_CLOOB_CONFIG, UNET_FILE
 
+CONVERTED = [(UNET_FILE, "U-Net checkpoint"), (AE_FILE, "autoencoder checkpoint")]
 HF_FILES = [  # (repository, file)
     ("huggan/distill-ccld-wa", UNET_FILE),
     ("huggan/ccld_wa", AE_FILE),
@@ -33,7 +35,8 @@ def download_models(directory: Path, cloob_config: str = DEFAULT_CLOOB_CONFIG,
     the CLOOB pickle comes from the ``url`` of ``cloob_config``. Files already present are kept
     (huggingface_hub checks them against the hub; the CLOOB pickle against the SHA-256 in its name). A U-Net or
     autoencoder download that breaks off resumes where it stopped; a CLOOB one starts again. Without a network:
-    one UserError at once (no retries) saying what to put where. Returns the four paths.
+    one UserError at once (no retries) saying what to put where. Returns the four paths (``ccld-trt download``
+    then makes the safetensors copies with ``convert_checkpoints``).
     """
     from huggingface_hub import constants
 
@@ -49,6 +52,11 @@ def download_models(directory: Path, cloob_config: str = DEFAULT_CLOOB_CONFIG,
     except Exception as e:  # network layers raise many types; to the user they mean one of two things
         raise UserError(_failure(e) + manual_instructions(directory, url)) from e
     return paths
+
+
+def convert_checkpoints(directory: Path) -> list[Path]:
+    """Safetensors copies of the U-Net and autoencoder checkpoints in ``directory`` (which it then prefers)."""
+    return [safetensors_copy(directory / name, what) for name, what in CONVERTED if (directory / name).is_file()]
 
 
 def load_cloob_url(cloob_config: str) -> str:

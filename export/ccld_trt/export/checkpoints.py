@@ -106,6 +106,15 @@ def convert_to_safetensors(source: Path, what: str) -> Path:
     return target
 
 
+def safetensors_copy(source: Path, what: str) -> Path:
+    """The up-to-date safetensors copy of a torch checkpoint: kept if its recorded source hash still matches,
+    else (re)written by ``convert_to_safetensors``."""
+    target = Path(source).with_suffix(SAFETENSORS_SUFFIX)
+    if target.exists() and safetensors_source(target).get("source_sha256") == sha256_file(require_file(source, what)):
+        return target
+    return convert_to_safetensors(source, what)
+
+
 def safetensors_source(path: Path) -> dict[str, str]:
     """The metadata ``convert_to_safetensors`` stored (``source``, ``source_sha256``); empty for other files."""
     from safetensors import safe_open

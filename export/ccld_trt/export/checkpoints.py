@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from ccld_trt.export import restricted_pickle
+from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.errors import UserError
 
 
@@ -92,7 +92,7 @@ def convert_to_safetensors(source: Path, what: str) -> Path:
     SHA-256, so the copy can always be traced to the file it came from. An existing copy is replaced
     atomically; the source is left untouched.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     source = require_file(source, what)
     if source.suffix == SAFETENSORS_SUFFIX:
@@ -100,9 +100,7 @@ def convert_to_safetensors(source: Path, what: str) -> Path:
     # safetensors refuses tensors that share memory (tied or sliced weights): give each its own.
     state = {k: v.detach().clone().contiguous() for k, v in load_checkpoint(source, what).items()}
     target = source.with_suffix(SAFETENSORS_SUFFIX)
-    partial = target.with_name(f".{target.name}.partial")
-    save_file(state, partial, metadata={"source": source.name, "source_sha256": sha256_file(source)})
-    os.replace(partial, target)
+    write_atomic(target, save(state, metadata={"source": source.name, "source_sha256": sha256_file(source)}))
     return target
 
 

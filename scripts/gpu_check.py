@@ -454,7 +454,7 @@ def step_report(parts: Path, root: Path, rcs: dict[str, int], pytest_ran: bool, 
             why = "timed out" if rc in (124, 137) else f"exit status {rc}"
             result["checks"].append(check(step, "FAIL", f"the step wrote no results ({why}; see the log)"))
     gpu = (result.get("env") or {}).get("gpu")
-    slug = slugify(gpu["name"]) if gpu else f"{slugify(cpu_model())}-cpu-dry-run"
+    slug = slugify(gpu["name"]) if gpu else f"{slugify(cpu_model())}-{'cpu-dry-run' if dry_run else 'no-gpu'}"
     out = root / slug
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu-check-" + result["date"].replace("-", "").replace(":", "").replace("+0000", "Z")

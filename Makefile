@@ -15,7 +15,8 @@ $(BIN)/ccld-trt: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -e '.[dev,serve]'
+	# tensorrt-rtx: real engines are built ahead of time, here and in CI, without a GPU
+	$(BIN)/pip install -q -e '.[dev,serve,tensorrt-rtx]'
 	touch $@
 
 install: $(BIN)/ccld-trt
@@ -32,9 +33,12 @@ sample: models
 onnx: models
 	$(BIN)/ccld-trt export --models $(MODELS)
 
-# checks for TensorRT first, then exports the graphs it needs (if not up to date) and builds the engines
-engines: install
-	$(BIN)/ccld-trt engines build --models $(MODELS) --output $(BUILD)/engines
+# Without a GPU: TensorRT-RTX engines for RTX GPUs (compute 8.0, 8.6, 8.9, 12.0); with a GPU and TensorRT: for that
+# GPU. Exports what is missing first; an engine whose sidecar still matches is kept.
+TRT_FLAVOR ?= auto
+engines: models
+	CCLD_TRT_BUILD=$(BUILD) $(BIN)/ccld-trt engines build --models $(MODELS) --output $(BUILD)/engines \
+	  --trt-flavor $(TRT_FLAVOR)
 
 bench: models
 	$(BIN)/ccld-trt bench --models $(MODELS)

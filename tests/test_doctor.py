@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import onnxruntime
@@ -17,6 +18,7 @@ from ccld_trt.export.errors import UserError
 @pytest.fixture
 def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
 
 
 @pytest.fixture
@@ -84,9 +86,24 @@ def test_doctor_says_tensorrt_is_missing() -> None:
     assert not checks["tensorrt"].ok and checks["tensorrt"].detail.startswith("TensorRT is not installed")
     assert checks["backend torch on cpu"].ok and checks["backend onnxruntime on cpu"].ok
     assert not checks["backend tensorrt on cuda"].ok and not checks["backend torch on cuda"].ok
+    assert not checks["tensorrt-rtx"].ok
+    assert checks["tensorrt-rtx"].detail.startswith("TensorRT-RTX is not installed")
+    assert "pip install 'ccld-trt[tensorrt-rtx]'" in checks["tensorrt-rtx"].detail
     report = format_report(list(checks.values()))
-    assert len(report.splitlines()) == len(checks) == 11
+    assert len(report.splitlines()) == len(checks) == 12
     assert any(line.startswith("--  tensorrt ") and "TensorRT is not installed" in line for line in report.splitlines())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt-rtx")
+def test_doctor_reports_tensorrt_rtx() -> None:
+    (rtx,) = [c for c in doctor_report() if c.name == "tensorrt-rtx"]
+    assert rtx.ok and rtx.detail.startswith(tensorrt_rtx_version()) and "8.0, 8.6, 8.9" in rtx.detail
+
+
+def tensorrt_rtx_version() -> str:
+    import tensorrt_rtx
+
+    return str(tensorrt_rtx.__version__)
 
 
 def test_doctor_turns_a_crashing_probe_into_a_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,22 +1,39 @@
-"""The TensorRT side without TensorRT: profiles, sidecars, buffer planning, the build's decisions and errors.
-The one test that builds and runs a real engine needs a CUDA GPU and TensorRT (marked gpu)."""
+"""The TensorRT side without a GPU: profiles, sidecars, buffer planning, flavours, the build's decisions and
+errors, the Engine's bookkeeping against a fake execution context. Real TensorRT-RTX builds are in
+test_engine_build.py; the one test that builds and runs a real engine needs a CUDA GPU and TensorRT (marked gpu)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import sys
 import types
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
 
-from ccld_trt.engines.build import build_engine, network_typing, onnx_precision, stale_reasons
-from ccld_trt.engines.engine import Engine, engine_file, plan_buffers, require_tensorrt
+from ccld_trt.backends.base import GraphBackend
+from ccld_trt.backends.tensorrt_backend import engines_flavor
+from ccld_trt.engines import flavor as flavor_module
+from ccld_trt.engines import sidecar as sidecar_module
+from ccld_trt.engines.build import (
+    BuildOptions,
+    _load_timing_cache,
+    _timing_identity,
+    build_engine,
+    network_typing,
+    onnx_precision,
+    stale_reasons,
+)
+from ccld_trt.engines.engine import Engine, engine_file, io_problems, plan_buffers, require_tensorrt, tensor_dtype_name
+from ccld_trt.engines.flavor import parse_capabilities, parse_flavor, resolve_flavor
 from ccld_trt.engines.profiles import (
     ProfileParams,
     all_profiles,
     as_profile,
-    bind_dims,
     format_range,
     graph_profile,
     outside_profile,
@@ -25,6 +42,7 @@ from ccld_trt.engines.sidecar import (
     REBUILD_HINT,
     Sidecar,
     check_sidecar,
+    checkpoint_digests,
     read_sidecar,
     require_fit,
     sidecar_path,
@@ -32,6 +50,7 @@ from ccld_trt.engines.sidecar import (
 )
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import DECODER, GRAPHS, TEXT_ENCODER, UNET_CFG
+from ccld_trt.export.shapes import bind_dims
 
 # --- profiles ---------------------------------------------------------------------------------------------------
 
@@ -134,16 +153,25 @@ def test_bind_dims_rejects_broken_shapes(shapes: dict[str, tuple[int, ...]], mes
 
 
 class FakeContext:
-    """The part of IExecutionContext that Engine.allocate uses; outputs resolved the way TensorRT would."""
+    """The part of IExecutionContext that Engine uses; outputs resolved the way TensorRT would, launches logged
+    with the input shapes they ran at."""
 
     def __init__(self) -> None:
         self.inputs: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.shape_calls = 0
+        self.refuse: tuple[int, ...] | None = None  # an input shape set_input_shape refuses
+        self.launches: list[tuple[int, ...]] = []
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        self.inputs[name] = tuple(shape)
         self.shape_calls += 1
+        if tuple(shape) == self.refuse:
+            return False
+        self.inputs[name] = tuple(shape)
+        return True
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        self.launches.append(self.inputs["latents"])
         return True
 
     def set_tensor_address(self, name: str, address: int) -> bool:
@@ -171,62 +199,302 @@ def test_allocate_reuses_and_grows_buffers() -> None:
     assert smaller["images"].data_ptr() == first["images"].data_ptr()
     assert context.inputs["latents"] == (1, 4, 16, 32)
 
-    engine._graphs[(("latents", (2, 4, 32, 32)),)] = object()  # type: ignore[assignment]
+    engine._graph = FakeGraph(engine, [])
     larger = engine.allocate({"latents": (4, 4, 32, 32)})
     assert larger["images"].shape == (4, 3, 256, 256)
     assert context.addresses["images"] == larger["images"].data_ptr()
-    assert engine._graphs == {}  # captured on addresses that are gone
+    assert engine._graph is None  # captured on addresses that are gone
 
     with pytest.raises(UserError, match=r"latents shape \[8, 4, 32, 32\] is outside the built range"):
         engine.allocate({"latents": (8, 4, 32, 32)})
+
+
+FAKE_STREAM = types.SimpleNamespace(cuda_stream=0)
+
+
+def _fake_engine(**kwargs: object) -> tuple[Engine, FakeContext]:
+    engine = Engine(Path("decoder.engine"), DECODER, torch.device("cpu"), **kwargs)  # type: ignore[arg-type]
+    context = FakeContext()
+    engine._context = context  # type: ignore[assignment]
+    engine.profile = graph_profile("decoder", ProfileParams(batch=(1, 2, 4)))
+    return engine, context
+
+
+def test_allocate_is_all_or_nothing() -> None:
+    engine, context = _fake_engine()
+    engine.allocate({"latents": (2, 4, 32, 32)})
+    context.refuse = (3, 4, 32, 32)
+    with pytest.raises(RuntimeError, match="refused shape"):
+        engine.allocate({"latents": (3, 4, 32, 32)})  # the buffers grew before the context refused
+    calls = context.shape_calls
+    back = engine.allocate({"latents": (2, 4, 32, 32)})  # not taken for the current shape: set again
+    assert context.shape_calls == calls + 1 and context.inputs["latents"] == (2, 4, 32, 32)
+    assert context.addresses["latents"] == back["latents"].data_ptr()
+    assert back["images"].shape == (2, 3, 256, 256)
+
+
+class FakeGraph:
+    """A captured launch: replays what the context ran at capture time."""
+
+    def __init__(self, engine: Engine, captured: list[tuple[int, ...]]) -> None:
+        self.context = engine._context
+        self.shape = dict(engine._shapes).get("latents")
+        captured.append(self.shape)  # type: ignore[arg-type]
+
+    def replay(self) -> None:
+        self.context.launches.append(("replay", self.shape))  # type: ignore[union-attr]
+
+
+def test_cuda_graph_is_captured_again_after_a_shape_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, context = _fake_engine(cuda_graph=True)
+    captured: list[tuple[int, ...]] = []
+    monkeypatch.setattr(engine, "_capture", lambda stream: FakeGraph(engine, captured))
+    for n in (2, 2, 3, 2):
+        engine.allocate({"latents": (n, 4, 32, 32)})
+        engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
+    # 2 -> 3 -> 2: the return to batch 2 captures anew instead of replaying a graph the context has moved past
+    assert captured == [(2, 4, 32, 32), (3, 4, 32, 32), (2, 4, 32, 32)]
+    replays = [launch for launch in context.launches if launch[0] == "replay"]
+    assert replays == [("replay", (2, 4, 32, 32))] * 2 + [("replay", (3, 4, 32, 32)), ("replay", (2, 4, 32, 32))]
+    assert all(launch[1] == context.inputs["latents"] for launch in replays[-1:])
+
+
+def test_rtx_engines_leave_cuda_graphs_to_tensorrt_rtx(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, context = _fake_engine(flavor="tensorrt-rtx", cuda_graph=True)
+    monkeypatch.setattr(engine, "_capture", lambda stream: pytest.fail("captured by hand"))
+    engine.allocate({"latents": (2, 4, 32, 32)})
+    engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
+    assert context.launches == [(2, 4, 32, 32)]
+
+
+class FakeRuntimeCache:
+    def serialize(self) -> bytes:
+        return b"jit kernels"
+
+
+def test_rtx_runtime_cache_saved_after_a_new_shape(tmp_path: Path) -> None:
+    engine, _ = _fake_engine(flavor="tensorrt-rtx")
+    engine.path = tmp_path / "decoder.engine"
+    engine._runtime_cache = FakeRuntimeCache()
+    cache = tmp_path / "decoder.engine.runtime-cache"
+    engine.allocate({"latents": (2, 4, 32, 32)})
+    engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
+    assert cache.read_bytes() == b"jit kernels"
+    cache.unlink()
+    engine.allocate({"latents": (2, 4, 32, 32)})  # same shape: nothing new to keep
+    engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
+    assert not cache.exists()
+
+
+class FakeDataType:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class FakeCudaEngine:
+    """I/O of a decoder engine whose output dtype is ``dtype``."""
+
+    def __init__(self, dtype: str) -> None:
+        self.io = {"latents": ("INPUT", "FLOAT"), "images": ("OUTPUT", dtype)}
+        self.num_io_tensors = 2
+
+    def get_tensor_name(self, i: int) -> str:
+        return list(self.io)[i]
+
+    def get_tensor_mode(self, name: str) -> FakeDataType:
+        return FakeDataType(self.io[name][0])
+
+    def get_tensor_dtype(self, name: str) -> FakeDataType:
+        return FakeDataType(self.io[name][1])
+
+
+def test_engine_dtypes_by_table_bf16_included() -> None:
+    assert tensor_dtype_name(FakeDataType("BF16")) == "bfloat16"
+    assert tensor_dtype_name(FakeDataType("HALF")) == "float16"
+    assert tensor_dtype_name(FakeDataType("INT4")) == "int4"
+    assert io_problems(FakeCudaEngine("FLOAT"), DECODER) == []  # type: ignore[arg-type]
+    assert io_problems(FakeCudaEngine("BF16"), DECODER) == ["images is bfloat16, not float32"]  # type: ignore[arg-type]
+    assert io_problems(FakeCudaEngine("FP8"), TEXT_ENCODER) == ["no input tokens", "no output embed"]  # type: ignore[arg-type]
+
+
+# --- flavours ---------------------------------------------------------------------------------------------------
+
+
+def test_parse_flavor_and_capabilities() -> None:
+    assert [parse_flavor(c) for c in ("auto", "TensorRT", "rtx", "tensorrt_rtx")] == [
+        "auto", "tensorrt", "tensorrt-rtx", "tensorrt-rtx"]
+    with pytest.raises(UserError, match="unknown TensorRT flavour 'trt': choose one of auto, tensorrt, rtx"):
+        parse_flavor("trt")
+    assert parse_capabilities("12.0, 8.6,8.6,8.0") == ("8.0", "8.6", "12.0")
+    with pytest.raises(UserError, match=r"MAJOR\.MINOR"):
+        parse_capabilities("sm86")
+
+
+def test_auto_flavor(monkeypatch: pytest.MonkeyPatch) -> None:
+    def have(*flavors: str) -> None:
+        monkeypatch.setattr(flavor_module, "installed_flavors", lambda: {f: "1" for f in flavors})
+
+    monkeypatch.setattr(flavor_module, "rtx_capabilities", lambda: ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1"))
+    have("tensorrt", "tensorrt-rtx")
+    assert resolve_flavor("auto", None) == "tensorrt-rtx"  # the one that builds without a GPU
+    assert resolve_flavor("auto", "9.0") == "tensorrt"
+    assert resolve_flavor("auto", "8.9") == "tensorrt"  # tuned on this GPU
+    have("tensorrt-rtx")
+    assert resolve_flavor("auto", "8.9") == "tensorrt-rtx"
+    with pytest.raises(UserError, match=r"does not run on this GPU \(compute 9.0"):
+        resolve_flavor("auto", "9.0")
+    have("tensorrt")
+    with pytest.raises(UserError, match="only on the GPU that runs them"):
+        resolve_flavor("auto", None)
+    have()
+    with pytest.raises(UserError, match=r"no TensorRT is installed: pip install 'ccld-trt\[tensorrt-rtx\]'"):
+        resolve_flavor("auto", None)
+
+
+def test_runtime_flavor_is_the_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert engines_flavor("auto", {"decoder": _rtx(), "unet_cfg": _rtx()}) == "tensorrt-rtx"
+    assert engines_flavor("tensorrt", {"decoder": _rtx()}) == "tensorrt"  # the sidecar check then says why not
+    with pytest.raises(UserError, match="built with tensorrt, tensorrt-rtx"):
+        engines_flavor("auto", {"decoder": _rtx(), "unet_cfg": _built()})
+
+
+def test_timing_cache_of_another_build_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "timing.cache"
+    assert _load_timing_cache(cache, _rtx()) is None  # none yet
+    cache.write_bytes(b"tactics")
+    (tmp_path / "timing.cache.json").write_text(json.dumps(_timing_identity(_rtx())))
+    assert _load_timing_cache(cache, _rtx()) == cache
+    with caplog.at_level(logging.WARNING):
+        assert _load_timing_cache(cache, _rtx(version="1.8.0.1")) is None
+    assert "starting a new one" in caplog.text
+
+
+def test_checkpoint_digests_are_cached_by_size_and_mtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt, cache = tmp_path / "unet.ckpt", tmp_path / "engines" / "checkpoints.json"
+    ckpt.write_bytes(b"weights")
+    expected = hashlib.sha256(b"weights").hexdigest()
+    assert checkpoint_digests({"unet": ckpt}, cache) == {"unet": expected}
+    monkeypatch.setattr(sidecar_module, "sha256_file", lambda path: pytest.fail("hashed again"))
+    assert checkpoint_digests({"unet": ckpt}, cache) == {"unet": expected}
+    monkeypatch.undo()
+    ckpt.write_bytes(b"other weights!")
+    assert checkpoint_digests({"unet": ckpt}, cache) == {"unet": hashlib.sha256(b"other weights!").hexdigest()}
+
+
+# --- calls larger than a profile --------------------------------------------------------------------------------
+
+
+class FakeGraphBackend(GraphBackend):
+    """unet_cfg as v = sum_c w_c (x + t + sum(cond_c)), the decoder as a repeat: analytic oracles, with the
+    batch / conds of every call recorded."""
+
+    name = "fake"
+    device = torch.device("cpu")
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        self._limits = limits
+        self.calls: list[tuple[int, ...]] = []
+
+    def limits(self, graph: str) -> dict[str, int]:
+        return self._limits
+
+    def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if graph == "unet_cfg":
+            x, t, conds, w = feed["x"], feed["t"], feed["conds"], feed["weights"]
+            self.calls.append((len(x), len(conds)))
+            assert len(x) <= self._limits.get("batch", 99) and len(conds) <= self._limits.get("conds", 99)
+            per_cond = x[None] + t[None, :, None, None, None] + conds.sum(1)[:, None, None, None, None]
+            return (w[:, None, None, None, None] * per_cond).sum(0)
+        self.calls.append((len(feed["latents"]),))
+        return feed["latents"].repeat(1, 1, 8, 8)[:, :3]
+
+
+def test_calls_beyond_the_profile_are_split() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(7, 4, 8, 8, generator=gen), torch.rand(7, generator=gen)
+    conds, w = torch.randn(5, 512, generator=gen), torch.randn(5, generator=gen)
+    whole = FakeGraphBackend({}).unet(x, t, conds, w)
+    split = FakeGraphBackend({"batch": 3, "conds": 2})
+    torch.testing.assert_close(split.unet(x, t, conds, w), whole, rtol=1e-6, atol=1e-5)
+    assert split.calls == [(3, 2), (3, 2), (1, 2), (3, 2), (3, 2), (1, 2), (3, 1), (3, 1), (1, 1)]
+    latents = torch.randn(5, 4, 8, 8, generator=gen)
+    decoder = FakeGraphBackend({"batch": 4})
+    assert torch.equal(decoder.decode(latents), FakeGraphBackend({}).decode(latents))
+    assert decoder.calls == [(4,), (1,)]
 
 
 # --- sidecar ----------------------------------------------------------------------------------------------------
 
 
 def _built(**changes: object) -> Sidecar:
-    fields: dict = dict(tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
-                        onnx_sha256="ab" * 32, onnx_file="decoder.fp16.onnx", precision="fp16",
-                        profiles=graph_profile("decoder", ProfileParams()),
-                        builder={"opt_level": 3, "workspace_gib": None, "typing": "flag"},
+    fields: dict = dict(flavor="tensorrt", version="10.13.0.35", compute_capabilities=("9.0",),
+                        gpu_name="NVIDIA H100 80GB HBM3", onnx_file="decoder.fp16.onnx",
+                        onnx_sha256={"decoder.fp16.onnx": "ab" * 32}, sources={"autoencoder": "12" * 32},
+                        precision="fp16", profiles=graph_profile("decoder", ProfileParams()),
+                        builder=BuildOptions().builder_facts(), engine_sha256="ef" * 32,
                         created="2025-01-01T00:00:00+00:00")
     fields.update(changes)
     return Sidecar(**fields)
 
 
+def _rtx(**changes: object) -> Sidecar:
+    return _built(**{"flavor": "tensorrt-rtx", "version": "1.7.1.116", "gpu_name": "",
+                     "compute_capabilities": ("8.0", "8.6", "8.9", "12.0"), **changes})
+
+
 def test_sidecar_roundtrip(tmp_path: Path) -> None:
     engine = tmp_path / "decoder.fp16.engine"
     assert sidecar_path(engine) == tmp_path / "decoder.fp16.engine.json"
-    write_sidecar(engine, _built())
-    assert read_sidecar(engine) == _built()
+    for sidecar in (_built(), _rtx()):
+        write_sidecar(engine, sidecar)
+        assert read_sidecar(engine) == sidecar
 
 
-def test_sidecar_missing_or_corrupt(tmp_path: Path) -> None:
+def test_sidecar_missing_corrupt_or_old(tmp_path: Path) -> None:
     engine = tmp_path / "decoder.engine"
     with pytest.raises(UserError, match="has no sidecar"):
         read_sidecar(engine)
     sidecar_path(engine).write_text("{not json")
     with pytest.raises(UserError, match="unreadable"):
         read_sidecar(engine)
+    sidecar_path(engine).write_text('{"sidecar_version": 1, "tensorrt_version": "10.13.0.35"}')
+    with pytest.raises(UserError, match="older sidecar_version"):
+        read_sidecar(engine)
 
 
 def test_check_sidecar_matches_itself_and_skips_unknowns() -> None:
     assert check_sidecar(_built(), _built()) == []
-    runtime_view = Sidecar(tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    runtime_view = Sidecar(flavor="tensorrt", version="10.13.0.35", compute_capabilities=("9.0",),
+                           gpu_name="NVIDIA H100 80GB HBM3")
     assert check_sidecar(_built(), runtime_view) == []
 
 
 def test_check_sidecar_names_each_mismatch() -> None:
-    current = _built(tensorrt_version="11.4.0.106", gpu_name="NVIDIA L4", compute_capability="8.9",
-                     onnx_sha256="cd" * 32, precision="fp32",
-                     profiles=graph_profile("decoder", ProfileParams(batch=(1, 1, 8))))
+    current = _built(version="11.4.0.106", gpu_name="NVIDIA L4", compute_capabilities=("8.9",),
+                     onnx_sha256={"decoder.fp16.onnx": "cd" * 32}, sources={"autoencoder": "34" * 32},
+                     precision="fp32", profiles=graph_profile("decoder", ProfileParams(batch=(1, 1, 8))))
     problems = check_sidecar(_built(), current)
-    assert len(problems) == 5
-    assert "built with TensorRT 10.13.0.35, this is TensorRT 11.4.0.106" in problems
-    assert "built for NVIDIA H100 80GB HBM3 (compute 9.0), this GPU is NVIDIA L4 (compute 8.9)" in problems
-    assert "the ONNX graph changed since the build (its SHA-256 differs)" in problems
-    assert "built as fp16, fp32 requested" in problems
-    assert "requested input latents shape [8, 4, 32, 32] is outside the built range [1..4, 4, 32, 32]" in problems
+    assert problems == [
+        "built with TensorRT 10.13.0.35, this is TensorRT 11.4.0.106",
+        "built for NVIDIA H100 80GB HBM3 (compute 9.0), this is NVIDIA L4 (compute 8.9)",
+        "the ONNX graph changed since the build (its SHA-256 differs)",
+        "built from another autoencoder checkpoint (its SHA-256 differs)",
+        "built as fp16, fp32 requested",
+        "requested input latents shape [8, 4, 32, 32] is outside the built range [1..4, 4, 32, 32]",
+    ]
+
+
+def test_rtx_engines_fit_each_of_their_targets() -> None:
+    for capability in ("8.0", "8.9", "12.0"):
+        here = Sidecar(flavor="tensorrt-rtx", version="1.7.1.116", compute_capabilities=(capability,),
+                       gpu_name="NVIDIA GeForce RTX")
+        assert check_sidecar(_rtx(), here) == []
+    hopper = Sidecar(flavor="tensorrt-rtx", version="1.7.1.116", compute_capabilities=("9.0",),
+                     gpu_name="NVIDIA H100")
+    assert check_sidecar(_rtx(), hopper) == ["built for (compute 8.0, 8.6, 8.9, 12.0), this is NVIDIA H100 "
+                                             "(compute 9.0)"]
+    regular = Sidecar(flavor="tensorrt", version="10.13.0.35", compute_capabilities=("8.9",))
+    assert check_sidecar(_rtx(), regular)[0] == "built with TensorRT-RTX, this is TensorRT"
 
 
 def test_requested_profile_inside_the_built_one_fits() -> None:
@@ -239,18 +507,22 @@ def test_require_fit_raises_one_line(tmp_path: Path) -> None:
     write_sidecar(engine, _built())
     assert require_fit(engine, _built()) == _built()
     with pytest.raises(UserError) as e:
-        require_fit(engine, _built(tensorrt_version="11.0.0.1", compute_capability="8.0"))
+        require_fit(engine, _built(version="11.0.0.1", compute_capabilities=("8.0",)))
     message = str(e.value)
     assert "\n" not in message and "TensorRT 11.0.0.1" in message and "compute 8.0" in message
     assert message.endswith(REBUILD_HINT)
 
 
 def test_stale_reasons_for_rebuilding() -> None:
-    assert stale_reasons(_built(), _built()) == []
+    assert stale_reasons(_rtx(), _rtx()) == []
     assert stale_reasons(_built(), _built(profiles=graph_profile("decoder", ProfileParams(batch=(1, 2, 4))))) == [
         "the optimisation profile changed"]
-    (reason,) = stale_reasons(_built(), _built(builder={"opt_level": 5, "workspace_gib": None, "typing": "flag"}))
+    (reason,) = stale_reasons(_built(), _built(builder={**BuildOptions().builder_facts(), "opt_level": 5}))
     assert reason.startswith("builder options changed")
+    assert stale_reasons(_rtx(), _rtx(compute_capabilities=("8.9",))) == [
+        "the target compute capabilities changed (8.0, 8.6, 8.9, 12.0 -> 8.9)"]
+    (reason,) = stale_reasons(_rtx(), _rtx(compute_capabilities=("8.9", "12.1")))
+    assert reason.startswith("built for (compute 8.0, 8.6, 8.9, 12.0), this is (compute 8.9, 12.1)")
 
 
 # --- build decisions and errors ---------------------------------------------------------------------------------
@@ -258,9 +530,11 @@ def test_stale_reasons_for_rebuilding() -> None:
 
 @pytest.mark.parametrize(("version", "has_flag", "typing"), [
     ("11.4.0.106", True, "default"), ("11.0.0", False, "default"), ("10.13.0.35", True, "flag"),
-    ("10.0.1", False, "weak")])
+    ("1.7.1.116", True, "flag")])  # TensorRT-RTX 1.x has the flag
 def test_network_typing(version: str, has_flag: bool, typing: str) -> None:
     assert network_typing(version, has_flag) == typing
+    with pytest.raises(UserError, match="cannot build strongly typed networks"):
+        network_typing("9.0.1", False)
 
 
 def test_engine_and_precision_names(tmp_path: Path) -> None:
@@ -279,7 +553,8 @@ def test_build_without_tensorrt_is_one_line_user_error(tmp_path: Path, monkeypat
     onnx = tmp_path / "decoder.fp16.onnx"
     onnx.write_bytes(b"")
     with pytest.raises(UserError) as e:
-        build_engine(onnx, tmp_path / "decoder.fp16.engine", graph_profile("decoder", ProfileParams()))
+        build_engine(onnx, tmp_path / "decoder.fp16.engine", graph_profile("decoder", ProfileParams()),
+                     BuildOptions(flavor="tensorrt"))
     message = str(e.value)
     assert message.startswith("TensorRT is not installed: ") and "\n" not in message
     assert "pip install 'ccld-trt[tensorrt]'" in message
@@ -295,9 +570,14 @@ def test_type_stubs_alone_are_not_tensorrt(monkeypatch: pytest.MonkeyPatch) -> N
 def test_build_checks_its_options_first(tmp_path: Path) -> None:
     profile = graph_profile("decoder", ProfileParams())
     with pytest.raises(UserError, match="optimisation level must be 0 to 5"):
-        build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", profile, opt_level=7)
+        build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", profile, BuildOptions(opt_level=7))
     with pytest.raises(UserError, match="workspace size"):
-        build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", profile, workspace_gib=0)
+        build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", profile, BuildOptions(workspace_gib=0))
+    with pytest.raises(UserError, match=r"compute capability must be MAJOR\.MINOR"):
+        build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", profile, BuildOptions(compute_capabilities=("86",)))
+    with pytest.raises(UserError, match="compute capabilities are for TensorRT-RTX"):
+        build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", profile,
+                     BuildOptions(flavor="tensorrt", compute_capabilities=("8.6",)))
     with pytest.raises(UserError, match="min <= opt <= max"):
         build_engine(tmp_path / "d.onnx", tmp_path / "d.engine", {"latents": ((2, 4, 32, 32),) * 2 + ((1, 4, 32, 32),)})
 
@@ -319,7 +599,9 @@ def test_build_and_run_a_tiny_text_encoder(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = torch.randn(77, 512, generator=torch.Generator().manual_seed(0))
+    # Small integers: every product and sum is exact in fp32, and in TF32 too (10-bit mantissa), so the engine
+    # must match exactly whatever the GPU's matrix units do.
+    weight = torch.randint(-8, 9, (77, 512), generator=torch.Generator().manual_seed(0)).float()
     graph = helper.make_graph(
         [helper.make_node("Cast", ["tokens"], ["f"], to=TensorProto.FLOAT),
          helper.make_node("MatMul", ["f", "w"], ["embed"])],
@@ -332,17 +614,23 @@ def test_build_and_run_a_tiny_text_encoder(tmp_path: Path) -> None:
     engine_path = engine_file(tmp_path, "text_encoder", "fp32")
     profile = graph_profile("text_encoder", ProfileParams(conds_max=5))
     cache = tmp_path / "timing.cache"
+    options = BuildOptions(flavor="tensorrt", opt_level=0)
 
-    assert build_engine(onnx_path, engine_path, profile, opt_level=0, timing_cache_path=cache)
+    assert build_engine(onnx_path, engine_path, profile, options, timing_cache_path=cache)
     assert cache.is_file() and read_sidecar(engine_path).precision == "fp32"
-    assert not build_engine(onnx_path, engine_path, profile, opt_level=0, timing_cache_path=cache)
+    assert not build_engine(onnx_path, engine_path, profile, options, timing_cache_path=cache)
 
     device = torch.device("cuda", torch.cuda.current_device())
-    engine = Engine(engine_path, TEXT_ENCODER, device)
+    sha = read_sidecar(engine_path).engine_sha256
+    eager = Engine(engine_path, TEXT_ENCODER, device, engine_sha256=sha)
+    graphed = Engine(engine_path, TEXT_ENCODER, device, engine_sha256=sha, cuda_graph=True)
     stream = torch.cuda.Stream(device)
-    for n, cuda_graph in ((4, False), (2, True), (2, True), (3, False)):
-        tokens = torch.randint(0, 8, (n, 77), device=device)  # small: TensorRT may use TF32
+    for n in (4, 2, 3, 2, 2):  # back to an earlier shape: captured again, same results as eager
+        tokens = torch.randint(0, 8, (n, 77), device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        out = engine.infer({"tokens": tokens}, stream, cuda_graph=cuda_graph)["embed"]
+        with torch.cuda.stream(stream):  # the copies ordered after each launch
+            outs = [e.infer({"tokens": tokens}, stream)["embed"].clone() for e in (eager, graphed)]
         stream.synchronize()
-        torch.testing.assert_close(out, tokens.float() @ weight.to(device), rtol=1e-2, atol=1e-2)
+        expected = tokens.float() @ weight.to(device)
+        for out in outs:
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -1,5 +1,6 @@
-"""``doctor``: what this machine has (Python, torch and CUDA, ONNX Runtime, TensorRT, cuda-python) and which
-backend can run on which device, and why not. Never fails: a missing GPU or library is a line of the report."""
+"""``doctor``: what this machine has (Python, torch and CUDA, ONNX Runtime, both TensorRT flavours,
+cuda-python) and which backend can run on which device, and why not. Never fails: a missing GPU or library is a
+line of the report."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ccld_trt.backend_select import cuda_unavailable_reason, resolve_backend
-from ccld_trt.engines.engine import require_tensorrt
+from ccld_trt.engines.flavor import require_flavor, rtx_capabilities
 from ccld_trt.export.errors import UserError
 
 BACKEND_DEVICES = (("torch", "cpu"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"),
@@ -69,9 +70,19 @@ def _onnxruntime() -> Check:
 
 def _tensorrt() -> Check:
     try:
-        return Check("tensorrt", True, require_tensorrt())
+        return Check("tensorrt", True, f"{require_flavor('tensorrt')}: builds and runs engines on this machine's "
+                                       "GPU (datacenter GPUs need it)")
     except UserError as e:
         return Check("tensorrt", False, str(e))
+
+
+def _tensorrt_rtx() -> Check:
+    try:
+        version = require_flavor("tensorrt-rtx")
+    except UserError as e:
+        return Check("tensorrt-rtx", False, str(e))
+    return Check("tensorrt-rtx", True, f"{version}: builds engines ahead of time, GPU or not, for compute "
+                                       f"capabilities {', '.join(rtx_capabilities())}; they run on RTX GPUs")
 
 
 def _cuda_python() -> Check:
@@ -100,7 +111,7 @@ def doctor_report() -> list[Check]:
     """One Check per component, then one per (backend, device) pair."""
     probes: list[tuple[str, Callable[[], Check]]] = [
         ("python", _python), ("torch", _torch), ("cuda", _cuda), ("onnxruntime", _onnxruntime),
-        ("tensorrt", _tensorrt), ("cuda-python", _cuda_python)]
+        ("tensorrt", _tensorrt), ("tensorrt-rtx", _tensorrt_rtx), ("cuda-python", _cuda_python)]
     probes += [(f"backend {b} on {d}", functools.partial(_backend, b, d)) for b, d in BACKEND_DEVICES]
     return [_guarded(name, probe) for name, probe in probes]
 

@@ -1,62 +1,64 @@
-"""One TensorRT engine at run time: load (deserialize once), activate (execution context), allocate device
-buffers as torch CUDA tensors, infer on a CUDA stream, optionally through a captured CUDA graph.
+"""One engine at run time, in either TensorRT flavour: load (check, deserialize once), activate (execution
+context), allocate device buffers as torch CUDA tensors, infer on a CUDA stream, optionally as a CUDA graph.
+
+Regular TensorRT: the launch is captured into a torch CUDA graph by hand, anew whenever the input shapes
+change. TensorRT-RTX: its own CUDA-graph strategy does that, and its just-in-time kernel specialisations are
+kept in a runtime cache file beside the engine, so the next start skips them.
 
 TensorRT is imported lazily: importing this module never needs it.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 
-from ccld_trt.engines.profiles import Shape, ShapeRange, bind_dims, outside_profile, resolve_dim
+from ccld_trt.engines.flavor import Flavor, require_flavor, require_tensorrt, rtx_logger, trt_logger
+from ccld_trt.engines.profiles import Shape, ShapeRange, outside_profile
 from ccld_trt.engines.sidecar import REBUILD_HINT
+from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GraphSpec
+from ccld_trt.export.shapes import bind_dims, resolve_dim
 
 if TYPE_CHECKING:
     import tensorrt as trt
+    import tensorrt_rtx as trtx
 
-INSTALL_HINT = "pip install 'ccld-trt[tensorrt]' (needs an NVIDIA GPU and driver)"
+    CudaEngine = trt.ICudaEngine | trtx.ICudaEngine
+    Context = trt.IExecutionContext | trtx.IExecutionContext
 
+__all__ = ["Engine", "engine_file", "plan_buffers", "require_tensorrt", "runtime_cache_file", "tensor_dtype_name"]
+log = logging.getLogger(__name__)
 
-def require_tensorrt() -> str:
-    """The installed TensorRT version ("10.13.0.35"); a one-line UserError if TensorRT cannot be imported."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: the package is there but its libnvinfer is not
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"TensorRT is not installed: import tensorrt failed ({first}); {INSTALL_HINT}") from e
-    version = getattr(trt, "__version__", None)
-    # tensorrt-stubs alone make `import tensorrt` succeed, as an empty namespace package
-    if not isinstance(version, str) or not hasattr(trt, "Builder"):
-        raise UserError(f"TensorRT is not installed: only its type stubs are; {INSTALL_HINT}")
-    return version
+# TensorRT DataType name -> the dtype name graph_specs uses. An explicit table: trt.nptype raises TypeError for
+# BF16, FP8 and INT4, which numpy does not have.
+_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8_e4m3fn", "INT4": "int4",
+                "FP4": "float4_e2m1", "E8M0": "float8_e8m0fnu"}
 
 
-def trt_major(version: str) -> int:
-    """"10.13.0.35" -> 10."""
-    return int(version.split(".")[0])
-
-
-@functools.cache
-def trt_logger() -> trt.ILogger:
-    """One logger for builders and runtimes (TensorRT wants them to share one), warnings and errors only."""
-    import tensorrt as trt
-
-    return trt.Logger(trt.Logger.WARNING)
+def tensor_dtype_name(datatype: Any) -> str:
+    """A TensorRT DataType of either flavour (``DataType.BF16``) -> "bfloat16"; unknown ones lower-cased."""
+    name = str(getattr(datatype, "name", datatype))
+    return _DTYPE_NAMES.get(name, name.lower())
 
 
 def engine_file(engine_dir: Path, graph: str, precision: str) -> Path:
     """Where the engine of ``graph`` lives: ``<dir>/<graph>.fp16.engine`` (fp16) or ``<dir>/<graph>.engine``,
     mirroring the ONNX names ``<graph>.fp16.onnx`` / ``<graph>.onnx``."""
     return Path(engine_dir) / (f"{graph}.fp16.engine" if precision == "fp16" else f"{graph}.engine")
+
+
+def runtime_cache_file(engine_path: Path) -> Path:
+    """TensorRT-RTX's runtime cache of an engine: ``<engine>.runtime-cache``."""
+    return engine_path.with_name(engine_path.name + ".runtime-cache")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -75,75 +77,133 @@ def plan_buffers(spec: GraphSpec, input_shapes: Mapping[str, Sequence[int]]) -> 
             for t in (*spec.inputs, *spec.outputs)}
 
 
-def _shape(dims: trt.Dims) -> Shape:
+def _shape(dims: Any) -> Shape:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-def _profile_range(engine: trt.ICudaEngine, name: str) -> ShapeRange:
-    lo, opt, hi = engine.get_tensor_profile_shape(name, 0)  # the only profile the builder makes
-    return _shape(lo), _shape(opt), _shape(hi)
+def io_problems(engine: CudaEngine, spec: GraphSpec) -> list[str]:
+    """How a deserialized engine's I/O differs from ``spec`` (names, directions, dtypes); empty if it matches."""
+    problems = []
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    for mode, tensors in (("input", spec.inputs), ("output", spec.outputs)):
+        for t in tensors:
+            if t.name not in names or engine.get_tensor_mode(t.name).name.lower() != mode:
+                problems.append(f"no {mode} {t.name}")
+            elif (dtype := tensor_dtype_name(engine.get_tensor_dtype(t.name))) != t.dtype:
+                problems.append(f"{t.name} is {dtype}, not {t.dtype}")
+    return problems
+
+
+class Replayable(Protocol):
+    def replay(self) -> None: ...
 
 
 class Engine:
     """A serialized engine for one graph of graph_specs, run with buffers owned here on ``device``.
 
-    Buffers are flat torch tensors that only grow; a smaller request uses a prefix view, so addresses (and the
-    CUDA graphs captured on them) stay valid until a larger shape forces a reallocation.
+    flavor: which TensorRT built it; engine_sha256: the hash its sidecar records (checked at load);
+    cuda_graph: replay launches from CUDA graphs.
+
+    Buffers are flat torch tensors that only grow; a smaller request uses a prefix view, so addresses stay valid
+    until a larger shape forces a reallocation.
     """
 
-    def __init__(self, path: Path, spec: GraphSpec, device: torch.device) -> None:
+    def __init__(self, path: Path, spec: GraphSpec, device: torch.device, flavor: Flavor = "tensorrt", *,
+                 engine_sha256: str = "", cuda_graph: bool = False) -> None:
         self.path = Path(path)
         self.spec = spec
         self.device = device
+        self.flavor = flavor
+        self.engine_sha256 = engine_sha256
+        self.cuda_graph = cuda_graph
         self.profile: dict[str, ShapeRange] = {}  # the built (min, opt, max) of each input, profile 0
-        self._runtime: trt.Runtime | None = None  # must outlive the engine
-        self._engine: trt.ICudaEngine | None = None
-        self._context: trt.IExecutionContext | None = None
+        self._runtime: trt.Runtime | trtx.Runtime | None = None  # must outlive the engine
+        self._engine: CudaEngine | None = None
+        self._context: Context | None = None
+        self._runtime_cache: Any = None  # TensorRT-RTX's IRuntimeCache
+        self._cache_dirty = False
         self._storage: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, Shape] = {}
-        self._graphs: dict[tuple[tuple[str, Shape], ...], torch.cuda.CUDAGraph] = {}
+        self._graph: Replayable | None = None  # regular TensorRT: the launch captured at _graph_shapes
+        self._graph_shapes: dict[str, Shape] = {}
 
     def load(self) -> None:
-        """Deserialize the engine (once) and check its I/O against the graph spec."""
+        """Read and check the engine file (its hash, the GPU's validity for it), deserialize it (once) and check
+        its I/O against the graph spec."""
         if self._engine is not None:
             return
-        require_tensorrt()
-        import tensorrt as trt
-
+        data = self.path.read_bytes()
+        if self.engine_sha256 and hashlib.sha256(data).hexdigest() != self.engine_sha256:
+            raise UserError(f"engine {self.path} is not the file its sidecar describes: {REBUILD_HINT}")
+        require_flavor(self.flavor)
         with torch.cuda.device(self.device):
-            runtime = trt.Runtime(trt_logger())
-            engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+            runtime, engine = self._deserialize(data)
         if engine is None:
-            raise UserError(f"TensorRT could not load engine {self.path} (see its log above): {REBUILD_HINT}")
-        problems = []
-        modes = {t.name: trt.TensorIOMode.INPUT for t in self.spec.inputs}
-        modes.update({t.name: trt.TensorIOMode.OUTPUT for t in self.spec.outputs})
-        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        for t in (*self.spec.inputs, *self.spec.outputs):
-            if t.name not in names or engine.get_tensor_mode(t.name) != modes[t.name]:
-                problems.append(f"no {modes[t.name].name.lower()} {t.name}")
-            elif (dtype := np.dtype(trt.nptype(engine.get_tensor_dtype(t.name))).name) != t.dtype:
-                problems.append(f"{t.name} is {dtype}, not {t.dtype}")
+            raise UserError(f"{self.flavor} could not load engine {self.path} (see its log above): {REBUILD_HINT}")
+        problems = io_problems(engine, self.spec)
         if problems:
             raise UserError(f"engine {self.path} is not a {self.spec.name} engine ({'; '.join(problems)}): "
                             f"{REBUILD_HINT}")
-        self.profile = {t.name: _profile_range(engine, t.name) for t in self.spec.inputs}
+        self.profile = {t.name: tuple(_shape(s) for s in engine.get_tensor_profile_shape(t.name, 0))  # type: ignore[misc]
+                        for t in self.spec.inputs}
         self._runtime, self._engine = runtime, engine
 
+    def _deserialize(self, data: bytes) -> tuple[trt.Runtime | trtx.Runtime, CudaEngine | None]:
+        if self.flavor == "tensorrt":
+            import tensorrt as trt
+
+            runtime = trt.Runtime(trt_logger())
+            return runtime, runtime.deserialize_cuda_engine(data)
+        import tensorrt_rtx as trtx
+
+        rtx_runtime = trtx.Runtime(rtx_logger())
+        validity, diagnostics = rtx_runtime.get_engine_validity(data)
+        if validity == trtx.EngineValidity.INVALID:
+            reasons = [name.lower().replace("_", " ") for name, flag in
+                       trtx.EngineInvalidityDiagnostics.__members__.items() if int(diagnostics) & int(flag)]
+            raise UserError(f"engine {self.path} cannot run on this GPU ({', '.join(reasons) or 'no reason given'})"
+                            f": {REBUILD_HINT} --compute-capability with this GPU's")
+        if validity == trtx.EngineValidity.SUBOPTIMAL:
+            log.warning("engine %s runs on this GPU, but not at its best: consider rebuilding it", self.path)
+        return rtx_runtime, rtx_runtime.deserialize_cuda_engine(data)
+
     def activate(self) -> None:
-        """Create the execution context (TensorRT allocates its scratch memory for the largest profile shape)."""
+        """Create the execution context (TensorRT allocates its scratch memory for the largest profile shape);
+        for TensorRT-RTX with its runtime cache, read from ``<engine>.runtime-cache`` when there is one, and its
+        CUDA-graph strategy when asked for."""
         if self._engine is None:
             self.load()
-        assert self._engine is not None
+        engine = self._engine
         with torch.cuda.device(self.device):
-            self._context = self._engine.create_execution_context()
+            if self.flavor == "tensorrt-rtx":
+                self._context = self._rtx_context(engine)  # type: ignore[arg-type]
+            else:
+                self._context = engine.create_execution_context()  # type: ignore[union-attr]
         if self._context is None:
-            raise UserError(f"TensorRT could not create an execution context for {self.path} (out of GPU memory?)")
+            raise UserError(f"{self.flavor} could not create an execution context for {self.path} "
+                            "(out of GPU memory?)")
+
+    def _rtx_context(self, engine: trtx.ICudaEngine) -> trtx.IExecutionContext:
+        import tensorrt_rtx as trtx
+
+        config = engine.create_runtime_config()
+        cache = config.create_runtime_cache()
+        path = runtime_cache_file(self.path)
+        if path.is_file() and not cache.deserialize(path.read_bytes()):
+            log.warning("runtime cache %s does not fit this GPU or TensorRT-RTX: starting a new one", path)
+            cache.reset()
+        config.set_runtime_cache(cache)
+        if self.cuda_graph:
+            config.cuda_graph_strategy = trtx.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        self._runtime_cache = cache
+        return engine.create_execution_context(config)
 
     def allocate(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
         """Device buffers (inputs and outputs) for these input shapes, bound to the context; reused while the
-        shapes are unchanged, reallocated only when a tensor grows. UserError if a shape is outside the profile."""
+        shapes are unchanged, reallocated only when a tensor grows. UserError if a shape is outside the profile.
+
+        All or nothing: when it fails, the next call sets every shape and address again."""
         shapes = {name: tuple(int(s) for s in shape) for name, shape in input_shapes.items()}
         if shapes == self._shapes:
             return self._buffers
@@ -155,42 +215,47 @@ class Engine:
         problems = outside_profile(self.spec.name, shapes, self.profile)
         if problems:
             raise UserError(f"{'; '.join(problems)}: rebuild the engines with larger limits "
-                            "(ccld-trt engines build --rebuild)")
-        for name, (shape, dtype) in plan.items():
-            store = self._storage.get(name)
-            if store is None or store.numel() < math.prod(shape):
-                self._storage[name] = torch.empty(math.prod(shape), dtype=dtype, device=self.device)
-                self._graphs.clear()  # they captured the old addresses
-        self._buffers = {name: self._storage[name][: math.prod(shape)].view(shape) for name, (shape, _) in plan.items()}
+                            "(ccld-trt engines build)")
+        grown = {name: torch.empty(math.prod(shape), dtype=dtype, device=self.device)
+                 for name, (shape, dtype) in plan.items()
+                 if name not in self._storage or self._storage[name].numel() < math.prod(shape)}
+        self._shapes = {}  # from here the context changes: until it all succeeds, nothing is reused
+        if grown:
+            self._storage.update(grown)
+            self._graph = None  # it captured the old addresses
+        buffers = {name: self._storage[name][: math.prod(shape)].view(shape) for name, (shape, _) in plan.items()}
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
                 raise RuntimeError(f"TensorRT refused shape {list(shape)} for {self.spec.name} input {name}")
-        for name, buf in self._buffers.items():
+        for name, buf in buffers.items():
             context.set_tensor_address(name, buf.data_ptr())
         for t in self.spec.outputs:  # the engine infers output shapes itself; graph_specs must agree
             if (got := _shape(context.get_tensor_shape(t.name))) != plan[t.name][0]:
                 raise RuntimeError(f"{self.path.name}: output {t.name} is {list(got)}, graph_specs says "
                                    f"{list(plan[t.name][0])}")
-        self._shapes = shapes
-        return self._buffers
+        self._buffers, self._shapes = buffers, shapes
+        self._cache_dirty = self._runtime_cache is not None  # a new shape: TensorRT-RTX specialises anew
+        return buffers
 
-    def infer(self, feed: Mapping[str, torch.Tensor], stream: torch.cuda.Stream, *,
-              cuda_graph: bool = False) -> dict[str, torch.Tensor]:
+    def infer(self, feed: Mapping[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """Run the engine on ``stream`` without a host sync: ``feed`` {input name: tensor} is copied into the
-        input buffers; returns {output name: buffer}. The buffers are overwritten by the next call.
-
-        cuda_graph: replay a CUDA graph of the launch, captured on the first call with these input shapes (that
-        capture synchronizes the device once).
-        """
+        input buffers; returns {output name: buffer}. The buffers are overwritten by the next call."""
         with torch.cuda.stream(stream):  # buffers are allocated for, and copies ordered on, this stream
             buffers = self.allocate({name: t.shape for name, t in feed.items()})
             for name, t in feed.items():
                 buffers[name].copy_(t, non_blocking=True)
-            if cuda_graph:
-                self._replay(stream)
-            else:
-                self._execute(stream)
+            self.launch(stream)
         return {t.name: buffers[t.name] for t in self.spec.outputs}
+
+    def launch(self, stream: torch.cuda.Stream) -> None:
+        """One launch on the allocated buffers: from a CUDA graph when asked for (regular TensorRT: captured by
+        hand at the current shapes), then the runtime cache saved if it learnt something."""
+        if self.cuda_graph and self.flavor == "tensorrt":
+            self._replay(stream)
+        else:
+            self._execute(stream)
+        if self._cache_dirty:
+            self.save_runtime_cache()
 
     def _execute(self, stream: torch.cuda.Stream) -> None:
         assert self._context is not None
@@ -198,13 +263,22 @@ class Engine:
             raise RuntimeError(f"TensorRT inference of {self.path.name} failed (see its log above)")
 
     def _replay(self, stream: torch.cuda.Stream) -> None:
-        key = tuple(sorted(self._shapes.items()))
-        graph = self._graphs.get(key)
-        if graph is None:
-            # TensorRT finishes shape-dependent setup in the first launch after a shape change: capture after it
+        # One graph, captured anew on every shape change: the execution context keeps shape-dependent state of
+        # its own, so a graph captured at an earlier shape is not trusted after the context has moved on.
+        if self._graph is None or self._graph_shapes != self._shapes:
+            self._graph = None
+            self._execute(stream)  # TensorRT finishes shape-dependent setup in the first launch after a change
+            self._graph, self._graph_shapes = self._capture(stream), dict(self._shapes)
+        self._graph.replay()
+
+    def _capture(self, stream: torch.cuda.Stream) -> Replayable:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
             self._execute(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                self._execute(stream)
-            self._graphs[key] = graph
-        graph.replay()
+        return graph
+
+    def save_runtime_cache(self) -> None:
+        """Write TensorRT-RTX's runtime cache to ``<engine>.runtime-cache`` (nothing for regular TensorRT)."""
+        if self._runtime_cache is not None:
+            write_atomic(runtime_cache_file(self.path), memoryview(self._runtime_cache.serialize()))
+        self._cache_dirty = False

@@ -1,8 +1,8 @@
 """Optimisation profiles: the (min, opt, max) input shapes each TensorRT engine is built for, computed from a
 few user parameters and the graphs' symbolic dimensions (``export/graph_specs.py``).
 
-Also the pure shape logic shared with the runtime: binding symbolic dimensions from concrete input shapes and
-resolving output shapes (``8*height``), and naming shapes that fall outside a built profile.
+Also naming the shapes that fall outside a built profile. (Binding symbolic dimensions to concrete shapes is
+``ccld_trt.export.shapes``: the ONNX Runtime backend needs it too.)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.graph_specs import GRAPHS, Dim, GraphSpec
+from ccld_trt.export.graph_specs import GRAPHS, Dim
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # min, opt, max
@@ -103,33 +103,6 @@ def as_profile(ranges: Mapping[str, Sequence[Sequence[int]]]) -> GraphProfile:
 
 def _shape_at(dims: tuple[Dim, ...], ranges: Mapping[str, DimRange], i: int) -> Shape:
     return tuple(d if isinstance(d, int) else ranges[d][i] for d in dims)
-
-
-def bind_dims(spec: GraphSpec, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Symbolic dimension -> size, read from concrete input shapes; ValueError if they break the spec."""
-    expected = sorted(t.name for t in spec.inputs)
-    if sorted(input_shapes) != expected:
-        raise ValueError(f"{spec.name} takes inputs {expected}, got {sorted(input_shapes)}")
-    env: dict[str, int] = {}
-    for t in spec.inputs:
-        shape = tuple(int(s) for s in input_shapes[t.name])
-        if len(shape) != len(t.shape):
-            raise ValueError(f"{spec.name} input {t.name} has shape {list(shape)}, expected {list(t.shape)}")
-        for dim, size in zip(t.shape, shape, strict=True):
-            if isinstance(dim, int):
-                if size != dim:
-                    raise ValueError(f"{spec.name} input {t.name} has shape {list(shape)}, expected {list(t.shape)}")
-            elif env.setdefault(dim, size) != size:
-                raise ValueError(f"{spec.name}: dimension {dim} is {env[dim]} in one input and {size} in {t.name}")
-    return env
-
-
-def resolve_dim(dim: Dim, env: Mapping[str, int]) -> int:
-    """An int, a symbol (``height``) or a multiple of one (``8*height``) -> its size under ``env``."""
-    if isinstance(dim, int):
-        return dim
-    factor, _, symbol = dim.rpartition("*")
-    return (int(factor) if factor else 1) * env[symbol]
 
 
 def outside_profile(graph: str, shapes: Mapping[str, Sequence[int]], profile: Mapping[str, ShapeRange]) -> list[str]:

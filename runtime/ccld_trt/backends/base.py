@@ -7,9 +7,13 @@ where the backend's buffers live; a backend converts at its own boundary if its 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
+
+from ccld_trt.export.graph_specs import GRAPHS
 
 
 class Backend(Protocol):
@@ -39,3 +43,49 @@ class Backend(Protocol):
         """latents float32 [N, 4, h, w], already multiplied by the autoencoder scale -> images [N, 3, 8h, 8w]
         in about [-1, 1]."""
         ...
+
+
+class GraphBackend:
+    """The Backend interface over the exported graphs (unet_cfg, decoder, text_encoder, image_encoder), for the
+    backends that run them (ONNX Runtime, TensorRT). A subclass runs one graph call (``_run``) and may cap the
+    ``batch`` and ``conds`` dimensions of a call (``limits``, e.g. an engine's profile): larger calls are split,
+    their batches concatenated and their CFG conditions summed (v is a weighted sum over conditions)."""
+
+    name: str
+    device: torch.device
+
+    def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One call of ``graph`` on ``feed`` ({input name: tensor}) -> a new tensor holding its one output."""
+        raise NotImplementedError
+
+    def limits(self, graph: str) -> dict[str, int]:
+        """The largest ``batch`` / ``conds`` one call of ``graph`` takes ({}: no limit)."""
+        return {}
+
+    def _call(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        limits = self.limits(graph)
+        for dim in ("conds", "batch"):
+            names = [t.name for t in GRAPHS[graph].inputs if t.shape[:1] == (dim,)]
+            size = int(feed[names[0]].shape[0]) if names else 0
+            step = limits.get(dim, size)
+            if size > step:
+                parts = [self._call(graph, {k: v[i:i + step] if k in names else v for k, v in feed.items()})
+                         for i in range(0, size, step)]
+                return functools.reduce(torch.add, parts) if dim == "conds" else torch.cat(parts)
+        return self._run(graph, feed)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [N, 77] -> CLOOB text embeddings float32 [N, 512]."""
+        return self._call("text_encoder", {"tokens": tokens})
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels float32 [N, 3, S, S] in [0, 1] -> L2-normalised embeddings float32 [N, 512]."""
+        return self._call("image_encoder", {"pixels": pixels})
+
+    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, 4, h, w], t [N], conds [C, 512], weights [C] -> v [N, 4, h, w]: unet_cfg."""
+        return self._call("unet_cfg", {"x": x, "t": t, "conds": conds, "weights": weights})
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents float32 [N, 4, h, w] (already scaled) -> images float32 [N, 3, 8h, 8w] in about [-1, 1]."""
+        return self._call("decoder", {"latents": latents})

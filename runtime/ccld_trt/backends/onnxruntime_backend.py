@@ -16,21 +16,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ccld_trt.engines.profiles import bind_dims, resolve_dim
+from ccld_trt import backend_select
+from ccld_trt.backends.base import GraphBackend
 from ccld_trt.export.checkpoints import require_file
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
 from ccld_trt.export.onnx_export import onnx_path
+from ccld_trt.export.shapes import output_shapes
 
-PRECISIONS = ("fp32", "fp16")
-GPU_HINT = "pip install 'ccld-trt[gpu]' (onnxruntime-gpu) and use an NVIDIA GPU, or use --device cpu"
+GPU_HINT = "pip install 'ccld-trt[gpu]' (onnxruntime-gpu) and use an NVIDIA GPU, or the cpu device"
 
 
 def check_precision(precision: str) -> str:
     """``precision`` if this backend has graphs for it (fp32, fp16), else UserError."""
-    if precision not in PRECISIONS:
-        raise UserError(f"the onnxruntime backend runs {' or '.join(PRECISIONS)} graphs, not {precision!r}")
-    return precision
+    return backend_select.check_precision("onnxruntime", precision)
 
 
 def session_options(threads: int | None = None) -> Any:
@@ -73,8 +72,8 @@ def execution_providers(device: torch.device, precision: str, cache_dir: Path) -
     return providers
 
 
-class OnnxRuntimeBackend:
-    """Backend protocol over ``<onnx_dir>/<graph>.onnx`` (``precision`` fp32) or ``<graph>.fp16.onnx`` (fp16),
+class OnnxRuntimeBackend(GraphBackend):
+    """Backend over ``<onnx_dir>/<graph>.onnx`` (``precision`` fp32) or ``<graph>.fp16.onnx`` (fp16),
     as written by ``ccld_trt.export.onnx_export.export_all``. ``threads``: intra-op threads on the CPU.
 
     One call at a time (as the pipeline makes them): calls share their bindings and output buffers.
@@ -109,8 +108,7 @@ class OnnxRuntimeBackend:
         spec = GRAPHS[graph]
         inputs = {t.name: feed[t.name].to(self.device, getattr(torch, t.dtype)).contiguous() for t in spec.inputs}
         (output,) = spec.outputs
-        env = bind_dims(spec, {name: tensor.shape for name, tensor in inputs.items()})
-        shape = tuple(resolve_dim(d, env) for d in output.shape)
+        shape = output_shapes(spec, {name: tensor.shape for name, tensor in inputs.items()})[output.name]
         if (graph, shape) not in self._bound:
             out = torch.empty(shape, dtype=getattr(torch, output.dtype), device=self.device)
             binding = self.sessions[graph].io_binding()
@@ -128,19 +126,3 @@ class OnnxRuntimeBackend:
             torch.cuda.current_stream(self.device).synchronize()
         self.sessions[graph].run_with_iobinding(binding)
         return out.clone()
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens int64 [N, 77] -> CLOOB text embeddings float32 [N, 512]."""
-        return self._run("text_encoder", {"tokens": tokens})
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels float32 [N, 3, S, S] in [0, 1] -> L2-normalised embeddings float32 [N, 512]."""
-        return self._run("image_encoder", {"pixels": pixels})
-
-    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, 4, h, w], t [N], conds [C, 512], weights [C] -> v [N, 4, h, w]: one run of unet_cfg."""
-        return self._run("unet_cfg", {"x": x, "t": t, "conds": conds, "weights": weights})
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents float32 [N, 4, h, w] (already scaled) -> images float32 [N, 3, 8h, 8w] in about [-1, 1]."""
-        return self._run("decoder", {"latents": latents})

@@ -1,73 +1,113 @@
 """The TensorRT backend: the Backend interface over four engines (unet_cfg, decoder, text_encoder,
-image_encoder) built by ``ccld_trt.engines.build`` into one directory.
+image_encoder) built by ``ccld_trt.engines.build`` into one directory, by either TensorRT flavour.
+
+Before any engine loads, every sidecar is checked against this machine (flavour and version, the GPU or the
+RTX targets, precision) and against the model files the caller names (their SHA-256 against the checkpoints the
+engines were built from), so engines of other weights are refused in one line instead of giving wrong images.
 
 The engines run on a stream of their own; each call orders it after the caller's current stream and the caller's
 stream after it (GPU-side waits, no host sync), and returns fresh tensors, so the sampler never sees a buffer
-that the next call overwrites.
+that the next call overwrites. Calls larger than an engine's profile are split (see GraphBackend).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ccld_trt.engines.engine import Engine, engine_file, require_tensorrt
-from ccld_trt.engines.sidecar import Sidecar, gpu_identity, require_fit
+from ccld_trt.backends.base import GraphBackend
+from ccld_trt.engines.engine import Engine, engine_file
+from ccld_trt.engines.flavor import FLAVORS, Flavor, parse_flavor, require_flavor
+from ccld_trt.engines.sidecar import Sidecar, check_sidecar, checkpoint_digests, gpu_identity, read_sidecar
 from ccld_trt.export.checkpoints import require_file
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPH_PRECISIONS, GRAPHS
+from ccld_trt.export.models import ModelFiles
 
 
-class TensorRTBackend:
-    """Backend protocol over TensorRT engines in ``engine_dir`` (names: engines.engine.engine_file).
+def model_checkpoints(files: ModelFiles) -> dict[str, Path]:
+    """The checkpoint of each component, by the names the exporter's ``source_sha256`` metadata uses."""
+    return {"unet": files.unet, "autoencoder": files.autoencoder, "cloob": files.cloob}
 
-    precision: which engines to load ("fp16": ``<graph>.fp16.engine``); cuda_graph: capture the U-Net launch
-    once per input shape and replay it afterwards (saves the per-launch CPU cost of many small kernels).
+
+class TensorRTBackend(GraphBackend):
+    """Backend over the engines in ``engine_dir`` (names: engines.engine.engine_file).
+
+    precision: which engines to load ("fp16": ``<graph>.fp16.engine``); cuda_graph: replay the U-Net launch from
+    a CUDA graph (saves the per-launch CPU cost of many small kernels); flavor: "auto" (the one the engines were
+    built with), "tensorrt" or "rtx"; models: the model files the engines must have been built from (None: not
+    checked).
     """
 
     name = "tensorrt"
 
     def __init__(self, engine_dir: Path, *, device: str | torch.device = "cuda", precision: str = "fp16",
-                 cuda_graph: bool = False) -> None:
-        version = require_tensorrt()
+                 cuda_graph: bool = False, flavor: str = "auto", models: ModelFiles | None = None) -> None:
+        if precision not in GRAPH_PRECISIONS:
+            raise UserError(f"the tensorrt backend runs {' or '.join(GRAPH_PRECISIONS)} engines, not {precision!r}")
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise UserError(f"the tensorrt backend runs on a CUDA device, not {self.device}")
         gpu_name, capability = gpu_identity(self.device)  # UserError without a CUDA GPU
+        engine_dir = Path(engine_dir)
+        paths = {graph: require_file(engine_file(engine_dir, graph, precision), f"{graph} engine")
+                 for graph in BACKEND_GRAPHS}
+        built = {graph: read_sidecar(path) for graph, path in paths.items()}
+        self.flavor = engines_flavor(flavor, built)
+        hint = "rebuild them: ccld-trt engines build" + (
+            f" --models {models.unet.parent}" if models else "") + f" --output {engine_dir}"
+        digests = checkpoint_digests(model_checkpoints(models), engine_dir / "checkpoints.json") if models else {}
+        current = Sidecar(flavor=self.flavor, version=require_flavor(self.flavor), compute_capabilities=(capability,),
+                          gpu_name=gpu_name if self.flavor == "tensorrt" else "", precision=precision)
+        for graph, sidecar in built.items():  # every engine checked before any loads
+            sources = {c: digests[c] for c in sidecar.sources if c in digests}
+            problems = check_sidecar(sidecar, dataclasses.replace(current, sources=sources))
+            if problems:
+                raise UserError(f"engine {paths[graph]} does not fit: {'; '.join(problems)}: {hint}")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        current = Sidecar(tensorrt_version=version, gpu_name=gpu_name, compute_capability=capability,
-                          precision=precision)
-        paths = {graph: engine_file(Path(engine_dir), graph, precision) for graph in BACKEND_GRAPHS}
-        for graph, path in paths.items():  # every file checked before any engine loads
-            require_fit(require_file(path, f"{graph} TensorRT engine"), current)
-        self.engines = {graph: Engine(path, GRAPHS[graph], self.device) for graph, path in paths.items()}
+        self.engines = {graph: Engine(path, GRAPHS[graph], self.device, self.flavor,
+                                      engine_sha256=built[graph].engine_sha256,
+                                      cuda_graph=cuda_graph and graph == "unet_cfg")
+                        for graph, path in paths.items()}
         for engine in self.engines.values():
             engine.activate()
         self.cuda_graph = cuda_graph
         self.stream = torch.cuda.Stream(self.device)
 
-    def _run(self, graph: str, feed: dict[str, torch.Tensor], cuda_graph: bool = False) -> torch.Tensor:
+    def limits(self, graph: str) -> dict[str, int]:
+        """The largest batch / conds each input of the engine's profile admits."""
+        limits: dict[str, int] = {}
+        for t in GRAPHS[graph].inputs:
+            _, _, hi = self.engines[graph].profile[t.name]
+            for dim, size in zip(t.shape, hi, strict=True):
+                if isinstance(dim, str) and dim in ("batch", "conds"):
+                    limits[dim] = min(limits.get(dim, size), size)
+        return limits
+
+    def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        spec = GRAPHS[graph]
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)
-        out = self.engines[graph].infer(feed, self.stream, cuda_graph=cuda_graph)
+        inputs = {t.name: feed[t.name].to(self.device, getattr(torch, t.dtype)) for t in spec.inputs}
+        out = self.engines[graph].infer(inputs, self.stream)
         caller.wait_stream(self.stream)
         (result,) = out.values()  # every graph has one output
         return result.clone()  # on the caller's stream, which now waits for the engine
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens int64 [N, 77] -> CLOOB text embeddings float32 [N, 512]."""
-        return self._run("text_encoder", {"tokens": tokens})
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels float32 [N, 3, S, S] in [0, 1] -> L2-normalised embeddings float32 [N, 512]."""
-        return self._run("image_encoder", {"pixels": pixels})
-
-    def unet(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, 4, h, w], t [N], conds [C, 512], weights [C] -> v [N, 4, h, w]: one launch of unet_cfg."""
-        return self._run("unet_cfg", {"x": x, "t": t, "conds": conds, "weights": weights}, self.cuda_graph)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents float32 [N, 4, h, w] (already scaled) -> images float32 [N, 3, 8h, 8w] in about [-1, 1]."""
-        return self._run("decoder", {"latents": latents})
+def engines_flavor(choice: str, built: Mapping[str, Sidecar]) -> Flavor:
+    """The flavour to run ``built`` engines with: theirs for "auto" (UserError when they mix flavours or name an
+    unknown one), else the one chosen (a mismatch is then reported by the sidecar check)."""
+    wanted = parse_flavor(choice)
+    if wanted != "auto":
+        return wanted
+    found = {s.flavor for s in built.values()}
+    if len(found) != 1 or not found <= set(FLAVORS):
+        raise UserError(f"the engines were built with {', '.join(sorted(found))}: rebuild them with one flavour "
+                        "(ccld-trt engines build)")
+    (flavor,) = found
+    return flavor  # type: ignore[return-value]

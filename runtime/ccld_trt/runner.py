@@ -38,6 +38,8 @@ class BackendOptions:
         backend, device = resolve_backend(self.backend, self.device)
         if self.cuda_graph and backend == "onnxruntime":
             raise UserError("CUDA-graph replay is for the torch and tensorrt backends")
+        if self.cuda_graph and not device.startswith("cuda"):
+            raise UserError("CUDA-graph replay needs a CUDA device")
         if self.precision is not None:
             check_precision(backend, self.precision)
         return BackendOptions(backend, device, self.precision, self.cuda_graph, self.engine_dir, self.onnx_dir)
@@ -102,9 +104,3 @@ def open_session(options: BackendOptions, models: ModelSource) -> Session:
     else:
         raise UserError(f"unknown backend {options.backend!r}")
     return Session(backend, networks.image_size, networks.checkpoint_autoencoder_scale, files.is_demo())
-
-
-def open_backend(name: str, device: str, files: ModelFiles, precision: str | None = None, *,
-                 cuda_graph: bool = False) -> Session:
-    """``open_session`` with loose arguments: kept only until the benchmark suite passes BackendOptions."""
-    return open_session(BackendOptions(name, device, precision, cuda_graph), ModelSource(files))

@@ -47,7 +47,7 @@ def _runs(value: str) -> tuple[tuple[int, int], ...]:
 
 
 def _backend_list(value: str) -> tuple[str, ...]:
-    from ccld_trt.benchmarks.suite import BACKENDS
+    from ccld_trt.benchmarks.plan import BACKENDS
 
     names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
     unknown = [n for n in names if n not in BACKENDS]

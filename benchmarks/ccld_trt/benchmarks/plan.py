@@ -10,16 +10,18 @@ from typing import Any, TypeVar
 
 import torch
 
+from ccld_trt.backend_select import BACKENDS as RUNTIME_BACKENDS
 from ccld_trt.backend_select import cuda_unavailable_reason
 from ccld_trt.export.errors import UserError
 from ccld_trt.pipeline import Request
 
-BACKENDS = ("torch", "torch-cudagraph", "onnxruntime", "tensorrt")
+CUDA_GRAPH_BACKEND = "torch-cudagraph"  # torch with CUDA-graph replay, measured as a backend of its own
+BACKENDS = (RUNTIME_BACKENDS[0], CUDA_GRAPH_BACKEND, *RUNTIME_BACKENDS[1:])
 PROFILED_GRAPHS = ("unet_cfg", "decoder")
 GRAPH_BACKENDS = frozenset({"onnxruntime", "tensorrt"})  # they run the exported graphs, not the torch modules
-# What to try per backend and device type. A combination that cannot run here is still tried, so that the
-# report says why it was skipped.
-PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
+# What to try per backend and device type (of what backend_select.PRECISIONS says each runs). A combination that
+# cannot run here is still tried, so that the report says why it was skipped.
+PLANNED_PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "torch": {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")},
     "torch-cudagraph": {"cpu": ("fp16",), "cuda": ("fp32", "fp16")},
     "onnxruntime": {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")},
@@ -112,7 +114,7 @@ class BenchConfig:
         if self.variants is not None:
             return self.variants
         device_type = torch.device(self.device).type
-        return tuple(Variant(b, p) for b in self.backends for p in PRECISIONS[b][device_type])
+        return tuple(Variant(b, p) for b in self.backends for p in PLANNED_PRECISIONS[b][device_type])
 
     def run_order(self) -> list[Variant]:
         """The planned variants, the reference first (its outputs are what the others are compared with)."""

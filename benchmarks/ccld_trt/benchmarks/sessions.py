@@ -1,5 +1,5 @@
 """Where a benchmark's weights come from and how it opens a variant: the models directory (or cached demo
-weights), and ``runner.open_backend`` with a one-line reason when a variant cannot run here."""
+weights), and ``runner.open_session`` with a one-line reason when a variant cannot run here."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from ccld_trt.backend_select import BACKENDS as SELECTABLE_BACKENDS
-from ccld_trt.backend_select import resolve_backend
-from ccld_trt.benchmarks.plan import BenchConfig, Variant
+from ccld_trt.benchmarks.plan import CUDA_GRAPH_BACKEND, BenchConfig, Variant
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.models import ModelFiles, models_dir
-from ccld_trt.runner import Session, open_backend
+from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 
 # (variant, device, model files) -> an open session; UserError (or any exception) = skipped with the reason.
 # Worker processes are spawned and import it by name, so an opener must be a module-level function.
@@ -46,15 +42,16 @@ def bench_model_files(config: BenchConfig, log: Callable[[str], None]) -> tuple[
     return ModelFiles.resolve(cache), {"dir": str(cache), "demo": True, "size": config.demo_size}
 
 
+def variant_options(variant: Variant, device: str) -> BackendOptions:
+    """How the runtime opens ``variant`` on ``device`` (torch-cudagraph is torch with CUDA-graph replay)."""
+    cuda_graph = variant.backend == CUDA_GRAPH_BACKEND
+    return BackendOptions("torch" if cuda_graph else variant.backend, device, variant.precision, cuda_graph)
+
+
 def open_variant(variant: Variant, device: str, files: ModelFiles) -> Session:
-    """``runner.open_backend`` for the variant; UserError with a one-line reason when it cannot run here."""
-    if variant.backend in SELECTABLE_BACKENDS:
-        resolve_backend(variant.backend, device)  # says why before anything loads
-    elif variant.backend == "torch-cudagraph" and torch.device(device).type != "cuda":
-        raise UserError("CUDA graphs need a CUDA device (--device cuda)")
-    cuda_graph = variant.backend == "torch-cudagraph"
-    session = open_backend("torch" if cuda_graph else variant.backend, device, files, variant.precision,
-                           cuda_graph=cuda_graph)
+    """``runner.open_session`` for the variant; UserError with a one-line reason when it cannot run here (said
+    before anything loads)."""
+    session = open_session(variant_options(variant, device), ModelSource(files))
     opened = getattr(session.backend, "precision", variant.precision)
     if opened != variant.precision:
         raise UserError(f"opened at precision {opened}, not {variant.precision}")

@@ -40,7 +40,6 @@ from ccld_trt.benchmarks.plan import (
     E2E_WARMUP_STEPS,
     LATENT_SIZE,
     METHOD,
-    PRECISIONS,
     PROMPT,
     REFERENCE,
     BenchConfig,
@@ -54,8 +53,8 @@ from ccld_trt.benchmarks.stages import Context, Costs, EndToEndOutput, end_to_en
 from ccld_trt.benchmarks.workers import BackendFailed, BackendProcess
 from ccld_trt.export.models import ModelFiles, load_networks
 
-__all__ = ["BACKENDS", "PRECISIONS", "REFERENCE", "BenchConfig", "Opener", "Variant", "judge", "measure_all",
-           "open_variant", "plms_step_intervals_ms", "run_bench"]
+__all__ = ["BACKENDS", "REFERENCE", "BenchConfig", "Opener", "Variant", "judge", "measure_all", "open_variant",
+           "plms_step_intervals_ms", "run_bench"]
 
 Log = Callable[[str], None]
 References = dict[tuple[int, int], EndToEndOutput]

@@ -13,7 +13,11 @@ from onnx import TensorProto, helper
 from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from ccld_trt.export.cloob import load_cloob_config
 from ccld_trt.export.fp16 import FP16_TOLERANCE, convert_to_fp16, emulate_fp16, relative_error
-from ccld_trt.export.onnx_export import GRAPH_NAMES, check_graph, cpu_session, onnx_path, random_inputs, save_onnx
+from ccld_trt.export.onnx_checks import check_graph
+from ccld_trt.export.onnx_export import GRAPH_NAMES, onnx_path
+from ccld_trt.export.onnx_inputs import random_inputs
+from ccld_trt.export.onnx_trace import save_onnx
+from ccld_trt.export.onnx_validate import cpu_session
 from ccld_trt.image_prompt import parse_prompt
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate, load_image_prompts
 from test_e2e import CASES

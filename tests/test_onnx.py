@@ -1,4 +1,4 @@
-"""ONNX export (export/onnx_export.py) and the ONNX Runtime backend, on the small seed-3 models: every graph
+"""ONNX export (export/onnx_*.py) and the ONNX Runtime backend, on the small seed-3 models: every graph
 matches its torch module, carries its metadata, passes the checker and TensorRT's op list, is exported again
 only when an input changed; the golden end-to-end cases through ``--backend onnxruntime``; and the full-size
 student U-Net exports and runs."""
@@ -20,23 +20,12 @@ from ccld_trt.export.checkpoints import sha256_file
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, load_networks
-from ccld_trt.export.onnx_export import (
-    EXTERNAL_DATA_THRESHOLD,
-    GRAPH_NAMES,
-    MANIFEST,
-    OPSET,
-    TENSORRT_OPS,
-    check_graph,
-    cpu_session,
-    default_onnx_dir,
-    export_all,
-    graph_modules,
-    needs_external_data,
-    onnx_path,
-    random_inputs,
-    save_onnx,
-    tensorrt_problems,
-)
+from ccld_trt.export.onnx_checks import TENSORRT_OPS, check_graph, tensorrt_problems
+from ccld_trt.export.onnx_export import GRAPH_NAMES, default_onnx_dir, export_all, onnx_path
+from ccld_trt.export.onnx_inputs import random_inputs
+from ccld_trt.export.onnx_manifest import MANIFEST
+from ccld_trt.export.onnx_trace import EXTERNAL_DATA_THRESHOLD, OPSET, graph_modules, needs_external_data, save_onnx
+from ccld_trt.export.onnx_validate import cpu_session
 from test_e2e import CASES, rel_error, sample_case  # tests/ is on sys.path under pytest's default import mode
 
 # Batch sizes 1 and 3 and non-square latents, none of them the exporter's own trace or check shapes.

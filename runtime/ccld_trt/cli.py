@@ -238,6 +238,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(backend_options(args), _model_source(args), args.host, args.port, args.listen)
 
 
+def cmd_cluster(args: argparse.Namespace) -> None:
+    from ccld_trt.cluster.app import ClusterSpec, run_cluster
+    from ccld_trt.cluster.replica import ReplicaSettings
+
+    settings = ReplicaSettings(max_batch=args.max_batch, batching=not args.no_batching,
+                               max_ongoing=args.max_ongoing)
+    spec = ClusterSpec(replicas=args.replicas, max_queue=args.max_queue, settings=settings)
+    run_cluster(backend_options(args), _model_source(args), spec, args.address, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ccld_trt.samplers import METHODS
 
@@ -286,6 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cluster", help="serve /v1/generate on Ray Serve replicas, U-Net calls of concurrent "
+                                       "requests merged per step (needs the cluster extra)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas, one GPU each on cuda (default 1)")
+    p.add_argument("--address", help="join this Ray cluster (default: start a local one on 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="U-Net rows (images x CFG conditions) per merged call (default 32)")
+    p.add_argument("--max-ongoing", type=int, default=8, help="requests each replica runs at once (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting at the HTTP proxy before it answers 503 (default 64)")
+    p.add_argument("--no-batching", action="store_true", help="one U-Net call per request evaluation")
+    add_backend_args(p)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_cluster)
 
     from ccld_trt.export.graph_specs import GRAPHS
 

@@ -89,7 +89,7 @@ class OnnxRuntimeBackend(GraphBackend):
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = check_precision(precision)
-        onnx_dir = Path(onnx_dir)
+        onnx_dir = self.onnx_dir = Path(onnx_dir)
         # what each session was opened with, kept so that tools (the benchmark's profiler) can open them alike
         self.providers = execution_providers(self.device, precision, onnx_dir / "ort-tensorrt-cache")
         self.options = session_options(threads)
@@ -101,6 +101,20 @@ class OnnxRuntimeBackend(GraphBackend):
         self._device_id = self.device.index or 0
         # (graph, output shape) -> the IO binding with its output bound, and that output tensor
         self._bound: dict[tuple[str, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
+
+    def unet_rows(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """The plain U-Net, one condition per row: x [B, 4, h, w], t [B], embed [B, 512] -> v [B, 4, h, w].
+
+        For callers that merge the CFG rows of several requests into one call (the cluster) and weigh each
+        request's rows themselves. Runs ``<onnx_dir>/unet[.fp16].onnx``, exported like the other graphs
+        (``export_all(..., ["unet"])``); its session opens on the first call.
+        """
+        if "unet" not in self.sessions:
+            import onnxruntime as ort
+
+            path = require_file(onnx_path(self.onnx_dir, "unet", self.precision), "unet ONNX graph")
+            self.sessions["unet"] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+        return self._call("unet", {"x": x, "t": t, "embed": embed})
 
     def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Run ``graph`` on ``feed`` ({input name: tensor}, converted to the graph's dtypes on this device);

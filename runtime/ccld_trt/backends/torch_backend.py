@@ -81,6 +81,16 @@ class TorchBackend:
             return self._guided_call(x, t, conds, weights)
 
     @torch.inference_mode()
+    def unet_rows(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """The plain U-Net, one condition per row: x [B, 4, h, w], t [B], embed [B, 512] -> v float32 [B, 4, h, w]
+        (eager, at this backend's precision), for callers that weigh CFG rows themselves (the cluster)."""
+        with self._math():
+            if self._autocast_dtype is None:
+                return self._guided.unet(x, t, embed)
+            with torch.autocast(self.device.type, dtype=self._autocast_dtype, cache_enabled=False):
+                return self._guided.unet(x, t, embed).float()
+
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self._math():
             return self._decoder(latents.to(self.device)).float()

@@ -1,0 +1,238 @@
+"""Ray and Ray Serve: start a local Ray on 127.0.0.1 (or join one), deploy the replicas, serve HTTP.
+
+Each replica is a Serve replica holding one ``Replica`` (the models, loaded once, and its step batcher); on CUDA
+it holds one GPU (``num_gpus=1``). Serve replaces a replica that dies and routes around it meanwhile; requests
+beyond ``max_queued_requests`` at the proxy get 503. A small named actor collects every replica's counters so
+that /v1/stats answers for the whole deployment, whichever replica serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccld_trt.cluster.replica import Replica, ReplicaSettings, combine_stats
+from ccld_trt.export.errors import UserError
+from ccld_trt.runner import BackendOptions, ModelSource
+
+APP_NAME = "ccld-trt"
+NAMESPACE = "ccld-trt"
+STATS_ACTOR = "ccld-trt-stats"
+DEFAULT_PORT = 8000
+INSTALL_HINT = "pip install 'ccld-trt[cluster]' (Ray Serve)"
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        from ray import serve  # noqa: F401  (checked here so that a partial install fails in one line)
+    except ImportError as e:
+        raise UserError(f"the cluster needs Ray Serve: {INSTALL_HINT} ({e})") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What to deploy: ``replicas`` copies of the models, each batching as ``settings`` says; ``max_queue``
+    requests may wait at each proxy before it answers 503 (-1: no limit)."""
+
+    replicas: int = 1
+    max_queue: int = 64
+    settings: ReplicaSettings = field(default_factory=ReplicaSettings)
+
+    def validate(self) -> ClusterSpec:
+        if self.replicas < 1:
+            raise UserError(f"replicas must be >= 1, got {self.replicas}")
+        if self.max_queue < 1 and self.max_queue != -1:
+            raise UserError(f"max_queue must be >= 1 (or -1 for no limit), got {self.max_queue}")
+        self.settings.validate()
+        return self
+
+
+def replica_resources(device: str) -> dict[str, float]:
+    """Ray resources of one replica: a whole GPU on CUDA (Ray sets CUDA_VISIBLE_DEVICES to it), one CPU else."""
+    if device.startswith("cuda"):
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": 1}
+
+
+def deployment_options(device: str, spec: ClusterSpec) -> dict[str, Any]:
+    """Serve deployment options for ``spec`` on ``device``: replicas, their resources, how many requests each
+    runs at once, the proxy queue limit, and the batching settings as a user_config (changeable in place)."""
+    return {"num_replicas": spec.replicas, "ray_actor_options": replica_resources(device),
+            "max_ongoing_requests": spec.settings.max_ongoing, "max_queued_requests": spec.max_queue,
+            "user_config": {"batching": spec.settings.batching, "max_batch": spec.settings.max_batch},
+            "health_check_period_s": 2.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 5.0}
+
+
+class StatsBoard:
+    """A Ray actor holding each replica's latest stats (a replica that died keeps its last report)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def put(self, replica: str, stats: dict[str, Any]) -> None:
+        self.stats[replica] = stats
+
+    def get(self) -> dict[str, dict[str, Any]]:
+        return self.stats
+
+
+class ClusterReplica:
+    """The Serve deployment's class (decorated in ``application``): HTTP in, ``Replica`` work on threads."""
+
+    def __init__(self, options: BackendOptions, models: ModelSource, settings: ReplicaSettings) -> None:
+        ray = _ray()
+        from ray import serve
+
+        self.replica = Replica(options, models, settings)
+        self.pool = ThreadPoolExecutor(max_workers=settings.max_ongoing + 2, thread_name_prefix="ccld-trt-req")
+        self.name = f"{serve.get_replica_context().replica_id.unique_id} (pid {os.getpid()})"
+        self.board = ray.get_actor(STATS_ACTOR, namespace=NAMESPACE)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.replica.configure(batching=config.get("batching"), max_batch=config.get("max_batch"))
+
+    def check_health(self) -> None:
+        if not self.replica.healthy():
+            raise RuntimeError("the step batcher stopped")
+
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        body = await request.body()
+        loop = asyncio.get_running_loop()
+        status, payload = await loop.run_in_executor(self.pool, self.replica.handle, request.method,
+                                                     request.url.path, body)
+        self.board.put.remote(self.name, self.replica.stats())
+        if request.url.path.rstrip("/") == "/v1/stats" and status == 200:
+            board = await self.board.get.remote()
+            payload = {**combine_stats(board), "this_replica": payload}
+        return JSONResponse(payload, status_code=status)
+
+
+def application(options: BackendOptions, models: ModelSource, spec: ClusterSpec) -> Any:
+    """The bound Serve application of ``spec`` (to ``serve.run``)."""
+    _ray()
+    from ray import serve
+
+    deployment = serve.deployment(name="generate", **deployment_options(options.device, spec))(ClusterReplica)
+    return deployment.bind(options, models, spec.settings)
+
+
+def start_ray(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at ``address``, or start a local one on 127.0.0.1 (no dashboard; its files under a
+    short ``temp_dir``, as Ray's socket paths must stay short)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    quiet = {"log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, **quiet)
+        return
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="ccld-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+             namespace=NAMESPACE, **quiet)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A running deployment: its URL, and what it was deployed with (paths made absolute)."""
+
+    url: str
+    options: BackendOptions
+    models: ModelSource
+    spec: ClusterSpec
+
+
+def deploy(options: BackendOptions, models: ModelSource, spec: ClusterSpec, host: str = "127.0.0.1",
+           port: int = DEFAULT_PORT) -> Deployed:
+    """Deploy ``spec`` on the Ray this process is connected to (``start_ray``); returns once every replica has
+    loaded its models."""
+    ray = _ray()
+    from ray import serve
+
+    spec.validate()
+    options, models = prepare_models(options.resolved(), models)
+    ray.remote(StatsBoard).options(name=STATS_ACTOR, namespace=NAMESPACE, get_if_exists=True,
+                                   num_cpus=0).remote()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(options, models, spec), name=APP_NAME, route_prefix="/")
+    return Deployed(f"http://{host}:{port}", options, models, spec)
+
+
+def reconfigure(deployed: Deployed, settings: ReplicaSettings) -> Deployed:
+    """Apply new batching settings to the running replicas in place: only the user_config (batching,
+    max_batch) may differ, so Serve keeps the replicas and their loaded models."""
+    from ray import serve
+
+    spec = dataclasses.replace(deployed.spec, settings=settings.validate())
+    serve.run(application(deployed.options, deployed.models, spec), name=APP_NAME, route_prefix="/")
+    return dataclasses.replace(deployed, spec=spec)
+
+
+def prepare_models(options: BackendOptions, models: ModelSource) -> tuple[BackendOptions, ModelSource]:
+    """The options and model files with absolute paths (replicas may start in another directory), after
+    exporting the onnxruntime graphs once here, before replicas on this machine would race to export them."""
+    from ccld_trt.export.onnx_export import default_onnx_dir
+
+    files = models.files
+    cloob_config = Path(files.cloob_config)
+    files = dataclasses.replace(files, unet=files.unet.resolve(), autoencoder=files.autoencoder.resolve(),
+                                autoencoder_config=files.autoencoder_config.resolve(), cloob=files.cloob.resolve(),
+                                cloob_config=str(cloob_config.resolve()) if cloob_config.is_file()
+                                else files.cloob_config)
+    models = dataclasses.replace(models, files=files)
+    options = dataclasses.replace(options, engine_dir=options.engine_dir.absolute())
+    if options.backend != "onnxruntime":
+        return options, models
+    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
+    from ccld_trt.export.onnx_export import export_all
+
+    onnx_dir = (options.onnx_dir or default_onnx_dir(files)).absolute()
+    # the precision open_session picks when none is given: fp16 on CUDA
+    fp16 = (options.precision or ("fp16" if options.device.startswith("cuda") else "fp32")) == "fp16"
+    export_all(files, onnx_dir, (*BACKEND_GRAPHS, "unet"), fp16=fp16, progress=False)
+    return dataclasses.replace(options, onnx_dir=onnx_dir), models
+
+
+def shutdown() -> None:
+    """Remove the application and stop Serve and Ray (what this process started frees its resources)."""
+    ray = _ray()
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec, address: str | None,
+                host: str, port: int, say: Callable[[str], None] = print) -> None:
+    """``ccld-trt cluster``: start or join Ray, deploy, say the URL, serve until interrupted, then clean up."""
+    options = options.resolved()
+    spec.validate()
+    start = time.perf_counter()
+    start_ray(address, num_cpus=max(os.cpu_count() or 1, spec.replicas) if not address else None)
+    try:
+        url = deploy(options, models, spec, host, port).url
+        say(f"ccld-trt cluster: {spec.replicas} replica(s) of {options.describe()} ready in "
+            f"{time.perf_counter() - start:.1f} s at {url}/v1/generate (stats: {url}/v1/stats)")
+        while True:
+            time.sleep(3600)
+    finally:
+        shutdown()
+
+
+def settings_dict(spec: ClusterSpec) -> dict[str, Any]:
+    """The spec as plain data (for reports)."""
+    return {"replicas": spec.replicas, "max_queue": spec.max_queue, **asdict(spec.settings)}

@@ -204,3 +204,35 @@ def test_models_dir_with_the_reference_kits_short_names(seed3_dir, tmp_path):
     assert run([*base, "--models", str(seed3_dir), "--save-latents", str(tmp_path / "long.npy"),
                 "--output-dir", str(tmp_path / "b")]) == 0
     assert np.array_equal(np.load(tmp_path / "short.npy"), np.load(tmp_path / "long.npy"))
+
+
+def test_backend_flags_are_one_group_parsed_into_backend_options():
+    from ccld_trt.cli import backend_options, build_parser
+    from ccld_trt.runner import BackendOptions
+
+    flags = ["--backend", "onnxruntime", "--device", "cuda:1", "--precision", "fp16", "--onnx-dir", "g",
+             "--engines", "e"]
+    want = BackendOptions(backend="onnxruntime", device="cuda:1", precision="fp16", engine_dir=Path("e"),
+                          onnx_dir=Path("g"))
+    parser = build_parser()
+    assert backend_options(parser.parse_args(["sample", "a cat", *flags])) == want
+    assert backend_options(parser.parse_args(["serve", *flags])) == want
+    # bench picks backends and precisions per variant: only the device comes from the group
+    assert backend_options(parser.parse_args(["bench", "--device", "cuda:1"])) == BackendOptions(device="cuda:1")
+
+
+def test_bench_command_comes_from_the_entry_point():
+    from importlib.metadata import entry_points
+
+    from ccld_trt.cli import COMMANDS_GROUP
+
+    found = {e.name: e.value for e in entry_points(group=COMMANDS_GROUP)}
+    assert found == {"bench": "ccld_trt.benchmarks.cli:add_commands"}
+    assert_one_line_error(cli("bench", "--backends", "tensorflow"), "list of torch, torch-cudagraph, onnxruntime")
+
+
+def test_precision_a_backend_cannot_run_is_one_line_before_loading(seed3_dir, tmp_path):
+    result = cli("sample", "a cat", "--models", str(seed3_dir), "--backend", "onnxruntime", "--precision", "bf16",
+                 "--onnx-dir", str(tmp_path / "onnx"))
+    assert_one_line_error(result, "the onnxruntime backend runs fp32 or fp16, not 'bf16'")
+    assert not (tmp_path / "onnx").exists()  # refused before any export

@@ -61,4 +61,4 @@ def save_latents(latents: np.ndarray, path: Path) -> None:
         with open(path, "xb") as f:
             np.save(f, latents.astype(np.float32))
     except FileExistsError as e:
-        raise UserError(f"--save-latents {path} already exists; refusing to overwrite it") from e
+        raise UserError(f"latents file {path} already exists; refusing to overwrite it") from e

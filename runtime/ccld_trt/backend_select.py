@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 from ccld_trt.engines.engine import require_tensorrt
+from ccld_trt.engines.flavor import installed_flavors
+from ccld_trt.engines.sidecar import GPU_KINDS
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 
@@ -48,7 +50,11 @@ def resolve_backend(name: str, device: str) -> tuple[str, str]:
         if dev.type != "cuda":
             raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use a cuda device, or the onnxruntime "
                             "or torch backend on the CPU")
-        require_tensorrt()
+        if not torch.cuda.is_available():
+            raise UserError(f"the tensorrt backend needs an NVIDIA GPU ({GPU_KINDS}), and "
+                            f"{cuda_unavailable_reason()}")
+        if not installed_flavors():
+            require_tensorrt()  # the one line that says what to install
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {dev} is not usable: {cuda_unavailable_reason()}")

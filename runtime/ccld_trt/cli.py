@@ -89,6 +89,9 @@ def add_backend_args(p: argparse.ArgumentParser, *, variants: bool = False) -> N
                    help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
     g.add_argument("--engines", default=str(DEFAULT_ENGINE_DIR),
                    help=f"TensorRT engine directory (default {DEFAULT_ENGINE_DIR})")
+    g.add_argument("--trt-flavor", default="auto", choices=("auto", "tensorrt", "rtx"),
+                   help="tensorrt backend: which TensorRT runs the engines (default auto: the one they were built "
+                        "with)")
     g.add_argument("--onnx-dir", metavar="DIR",
                    help="onnxruntime backend: where the exported graphs are kept, exported there unless up to date "
                         "(default build/onnx/<hash of the model paths>)")
@@ -105,7 +108,8 @@ def backend_options(args: argparse.Namespace) -> BackendOptions:
                           precision=given.get("precision", defaults.precision),
                           cuda_graph=given.get("cuda_graph", defaults.cuda_graph),
                           engine_dir=Path(given.get("engines", defaults.engine_dir)),
-                          onnx_dir=Path(onnx_dir) if onnx_dir else None)
+                          onnx_dir=Path(onnx_dir) if onnx_dir else None,
+                          trt_flavor=given.get("trt_flavor", defaults.trt_flavor))
 
 
 # How `sample` names the fields of a pipeline Request
@@ -211,24 +215,33 @@ def _triple(value: str) -> tuple[int, int, int]:
 
 
 def cmd_engines_build(args: argparse.Namespace) -> None:
-    from ccld_trt.engines.build import build_engines
-    from ccld_trt.engines.engine import require_tensorrt
+    from ccld_trt.engines.build import BuildOptions, build_engines
+    from ccld_trt.engines.flavor import parse_capabilities, resolve_flavor
     from ccld_trt.engines.profiles import ProfileParams
+    from ccld_trt.engines.sidecar import local_capability
+    from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
     from ccld_trt.export.graph_specs import BACKEND_GRAPHS
-    from ccld_trt.export.onnx_export import default_onnx_dir, export_all
+    from ccld_trt.export.onnx_export import default_onnx_dir, export_all, onnx_path
 
+    # before the (long) export, so a machine without a usable TensorRT gets the one clear line at once
+    flavor = resolve_flavor(args.trt_flavor, local_capability())
+    targets = parse_capabilities(args.compute_capability) if args.compute_capability else ()
+    options = BuildOptions(flavor, targets, args.opt_level, args.workspace_gib).validate()
+    files = None if args.onnx else _model_files(args)
+    image_size = args.image_size or (cloob_image_size(load_cloob_config(files.cloob_config)) if files else 224)
     params = ProfileParams(batch=args.batch, conds_max=args.conds_max, height=args.height, width=args.width,
-                           image_size=args.image_size)
+                           image_size=image_size)
     params.validate()
-    require_tensorrt()  # before the (long) export, so a machine without TensorRT gets the one clear line at once
-    if args.onnx:
+    if files is None:
         onnx_dir = Path(args.onnx)
     else:
-        files = _model_files(args)
         onnx_dir = default_onnx_dir(files)
         export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=args.precision == "fp16")
-    for path in build_engines(onnx_dir, Path(args.output), params, precision=args.precision,
-                              opt_level=args.opt_level, workspace_gib=args.workspace_gib, rebuild=args.rebuild):
+    targets_text = ", ".join(options.compute_capabilities) or "this GPU"
+    print(f"engines: {flavor} for {targets_text} into {args.output}", file=sys.stderr)
+    sources = {g: onnx_path(onnx_dir, g, args.precision) for g in BACKEND_GRAPHS}
+    for path in build_engines(sources, Path(args.output), params, options, rebuild=args.rebuild,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True)):
         print(path)
 
 
@@ -328,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engines", help="TensorRT engines")
     engines = p.add_subparsers(dest="engines_command", required=True, parser_class=_Parser)
-    p = engines.add_parser("build", help="build fp16 TensorRT engines from the exported ONNX graphs")
+    p = engines.add_parser("build", help="build TensorRT or TensorRT-RTX engines from the exported ONNX graphs")
     p.add_argument("--onnx", metavar="DIR",
                    help="directory of exported graphs (default: export them from the model files, as `export` does)")
     p.add_argument("--output", default="build/engines", help="engine directory (default build/engines)")
@@ -341,7 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent height = image height / 8 (default 32)")
     p.add_argument("--width", type=_triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
                    help="latent width = image width / 8 (default 32)")
-    p.add_argument("--image-size", type=int, default=224, help="CLOOB image encoder input side (default 224)")
+    p.add_argument("--image-size", type=int,
+                   help="CLOOB image encoder input side (default: the model's, or 224 with --onnx)")
+    p.add_argument("--trt-flavor", default="auto", choices=("auto", "tensorrt", "rtx"),
+                   help="tensorrt: for this machine's GPU; rtx: TensorRT-RTX, ahead of time for RTX GPUs, no GPU "
+                        "needed (default auto: tensorrt with a GPU and TensorRT, else rtx)")
+    p.add_argument("--compute-capability", metavar="X.Y[,X.Y...]",
+                   help="rtx: the GPUs to build for (default 8.0,8.6,8.9,12.0, TensorRT-RTX's own default set)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--workspace-gib", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when an engine is up to date")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class BackendOptions:
     cuda_graph: bool = False
     engine_dir: Path = DEFAULT_ENGINE_DIR
     onnx_dir: Path | None = None
+    trt_flavor: str = "auto"  # tensorrt: auto (the engines' own), tensorrt or rtx
 
     def resolved(self) -> BackendOptions:
         """These options with the backend and device names normalised, once the combination can run here;
@@ -42,7 +44,7 @@ class BackendOptions:
             raise UserError("CUDA-graph replay needs a CUDA device")
         if self.precision is not None:
             check_precision(backend, self.precision)
-        return BackendOptions(backend, device, self.precision, self.cuda_graph, self.engine_dir, self.onnx_dir)
+        return dataclasses.replace(self, backend=backend, device=device)
 
     def describe(self) -> str:
         """e.g. "torch on cpu", "onnxruntime fp16 on cuda:0"."""
@@ -82,7 +84,8 @@ def open_session(options: BackendOptions, models: ModelSource) -> Session:
         from ccld_trt.backends.tensorrt_backend import TensorRTBackend
 
         trt_backend = TensorRTBackend(options.engine_dir, device=options.device,
-                                      precision=options.precision or "fp16", cuda_graph=options.cuda_graph)
+                                      precision=options.precision or "fp16", cuda_graph=options.cuda_graph,
+                                      flavor=options.trt_flavor, models=files)
         return Session(trt_backend, cloob_image_size(load_cloob_config(files.cloob_config)),
                        checkpoint_autoencoder_scale(files.unet), files.is_demo())
     networks = models.load()

@@ -341,8 +341,16 @@ def test_page_handler_runs_without_gradio(seed3_dir: Path, tmp_path: Path) -> No
     loader.start()
     wait_for(lambda: loader.finished, 120, "the models to load")
     calls: list[tuple[Any, dict[str, Any]]] = []
+
+    class Tracker:  # falsy, as gr.Progress is (it has a __len__ of 0 outside a tracked iterable)
+        def __len__(self) -> int:
+            return 0
+
+        def __call__(self, value: Any, **kw: Any) -> None:
+            calls.append((value, kw))
+
     gallery, files, summary = generate_for_page(loader, tmp_path, "a red house\n", None, 3.0, 3, "prk", 5, 2, 2.55,
-                                                progress=lambda value, **kw: calls.append((value, kw)))
+                                                progress=Tracker())
     assert gallery == files and len(files) == 2
     job = parse_job("a red house", None, 3.0, 3, "prk", 5, 2, 2.55)
     solo = pipeline_generate(loader.session().backend, job.request, [], 2.55)

@@ -254,7 +254,7 @@ def generate_for_page(loader: ModelLoader, work_dir: Path, prompts: Any, image: 
     job = parse_job(prompts, image, image_weight, steps, method, seed, n, autoencoder_scale)
     session = loader.session()
     done, total = 0, job.request.evaluations
-    report = progress or (lambda *args, **kwargs: None)
+    report = progress if progress is not None else (lambda *args, **kwargs: None)  # gr.Progress is falsy
 
     def evaluated() -> None:
         nonlocal done

@@ -80,8 +80,11 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--demo-size", choices=["small", "full"], default="full",
                    help="size of those demo weights (default full: the real networks' FLOPs)")
     p.set_defaults(func=cmd_bench)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare}", parser_class=type(p))
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare,cluster}", parser_class=type(p))
     c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")
     c.add_argument("a", metavar="A.json", help="baseline results")
     c.add_argument("b", metavar="B.json", help="results to compare with the baseline")
     c.set_defaults(func=cmd_bench_compare)
+    from ccld_trt.benchmarks.cluster_bench import add_command as add_cluster_command
+
+    add_cluster_command(bench_sub)

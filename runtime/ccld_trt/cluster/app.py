@@ -9,6 +9,7 @@ that /v1/stats answers for the whole deployment, whichever replica serves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -28,6 +29,7 @@ NAMESPACE = "ccld-trt"
 STATS_ACTOR = "ccld-trt-stats"
 DEFAULT_PORT = 8000
 INSTALL_HINT = "pip install 'ccld-trt[cluster]' (Ray Serve)"
+_local_ray = False  # whether start_ray started the Ray this process is connected to (shutdown stops it then)
 
 
 def _ray() -> Any:
@@ -138,6 +140,8 @@ def start_ray(address: str | None = None, temp_dir: str | None = None, num_cpus:
     if address:
         ray.init(address=address, namespace=NAMESPACE, **quiet)
         return
+    global _local_ray
+    _local_ray = True
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ccld-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
              namespace=NAMESPACE, **quiet)
@@ -162,7 +166,8 @@ def deploy(options: BackendOptions, models: ModelSource, spec: ClusterSpec, host
 
     spec.validate()
     options, models = prepare_models(options.resolved(), models)
-    ray.remote(StatsBoard).options(name=STATS_ACTOR, namespace=NAMESPACE, get_if_exists=True,
+    # detached: a named actor whose handle goes out of scope would die; shutdown() removes it
+    ray.remote(StatsBoard).options(name=STATS_ACTOR, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                                    num_cpus=0).remote()
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(options, models, spec), name=APP_NAME, route_prefix="/")
@@ -205,15 +210,24 @@ def prepare_models(options: BackendOptions, models: ModelSource) -> tuple[Backen
 
 
 def shutdown() -> None:
-    """Remove the application and stop Serve and Ray (what this process started frees its resources)."""
+    """Remove what ``deploy`` made and disconnect: a local Ray started by ``start_ray`` stops with Serve (freeing
+    its processes and ports); on a joined cluster only this application and its stats actor go."""
+    global _local_ray
     ray = _ray()
     from ray import serve
 
-    if ray.is_initialized():
-        try:
+    if not ray.is_initialized():
+        return
+    try:
+        if _local_ray:
             serve.shutdown()
-        finally:
-            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(STATS_ACTOR, namespace=NAMESPACE))
+    finally:
+        _local_ray = False
+        ray.shutdown()
 
 
 def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec, address: str | None,

@@ -16,7 +16,7 @@ $(BIN)/ccld-trt: pyproject.toml
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	# tensorrt-rtx: real engines are built ahead of time, here and in CI, without a GPU
-	$(BIN)/pip install -q -e '.[dev,serve,tensorrt-rtx,cluster]'
+	$(BIN)/pip install -q -e '.[dev,serve,tensorrt-rtx,cluster,openvino]'
 	touch $@
 
 install: $(BIN)/ccld-trt

@@ -19,11 +19,12 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
 
 
-def sample_case(case: dict, models: Path, out: Path, backend: str = "torch") -> tuple[np.ndarray, np.ndarray]:
-    """Run one e2e case through ``ccld-trt sample``; returns (latents, pixels [n, H, W, 3])."""
+def sample_case(case: dict, models: Path, out: Path, backend: str = "torch",
+                *extra: str) -> tuple[np.ndarray, np.ndarray]:
+    """Run one e2e case through ``ccld-trt sample`` (``extra``: more flags); returns (latents, pixels [n, H, W, 3])."""
     args = ["sample", *case["prompt_list"], "--models", str(models), "-n", str(case["n"]),
             "--seed", str(case["seed"]), "--steps", str(case["steps_n"]), "--method", case["method"],
-            "--output-dir", str(out / "png"), "--save-latents", str(out / "latents.npy"), "--backend", backend]
+            "--output-dir", str(out / "png"), "--save-latents", str(out / "latents.npy"), "--backend", backend, *extra]
     if case["image_prompts"]:
         args += ["--images", *(f"{FIXTURES / name}:{w}" for name, w in case["image_prompts"])]
     assert run(args) == 0

@@ -11,12 +11,26 @@ from ccld_trt.engines.sidecar import GPU_KINDS
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-# What each backend runs: torch autocasts its U-Net to fp16 or bf16; the others run the exported graphs.
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+# What each backend runs: torch autocasts its U-Net to fp16 or bf16; the others run the exported graphs (openvino:
+# the fp32 graphs at fp32 or with its bf16 hint, or the int8 graphs of export.quantize).
 PRECISIONS: dict[str, tuple[str, ...]] = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": GRAPH_PRECISIONS,
-                                          "tensorrt": GRAPH_PRECISIONS}
+                                          "openvino": ("fp32", "bf16", "int8"), "tensorrt": GRAPH_PRECISIONS}
 # Every precision some backend runs, in the order above
 ALL_PRECISIONS = tuple(dict.fromkeys(p for precisions in PRECISIONS.values() for p in precisions))
+
+
+def default_precision(backend: str, device: str) -> str:
+    """What ``backend`` runs on ``device`` when no precision is asked for: tensorrt fp16 engines; openvino bf16
+    where the CPU has bf16 instructions, else fp32; torch and onnxruntime fp32 on the CPU and fp16 on CUDA (the
+    original autocasts its U-Net to fp16 on GPUs)."""
+    if backend == "tensorrt":
+        return "fp16"
+    if backend == "openvino":
+        from ccld_trt.backends.openvino_backend import default_precision as openvino_default
+
+        return openvino_default()
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 def check_precision(backend: str, precision: str) -> str:
@@ -46,6 +60,12 @@ def resolve_backend(name: str, device: str) -> tuple[str, str]:
         raise bad_device from e
     if dev.type not in ("cpu", "cuda"):
         raise bad_device
+    if backend == "openvino":
+        if dev.type != "cpu":
+            raise UserError("the openvino backend runs on the CPU only: use the cpu device")
+        from ccld_trt.backends.openvino_backend import require_openvino
+
+        require_openvino()  # the one line that says what to install
     if backend == "tensorrt":
         if dev.type != "cuda":
             raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use a cuda device, or the onnxruntime "

@@ -83,7 +83,8 @@ def add_backend_args(p: argparse.ArgumentParser, *, variants: bool = False) -> N
     g.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (default torch)")
     g.add_argument("--precision", choices=ALL_PRECISIONS,
                    help="torch: U-Net autocast (default fp32 on cpu, fp16 on cuda, as the original); "
-                        "onnxruntime: fp32 or fp16 graphs (default fp32 on cpu, fp16 on cuda); "
+                        "onnxruntime: fp32 or fp16 graphs (default fp32 on cpu, fp16 on cuda); openvino: fp32, "
+                        "bf16 or int8 (default bf16 where the CPU has bf16 instructions, else fp32); "
                         "tensorrt: fp32 or fp16 engines (default fp16)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
@@ -93,8 +94,8 @@ def add_backend_args(p: argparse.ArgumentParser, *, variants: bool = False) -> N
                    help="tensorrt backend: which TensorRT runs the engines (default auto: the one they were built "
                         "with)")
     g.add_argument("--onnx-dir", metavar="DIR",
-                   help="onnxruntime backend: where the exported graphs are kept, exported there unless up to date "
-                        "(default build/onnx/<hash of the model paths>)")
+                   help="onnxruntime and openvino backends: where the exported graphs are kept, exported there "
+                        "unless up to date (default build/onnx/<hash of the model paths>)")
 
 
 def backend_options(args: argparse.Namespace) -> BackendOptions:
@@ -142,7 +143,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     models = _model_source(args)
     # read every input before the (slow) model loading, so that a bad one fails at once
     image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(models.files.cloob_config)))
-    session = open_session(backend_options(args), models)
+    options = backend_options(args).resolved()
+    session = open_session(options, models)
+    print(f"backend: {options.describe()}", file=sys.stderr)  # which backend and precision make these images
     if session.demo:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
@@ -193,6 +196,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     out_dir = Path(args.output) if args.output else default_onnx_dir(files)
     for path in export_all(files, out_dir, args.graphs, fp16=not args.no_fp16).values():
         print(path)
+    if args.int8:
+        from ccld_trt.backends.openvino_backend import check_precision, require_openvino
+        from ccld_trt.export.graph_specs import BACKEND_GRAPHS
+        from ccld_trt.int8 import ensure_int8
+        from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE
+
+        require_openvino()  # OpenVINO installed, and this CPU's instructions, before the long work
+        check_precision("int8")
+        export_all(files, out_dir, BACKEND_GRAPHS, fp16=False)  # what calibration runs (up to date if --graphs had it)
+        for path in ensure_int8(out_dir, DEFAULT_AUTOENCODER_SCALE).values():
+            print(path)
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
@@ -336,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), metavar="GRAPH",
                    help=f"graphs to export (default: all of {', '.join(GRAPHS)})")
     p.add_argument("--no-fp16", action="store_true", help="only the fp32 graphs")
+    p.add_argument("--int8", action="store_true",
+                   help="also the int8 graphs of the openvino backend (NNCF, calibrated on sampling trajectories "
+                        "through the fp32 graphs: minutes on a small CPU; kept while up to date)")
     _add_model_args(p)
     p.set_defaults(func=cmd_export)
 

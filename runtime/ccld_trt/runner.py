@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccld_trt.backend_select import check_precision, resolve_backend
+from ccld_trt.backend_select import check_precision, default_precision, resolve_backend
 from ccld_trt.backends.base import Backend
 from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
@@ -20,10 +20,11 @@ class BackendOptions:
     """How the networks run: which backend, on which device, at which precision, and where the backend keeps
     what it builds from the model files.
 
-    precision: None picks the backend's default (torch: fp32 on the CPU, fp16 autocast on CUDA as the original;
-    onnxruntime: fp32 on the CPU, fp16 graphs on CUDA; tensorrt: fp16 engines). cuda_graph: replay the U-Net/CFG
-    evaluation from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines. onnx_dir: where
-    the onnxruntime backend keeps the exported graphs (None: build/onnx/<hash of the model paths>).
+    precision: None picks the backend's default (backend_select.default_precision: torch fp32 on the CPU, fp16
+    autocast on CUDA as the original; onnxruntime fp32 on the CPU, fp16 graphs on CUDA; openvino bf16 where the
+    CPU has bf16 instructions, else fp32; tensorrt fp16 engines). cuda_graph: replay the U-Net/CFG evaluation
+    from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines. onnx_dir: where the
+    onnxruntime and openvino backends keep the exported graphs (None: build/onnx/<hash of the model paths>).
     """
 
     backend: str = "torch"
@@ -42,12 +43,15 @@ class BackendOptions:
             raise UserError("CUDA-graph replay is for the torch and tensorrt backends")
         if self.cuda_graph and not device.startswith("cuda"):
             raise UserError("CUDA-graph replay needs a CUDA device")
-        if self.precision is not None:
-            check_precision(backend, self.precision)
-        return dataclasses.replace(self, backend=backend, device=device)
+        precision = check_precision(backend, self.precision or default_precision(backend, device))
+        if backend == "openvino":
+            from ccld_trt.backends.openvino_backend import check_precision as check_cpu
+
+            check_cpu(precision)  # whether this CPU has the instructions the precision needs
+        return dataclasses.replace(self, backend=backend, device=device, precision=precision)
 
     def describe(self) -> str:
-        """e.g. "torch on cpu", "onnxruntime fp16 on cuda:0"."""
+        """e.g. "torch fp32 on cpu", "onnxruntime fp16 on cuda:0" (resolved options name their precision)."""
         precision = f" {self.precision}" if self.precision else ""
         return f"{self.backend}{precision} on {self.device}"
 
@@ -89,7 +93,7 @@ def open_session(options: BackendOptions, models: ModelSource) -> Session:
         return Session(trt_backend, cloob_image_size(load_cloob_config(files.cloob_config)),
                        checkpoint_autoencoder_scale(files.unet), files.is_demo())
     networks = models.load()
-    precision = options.precision or ("fp16" if options.device.startswith("cuda") else "fp32")
+    precision = options.precision or default_precision(options.backend, options.device)  # resolved: set
     if options.backend == "torch":
         from ccld_trt.backends.torch_backend import TorchBackend
 
@@ -104,6 +108,26 @@ def open_session(options: BackendOptions, models: ModelSource) -> Session:
         onnx_dir = options.onnx_dir or default_onnx_dir(files)
         export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=precision == "fp16", networks=networks)
         backend = OnnxRuntimeBackend(onnx_dir, options.device, precision)
+    elif options.backend == "openvino":
+        backend = _open_openvino(options, precision, files, networks)
     else:
         raise UserError(f"unknown backend {options.backend!r}")
     return Session(backend, networks.image_size, networks.checkpoint_autoencoder_scale, files.is_demo())
+
+
+def _open_openvino(options: BackendOptions, precision: str, files: ModelFiles, networks: Networks) -> Backend:
+    """The OpenVINO backend over the fp32 graphs (exported unless up to date) and, for int8, the quantised ones
+    (made unless up to date: calibration runs the sampler on the fp32 graphs, minutes on a small CPU)."""
+    from ccld_trt.backends.openvino_backend import OpenVinoBackend
+    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
+    from ccld_trt.export.onnx_export import default_onnx_dir, export_all
+    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE
+
+    onnx_dir = options.onnx_dir or default_onnx_dir(files)
+    export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=False, networks=networks)
+    if precision == "int8":
+        from ccld_trt.int8 import ensure_int8
+
+        # the decoder's calibration (if its scheme needs one) sees latents at the published scale
+        ensure_int8(onnx_dir, DEFAULT_AUTOENCODER_SCALE)
+    return OpenVinoBackend(onnx_dir, precision)

@@ -58,11 +58,13 @@ def _backend_list(value: str) -> tuple[str, ...]:
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``bench`` and ``bench compare`` to the main CLI's subcommands ``sub`` (the entry point's target)."""
+    from ccld_trt.benchmarks.plan import BACKENDS
+
     p = sub.add_parser("bench", help="benchmark every backend and precision that runs here: latency, FLOP/s, "
                                      "memory, correctness against torch fp32")
     p.add_argument("--backends", type=_backend_list, metavar="LIST",
-                   help="comma-separated, from torch,torch-cudagraph,onnxruntime,tensorrt (default: all; those "
-                        "that cannot run here are reported as skipped)")
+                   help=f"comma-separated, from {','.join(BACKENDS)} (default: all; those that cannot run here "
+                        "are reported as skipped)")
     add_backend_args(p, variants=True)
     p.add_argument("--output", default="benchmarks/results",
                    help="results root; files go to OUTPUT/<machine>/ (default benchmarks/results)")

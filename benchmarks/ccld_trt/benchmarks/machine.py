@@ -26,6 +26,33 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+# The flags (as /proc/cpuinfo names them) that say which precisions a CPU runs fast; the report lists the
+# ones present.
+ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
+                "amx_int8")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """CPU vendor, family, model and stepping from /proc/cpuinfo, and the ISA_FEATURES it has (None where the
+    file cannot be read)."""
+    from ccld_trt.backends.openvino_backend import cpu_flags
+
+    fields: dict[str, Any] = {"vendor": None, "family": None, "model": None, "stepping": None}
+    names = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping"}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in names and fields[names[key]] is None:
+                fields[names[key]] = int(value) if value.isdigit() else value
+            if not line.strip():
+                break  # the first processor's block is enough
+    except OSError:
+        pass
+    flags = cpu_flags()
+    fields["isa"] = None if flags is None else [f for f in ISA_FEATURES if f in flags]
+    return fields
+
+
 def usable_cores() -> int:
     """Logical cores this process may run on (the affinity mask, which containers narrow), not the host's."""
     try:
@@ -59,6 +86,7 @@ def machine_info(device: str) -> dict[str, Any]:
                "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
     return {
         "cpu_model": cpu_model(),
+        "cpu": cpu_identity(),
         "cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "ram_gb": round(ram / 2**30, 1) if ram else None,
@@ -68,6 +96,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
+        "openvino": _version("openvino"),
         "tensorrt": _version("tensorrt"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

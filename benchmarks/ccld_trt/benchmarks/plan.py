@@ -18,13 +18,14 @@ from ccld_trt.pipeline import Request
 CUDA_GRAPH_BACKEND = "torch-cudagraph"  # torch with CUDA-graph replay, measured as a backend of its own
 BACKENDS = (RUNTIME_BACKENDS[0], CUDA_GRAPH_BACKEND, *RUNTIME_BACKENDS[1:])
 PROFILED_GRAPHS = ("unet_cfg", "decoder")
-GRAPH_BACKENDS = frozenset({"onnxruntime", "tensorrt"})  # they run the exported graphs, not the torch modules
+GRAPH_BACKENDS = frozenset({"onnxruntime", "openvino", "tensorrt"})  # they run the exported graphs
 # What to try per backend and device type (of what backend_select.PRECISIONS says each runs). A combination that
 # cannot run here is still tried, so that the report says why it was skipped.
 PLANNED_PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "torch": {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")},
     "torch-cudagraph": {"cpu": ("fp16",), "cuda": ("fp32", "fp16")},
     "onnxruntime": {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")},
+    "openvino": {"cpu": ("fp32", "bf16", "int8"), "cuda": ()},  # int8: quantised on first use (minutes, cached)
     "tensorrt": {"cpu": ("fp16",), "cuda": ("fp32", "fp16")},
 }
 FULL_BATCHES = (1, 4, 16)

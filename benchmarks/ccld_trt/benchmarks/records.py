@@ -30,7 +30,7 @@ class Record:
     weight_bytes: int | None
     activation_bytes: int | None
     achieved_gflops: float | None
-    peak_fraction: float | None          # achieved / measured fp32 GEMM peak (set once the run's peak is known)
+    peak_fraction: float | None          # achieved / the measured GEMM peak of its precision (set at the end)
     peak_rss_mb: float
     rss_scope: str                       # "measurement" (peak reset before it) or "process" (lifetime peak)
     device_peak_mb: float | None         # torch.cuda.max_memory_allocated: torch allocations only
@@ -43,6 +43,7 @@ class Record:
     pixels_max_abs_diff: int | None = None
     flagged: bool = False
     flag_reason: str | None = None
+    peak_error: str | None = None        # why peak_fraction is not reported although it was computed (> 100 %)
 
 
 @dataclass(frozen=True)

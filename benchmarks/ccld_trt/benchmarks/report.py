@@ -3,16 +3,19 @@
 JSON layout (``schema_version`` 1)::
 
     {"schema_version": 1,
-     "machine": {"cpu_model", "cores", "torch_threads", "ram_gb", "gpu": null | {"name", "memory_gb", ...},
-                 "device", "os", "python", "torch", "onnxruntime", "tensorrt", "date"},
+     "machine": {"cpu_model", "cpu": {"vendor", "family", "model", "stepping", "isa": [...]}, "cores",
+                 "torch_threads", "ram_gb", "gpu": null | {"name", "memory_gb", ...}, "device", "os", "python",
+                 "torch", "onnxruntime", "openvino", "tensorrt", "date"},
      "run": {"device", "quick", "repeats", "warmup", "e2e_repeats", "e2e_warmup_steps", "seed", "method",
              "prompt", "weights",
-             "gemm_peak_gflops": {"fp32": ...}, "reference", "thresholds", ...},
+             "gemm_peak_gflops": {"fp32": ..., "bf16": ..., "int8": ...},
+             "gemm_kernel_gflops": {precision: {kernel: ...}}, "reference", "thresholds", ...},
      "results": [one object per records.Record],
      "op_profiles": [{"backend", "precision", "graph", "batch", "ops": [{"op", "ms", "share", "nodes"}]}],
      "skipped": [one object per records.Skip: {"backend", "precision", "reason"}]}
 
-``op_profiles`` (ONNX Runtime's kernel time per op type) may be absent: runs before it was added lack it.
+``op_profiles`` (ONNX Runtime's kernel time per op type) may be absent: runs before it was added lack it, as
+they lack ``machine.cpu``, ``machine.openvino``, ``run.gemm_kernel_gflops`` and the records' ``peak_error``.
 """
 
 from __future__ import annotations
@@ -93,6 +96,33 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _peak_text(run: dict[str, Any], precision: str) -> str:
+    """e.g. "fp32 412 GFLOP/s (onnxruntime; torch 200, openvino 390)"."""
+    best = run["gemm_peak_gflops"][precision]
+    kernels = run.get("gemm_kernel_gflops", {}).get(precision, {})
+    if not kernels:
+        return f"{precision} {best:,.0f} GFLOP/s"
+    top = max(kernels, key=kernels.get)
+    others = ", ".join(f"{k} {v:,.0f}" for k, v in kernels.items() if k != top)
+    return f"{precision} {best:,.0f} GFLOP/s ({top}" + (f"; {others})" if others else ")")
+
+
+def _cpu_identity(m: dict[str, Any]) -> str:
+    """" (family 25 model 17; avx512f avx512_bf16 ...)" from the machine's ``cpu`` entry, "" without one."""
+    cpu = m.get("cpu") or {}
+    if cpu.get("family") is None:
+        return ""
+    isa = " ".join(cpu.get("isa") or []) or "no listed ISA extensions"
+    return f" (family {cpu['family']} model {cpu['model']}; {isa})"
+
+
+def _peak_cell(r: dict[str, Any]) -> str:
+    """The "% peak" cell: the share of the precision's peak, or a flag where it exceeded 100 %."""
+    if r.get("peak_error"):
+        return "**>100 %: measurement error**"
+    return _num(None if r["peak_fraction"] is None else 100 * r["peak_fraction"])
+
+
 def flagged(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The end-to-end records judged fast but wrong."""
     return [r for r in doc["results"] if r.get("flagged")]
@@ -101,7 +131,7 @@ def flagged(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
     """The human-readable report: machine, flagged and skipped backends, stage table, end-to-end table."""
     m, run = doc["machine"], doc["run"]
-    peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in run["gemm_peak_gflops"].items())
+    peaks = "; ".join(_peak_text(run, p) for p in run["gemm_peak_gflops"])
     gpu = f"{m['gpu']['name']} ({m['gpu']['memory_gb']} GB)" if m.get("gpu") else "none"
     weights = run["weights"]
     e2e_warmup = (f"a {run['e2e_warmup_steps']}-step warm-up run at the same n" if run["e2e_warmup_steps"]
@@ -113,12 +143,13 @@ def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
     lines = [
         f"# ccld-trt benchmark — {machine_slug(m)}", "",
         f"- date: {m['date']}; device: {run['device']}; {'quick run' if run['quick'] else 'full run'}",
-        f"- CPU: {m['cpu_model']}, {m['cores']} cores ({m['torch_threads']} torch threads), RAM {m['ram_gb']} GB;"
-        f" GPU: {gpu}",
-        f"- torch {m['torch']}, onnxruntime {m['onnxruntime'] or '—'}, tensorrt {m['tensorrt'] or '—'},"
-        f" Python {m['python']}",
-        f"- measured GEMM peak (square matmul, torch; the better of a measurement before and one after the "
-        f"backends): {peaks}; `% peak` is against the fp32 peak",
+        f"- CPU: {m['cpu_model']}{_cpu_identity(m)}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"RAM {m['ram_gb']} GB; GPU: {gpu}",
+        f"- torch {m['torch']}, onnxruntime {m['onnxruntime'] or '—'}, openvino {m.get('openvino') or '—'}, "
+        f"tensorrt {m['tensorrt'] or '—'}, Python {m['python']}",
+        f"- measured GEMM peaks (square matmul, the best kernel per precision, each the better of a measurement "
+        f"before and one after the backends; int8 in integer GOP/s): {peaks}; `% peak` is against the peak of "
+        f"the row's precision (fp16 on the CPU: fp32), and a row above 100 % is a measurement error, not shown",
         f"- weights: {weights['dir']}{demo_note}",
         f"- timings: median/p90/min of {_plural(run['repeats'], 'repeat')} after {run['warmup']} warm-up "
         f"(end-to-end: {_plural(run['e2e_repeats'], 'repeat')} after {e2e_warmup}, the backends' repeats "
@@ -151,7 +182,7 @@ def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
              "% peak", "FLOP/byte", "peak RSS MiB", "device MiB"],
             ([r["backend"], r["precision"], r["stage"], str(r["batch"]), _num(r["median_ms"], 2),
               _num(r["p90_ms"], 2), _num(r["min_ms"], 2), _giga(r["flops"]), _num(r["achieved_gflops"]),
-              _num(None if r["peak_fraction"] is None else 100 * r["peak_fraction"]), _intensity(r),
+              _peak_cell(r), _intensity(r),
               _num(r["peak_rss_mb"], 0), _num(r.get("device_peak_mb"), 0)] for r in stages))
         lines.append("")
     e2e = [r for r in records if r["stage"] == "end-to-end"]
@@ -163,7 +194,7 @@ def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
             ([r["backend"], r["precision"], str(r["steps"]), str(r["n"]), _num(r["median_ms"] / 1e3, 2),
               _num(r["min_ms"] / 1e3, 2), _num(r["images_per_s"], 3),
               "—" if r["flops"] is None else f"{r['flops'] / 1e12:,.2f}",
-              _num(None if r["peak_fraction"] is None else 100 * r["peak_fraction"]),
+              _peak_cell(r),
               "—" if r["latents_rel_error"] is None else f"{r['latents_rel_error']:.2e}",
               ("∞" if r["pixels_max_abs_diff"] == 0 else "—") if r["psnr_db"] is None else _num(r["psnr_db"]),
               "—" if r.get("pixels_max_abs_diff") is None else str(r["pixels_max_abs_diff"]),

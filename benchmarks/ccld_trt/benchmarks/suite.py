@@ -34,7 +34,8 @@ from tqdm import tqdm
 from ccld_trt.benchmarks.accuracy import judge, thresholds
 from ccld_trt.benchmarks.flops import stage_costs
 from ccld_trt.benchmarks.interleaved import measure_end_to_end
-from ccld_trt.benchmarks.machine import gemm_peak_gflops, machine_info
+from ccld_trt.benchmarks.machine import machine_info
+from ccld_trt.benchmarks.peaks import best_peaks, measure_peaks, peak_fraction
 from ccld_trt.benchmarks.plan import (
     BACKENDS,
     E2E_WARMUP_STEPS,
@@ -78,14 +79,16 @@ def count_costs(config: BenchConfig, files: ModelFiles, log: Log) -> Costs:
     return costs
 
 
-def gemm_peaks(config: BenchConfig, log: Log, before: dict[str, float] | None = None) -> dict[str, float]:
-    """Measured GEMM GFLOP/s per precision; with ``before``, the better of it and this measurement (on a shared
-    machine either may fall in a slow spell). Reduced precisions only on CUDA, where tensor cores make them an
-    order of magnitude higher."""
-    log("measuring the GEMM peak" if before is None else "measuring the GEMM peak again")
-    precisions = ("fp32", "fp16", "bf16") if torch.device(config.device).type == "cuda" else ("fp32",)
-    peaks = {p: gemm_peak_gflops(config.device, p, min_seconds=config.gemm_seconds) for p in precisions}
-    return peaks if before is None else {p: max(before[p], peaks[p]) for p in precisions}
+def gemm_peaks(config: BenchConfig, log: Log,
+               before: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
+    """Measured GEMM rates {precision: {kernel: GFLOP/s}} (peaks.measure_peaks: every kernel that runs the
+    precision here); with ``before``, per kernel the better of it and this measurement (on a shared machine
+    either may fall in a slow spell)."""
+    log("measuring the GEMM peaks" if before is None else "measuring the GEMM peaks again")
+    rates = measure_peaks(config.device, config.gemm_seconds)
+    if before is None:
+        return rates
+    return {p: {k: max(v, before.get(p, {}).get(k, 0.0)) for k, v in kernels.items()} for p, kernels in rates.items()}
 
 
 def reference_outputs(config: BenchConfig, files: ModelFiles, opener: Opener, variants: list[Variant], log: Log,
@@ -147,7 +150,7 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
     # 2. What each stage costs, and what the machine can do.
     costs = count_costs(config, files, log)
     info = machine_info(config.device)
-    peaks = gemm_peaks(config, log)
+    rates = gemm_peaks(config, log)
     # 3. The reference first; its outputs computed separately when it is not among the variants.
     variants = config.run_order()
     skipped: list[Skip] = []
@@ -165,14 +168,16 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
                 worker.close()
         bar.update(total - bar.n)  # end-to-end runs of backends that failed on the way
     # 6. The GEMM peak again (the better one counts), and each record's share of it.
-    peaks = gemm_peaks(config, log, before=peaks)
+    rates = gemm_peaks(config, log, before=rates)
+    peaks = best_peaks(rates)
     for r in records:
-        r.peak_fraction = None if r.achieved_gflops is None else r.achieved_gflops / peaks["fp32"]
+        r.peak_fraction, r.peak_error = peak_fraction(r.achieved_gflops, r.precision, peaks,
+                                                      torch.device(config.device).type)
     # 7. The document.
-    return document(config, info, weights, peaks, records, profiles, skipped)
+    return document(config, info, weights, rates, records, profiles, skipped)
 
 
-def document(config: BenchConfig, machine: dict[str, Any], weights: dict[str, Any], peaks: dict[str, float],
+def document(config: BenchConfig, machine: dict[str, Any], weights: dict[str, Any], rates: dict[str, dict[str, float]],
              records: list[Record], profiles: list[dict[str, Any]], skipped: list[Skip]) -> dict[str, Any]:
     """The JSON document of a run (layout in ``report``'s docstring)."""
     return {
@@ -183,7 +188,7 @@ def document(config: BenchConfig, machine: dict[str, Any], weights: dict[str, An
             "warmup": config.warmup, "e2e_repeats": config.e2e_runs,
             "e2e_warmup_steps": E2E_WARMUP_STEPS if config.warmup else 0, "seed": config.seed, "method": METHOD,
             "prompt": PROMPT[0], "prompt_weight": PROMPT[1], "latent_size": list(LATENT_SIZE),
-            "weights": weights, "gemm_peak_gflops": peaks,
+            "weights": weights, "gemm_peak_gflops": best_peaks(rates), "gemm_kernel_gflops": rates,
             "reference": {"backend": REFERENCE.backend, "precision": REFERENCE.precision},
             "thresholds": thresholds(),
         },

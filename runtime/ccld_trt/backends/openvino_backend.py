@@ -1,0 +1,177 @@
+"""The OpenVINO backend: the Backend interface over the exported graphs (unet_cfg, decoder, text_encoder,
+image_encoder) on the CPU, read straight from the fp32 ONNX files by OpenVINO's ONNX frontend.
+
+Precisions: ``fp32``; ``bf16``, the fp32 graphs compiled with OpenVINO's bf16 inference hint (weights and
+activations in bf16 where OpenVINO deems it safe, accumulation in fp32), which needs the CPU's bf16 dot-product
+instructions; ``int8``, the NNCF-quantised graphs that ``ccld_trt.export.quantize`` writes (where a graph has
+none, its fp32 graph runs), the rest at bf16 where the CPU has it. The CPU's instruction set is checked before
+anything compiles, so a precision that cannot run is one clear line, not a slow or silently-fp32 run.
+
+Each graph is compiled once per model file: OpenVINO's model cache keeps the compiled blob under the graphs'
+directory, so later starts load it instead of compiling again. One inference request per graph, as the pipeline
+makes one call at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ccld_trt import backend_select
+from ccld_trt.backends.base import GraphBackend
+from ccld_trt.export.checkpoints import require_file
+from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
+from ccld_trt.export.onnx_export import onnx_path
+from ccld_trt.export.quantize import quantized_path
+
+INSTALL_HINT = "pip install 'ccld-trt[openvino]'"
+CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, one folder per graph file version
+# CPU flags (as /proc/cpuinfo spells them) of the dot-product instructions that make a reduced precision pay:
+# without them OpenVINO would run bf16 as fp32, and int8 through slower, saturating 16-bit sums.
+PRECISION_ISA: dict[str, tuple[str, ...]] = {
+    "bf16": ("avx512_bf16", "amx_bf16"),
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8"),
+}
+# OpenVINO's names for the inference precision hint
+_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), None where that file cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (SMT siblings count once): the thread count that
+    compute-bound kernels scale to. Falls back to the logical count where the topology is unknown."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def precision_problem(precision: str, flags: frozenset[str] | None = None) -> str | None:
+    """Why ``precision`` cannot run on this CPU (``flags``: its feature flags, default ``cpu_flags()``), in one
+    line; None when it can, or when the flags cannot be read (then OpenVINO decides)."""
+    needs = PRECISION_ISA.get(precision)
+    flags = cpu_flags() if flags is None else flags
+    if not needs or flags is None or flags & set(needs):
+        return None
+    return (f"openvino {precision} needs a CPU with {' or '.join(needs)} instructions, and this one has none; "
+            "use fp32" + (" or bf16" if precision == "int8" and precision_problem("bf16", flags) is None else ""))
+
+
+def default_precision(flags: frozenset[str] | None = None) -> str:
+    """bf16 where the CPU has bf16 dot-product instructions, else fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return "bf16" if flags is not None and precision_problem("bf16", flags) is None else "fp32"
+
+
+def check_precision(precision: str, flags: frozenset[str] | None = None) -> str:
+    """``precision`` if this backend runs it and this CPU can, else UserError (one line)."""
+    backend_select.check_precision("openvino", precision)
+    problem = precision_problem(precision, flags)
+    if problem:
+        raise UserError(problem)
+    return precision
+
+
+def require_openvino() -> Any:
+    """The openvino module, or UserError saying how to install it."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise UserError(f"the openvino backend needs OpenVINO: {INSTALL_HINT}") from e
+    return openvino
+
+
+def graph_files(onnx_dir: Path, precision: str) -> dict[str, Path]:
+    """The file each graph runs from: the int8 model where ``precision`` is int8 and one was made for the graph
+    (see export.quantize), else the fp32 ONNX graph. Missing files are a UserError."""
+    files = {}
+    for graph in BACKEND_GRAPHS:
+        int8 = quantized_path(onnx_dir, graph) if precision == "int8" else None
+        files[graph] = require_file(int8 or onnx_path(onnx_dir, graph), f"{graph} graph")
+    return files
+
+
+def compile_config(precision: str, threads: int) -> dict[str, Any]:
+    """OpenVINO CPU properties: one stream, ``threads`` threads, latency-first, and the inference precision
+    (int8 graphs run their unquantised ops at bf16 where the CPU has it)."""
+    hint = _HINTS.get(precision) or _HINTS[default_precision()]
+    return {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY"}
+
+
+def cache_folder(root: Path, path: Path, config: Mapping[str, Any]) -> Path:
+    """``<root>/<graph file stem>-<digest>``: the model cache of one version of one graph file and one
+    configuration. OpenVINO's cache key for a model compiled from a path does not cover every byte of the file,
+    so the folder's name does (size and mtime of the file and of its weights beside it); folders of older
+    versions of the same file are removed."""
+    parts = [path, *(p for p in (path.with_suffix(".bin"), path.with_name(path.name + ".data")) if p.exists())]
+    ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
+    digest = hashlib.sha256(repr((ident, sorted(config.items()))).encode()).hexdigest()[:12]
+    folder = root / f"{path.name}-{digest}"
+    if root.is_dir():
+        for old in root.glob(f"{path.name}-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+class OpenVinoBackend(GraphBackend):
+    """Backend over the graphs of ``onnx_dir`` (as written by ``export_all``, plus ``quantize`` for int8), on
+    the CPU. ``precision``: fp32, bf16 or int8 (None: bf16 where the CPU has it, else fp32). ``threads``: per
+    inference (None: the physical cores). One call at a time (as the pipeline makes them)."""
+
+    name = "openvino"
+
+    def __init__(self, onnx_dir: Path, precision: str | None = None, threads: int | None = None) -> None:
+        self.device = torch.device("cpu")
+        self.precision = check_precision(precision or default_precision())
+        ov = require_openvino()
+        onnx_dir = Path(onnx_dir)
+        self.files = graph_files(onnx_dir, self.precision)
+        self.threads = threads or physical_cores()
+        self.config = compile_config(self.precision, self.threads)
+        core = ov.Core()
+        cache_root = onnx_dir / CACHE_DIR
+        self.compiled = {}
+        for graph, path in self.files.items():
+            folder = cache_folder(cache_root, path, self.config)
+            self.compiled[graph] = core.compile_model(str(path), "CPU", {**self.config, "CACHE_DIR": str(folder)})
+        self._requests = {graph: model.create_infer_request() for graph, model in self.compiled.items()}
+
+    def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run ``graph`` on ``feed`` ({input name: tensor}, converted to the graph's dtypes); returns a new
+        tensor holding its output."""
+        spec = GRAPHS[graph]
+        inputs = {t.name: np.ascontiguousarray(feed[t.name].detach().cpu().to(getattr(torch, t.dtype)).numpy())
+                  for t in spec.inputs}
+        # share_inputs: OpenVINO reads the arrays in place; outputs come back as fresh arrays (not shared), since
+        # samplers keep earlier outputs while the request's own buffers are reused by the next call.
+        result = self._requests[graph].infer(inputs, share_inputs=True, share_outputs=False)
+        return torch.from_numpy(np.asarray(result[0]))

@@ -163,3 +163,30 @@ def test_merged_call_equals_each_fused_call(seed3_dir: Path) -> None:
     # one call alone takes the backend's fused path: bit-identical to it
     (alone,) = run_merged(backend, calls[:1])
     assert torch.equal(alone, backend.unet(calls[0].x, calls[0].t, calls[0].conds, calls[0].weights))
+
+
+def test_requests_stepping_together_keep_merging() -> None:
+    # Without a window counted from the end of the last call, two requests would take turns: the one that just
+    # got its result is still computing its next step when the other's evaluation is already "late".
+    def slow(items: Sequence[int]) -> list[int]:
+        time.sleep(0.02)
+        return list(items)
+
+    batcher = StepBatcher(slow, rows_of=lambda v: 1, max_rows=64, window_s=0.05)
+    entered = threading.Barrier(2)
+
+    def request(k: int) -> None:
+        with batcher.sampling():
+            entered.wait()
+            for step in range(10):
+                assert batcher.evaluate(100 * k + step) == 100 * k + step
+
+    threads = [threading.Thread(target=request, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stats = batcher.stats()
+    assert stats["evaluations"] == 20
+    assert stats["unet_calls"] <= 12 and stats["merged_calls"] >= 8, stats
+    batcher.close()

@@ -74,6 +74,7 @@ class StepBatcher(Generic[Call, Result]):
         self._waiting: list[_Waiting[Call, Result]] = []
         self._sampling = 0  # requests inside a ``sampling()`` block
         self._closed = False
+        self._last_done = 0.0  # time.monotonic() at the end of the last call
         self._stats = BatchStats()
         self._worker = threading.Thread(target=self._loop, name="ccld-trt-step-batcher", daemon=True)
         self._worker.start()
@@ -136,8 +137,13 @@ class StepBatcher(Generic[Call, Result]):
         # under the lock, with something waiting
         rows = sum(w.rows for w in self._waiting)
         everyone = len(self._waiting) >= self._sampling
-        late = time.monotonic() - self._waiting[0].since >= self.window_s
+        late = time.monotonic() >= self._window_end()
         return not self.merge or everyone or rows >= self.max_rows or late
+
+    def _window_end(self) -> float:
+        # from the oldest's arrival, or from the end of the last call if later: the requests that call just
+        # served need a moment to submit their next step; else two requests would take turns, never merging
+        return max(self._waiting[0].since, self._last_done) + self.window_s
 
     def _take(self) -> list[_Waiting[Call, Result]]:
         # under the lock: the oldest evaluations that fit max_rows (always at least the oldest one)
@@ -157,7 +163,7 @@ class StepBatcher(Generic[Call, Result]):
                 while not self._closed and not (self._waiting and self._ready()):
                     timeout = None
                     if self._waiting:
-                        timeout = max(self._waiting[0].since + self.window_s - time.monotonic(), 1e-4)
+                        timeout = max(self._window_end() - time.monotonic(), 1e-4)
                     self._lock.wait(timeout)
                 if self._closed:
                     for w in self._waiting:
@@ -179,6 +185,7 @@ class StepBatcher(Generic[Call, Result]):
             for w in taken:
                 w.error = e
         with self._lock:
+            self._last_done = time.monotonic()
             s = self._stats
             s.calls += 1
             s.evaluations += len(taken)

@@ -38,10 +38,11 @@ def test_cpu_backends_resolve() -> None:
 
 
 @pytest.mark.parametrize(("name", "device", "message"), [
-    ("tensorflow", "cpu", "unknown backend 'tensorflow': choose one of torch, onnxruntime, tensorrt"),
+    ("tensorflow", "cpu", "unknown backend 'tensorflow': choose one of torch, onnxruntime, openvino, tensorrt"),
     ("torch", "gpu", "unknown device 'gpu': use cpu, cuda or cuda:N"),
     ("torch", "mps", "unknown device 'mps'"),
     ("tensorrt", "cpu", "the tensorrt backend runs on NVIDIA GPUs only"),
+    ("openvino", "cuda", "the openvino backend runs on the CPU only: use the cpu device"),
 ])
 def test_selection_errors(name: str, device: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -90,7 +91,8 @@ def test_doctor_says_tensorrt_is_missing() -> None:
     assert checks["tensorrt-rtx"].detail.startswith("TensorRT-RTX is not installed")
     assert "pip install 'ccld-trt[tensorrt-rtx]'" in checks["tensorrt-rtx"].detail
     report = format_report(list(checks.values()))
-    assert len(report.splitlines()) == len(checks) == 12
+    assert checks["openvino"].ok == checks["backend openvino on cpu"].ok  # installed or not, said alike
+    assert len(report.splitlines()) == len(checks) == 14
     assert any(line.startswith("--  tensorrt ") and "TensorRT is not installed" in line for line in report.splitlines())
 
 

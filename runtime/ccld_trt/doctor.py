@@ -20,7 +20,7 @@ from ccld_trt.engines.flavor import require_flavor, rtx_capabilities
 from ccld_trt.export.errors import UserError
 
 BACKEND_DEVICES = (("torch", "cpu"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"),
-                   ("tensorrt", "cuda"))
+                   ("openvino", "cpu"), ("tensorrt", "cuda"))
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,17 @@ def _onnxruntime() -> Check:
     return Check("onnxruntime", True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
 
 
+def _openvino() -> Check:
+    from ccld_trt.backends.openvino_backend import default_precision, precision_problem, require_openvino
+
+    try:
+        ov = require_openvino()
+    except UserError as e:
+        return Check("openvino", False, str(e))
+    runs = [p for p in ("fp32", "bf16", "int8") if precision_problem(p) is None]
+    return Check("openvino", True, f"{ov.__version__}; this CPU runs {', '.join(runs)} (default {default_precision()})")
+
+
 def _tensorrt() -> Check:
     try:
         return Check("tensorrt", True, f"{require_flavor('tensorrt')}: builds and runs engines on this machine's "
@@ -111,7 +122,8 @@ def doctor_report() -> list[Check]:
     """One Check per component, then one per (backend, device) pair."""
     probes: list[tuple[str, Callable[[], Check]]] = [
         ("python", _python), ("torch", _torch), ("cuda", _cuda), ("onnxruntime", _onnxruntime),
-        ("tensorrt", _tensorrt), ("tensorrt-rtx", _tensorrt_rtx), ("cuda-python", _cuda_python)]
+        ("openvino", _openvino), ("tensorrt", _tensorrt), ("tensorrt-rtx", _tensorrt_rtx),
+        ("cuda-python", _cuda_python)]
     probes += [(f"backend {b} on {d}", functools.partial(_backend, b, d)) for b, d in BACKEND_DEVICES]
     return [_guarded(name, probe) for name, probe in probes]
 

@@ -143,7 +143,10 @@ def quantize_all(onnx_dir: Path, calibrate: Callable[[], Mapping[str, Sequence[F
     if not stale:
         _say(f"int8: {len(graphs)} graph(s) in {onnx_dir} are up to date", progress)
         return paths
-    feeds = calibrate() if needs_calibration(stale) else {}
+    feeds: Mapping[str, Sequence[Feed]] = {}
+    if needs_calibration(stale):
+        _say("int8: calibrating on sampling trajectories through the fp32 graphs (minutes on a small CPU)", progress)
+        feeds = calibrate()
     for graph in stale:
         _say(f"int8: quantising {graph} ({SCHEMES[graph]})", progress)
         with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=".int8-") as tmp:

@@ -208,7 +208,8 @@ def test_models_dir_with_the_reference_kits_short_names(seed3_dir, tmp_path):
 
 
 def test_backend_flags_are_one_group_parsed_into_backend_options():
-    from ccld_trt.cli import backend_options, build_parser
+    from ccld_trt.cli import build_parser
+    from ccld_trt.cli_args import backend_options
     from ccld_trt.runner import BackendOptions
 
     flags = ["--backend", "onnxruntime", "--device", "cuda:1", "--precision", "fp16", "--onnx-dir", "g",

@@ -8,13 +8,21 @@ import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
+from ccld_trt.cli_args import (
+    add_backend_args,
+    add_model_args,
+    backend_options,
+    model_files,
+    model_source,
+    scale,
+    triple,
+    weighted,
+)
+from ccld_trt.engines.flavor import CHOICES as FLAVOR_CHOICES
 from ccld_trt.export.errors import UserError
-
-if TYPE_CHECKING:
-    from ccld_trt.export.models import ModelFiles
-    from ccld_trt.runner import BackendOptions, ModelSource
+from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 
 # Entry-point group of commands that live in higher layers; see _add_extension_commands.
 COMMANDS_GROUP = "ccld_trt.commands"
@@ -23,94 +31,6 @@ COMMANDS_GROUP = "ccld_trt.commands"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _weighted(value: str, what: str) -> tuple[str, float]:
-    from ccld_trt.image_prompt import parse_prompt
-
-    text, weight = parse_prompt(value)
-    if not text:
-        raise UserError(f"empty {what} in {value!r}")
-    return text, weight
-
-
-def _scale(value: str) -> float | str:
-    if value == "checkpoint":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'checkpoint', got {value!r}") from None
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models (default: the models directory)")
-    g.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models)")
-    g.add_argument("--unet", help="U-Net checkpoint (model_student.ckpt)")
-    g.add_argument("--autoencoder", help="autoencoder checkpoint (ae_model.ckpt)")
-    g.add_argument("--autoencoder-config", help="autoencoder YAML (default: the checkpoint's name with .yaml)")
-    g.add_argument("--cloob", help="CLOOB pickle")
-    g.add_argument("--cloob-config", help="CLOOB config JSON path or built-in name")
-    g.add_argument("--base-channels", type=int, help="U-Net width (default: read from the checkpoint)")
-    g.add_argument("--channel-multipliers", type=lambda s: [int(v) for v in s.split(",")],
-                   help="U-Net multipliers, e.g. 1,1,2,2 (default: read from the checkpoint)")
-
-
-def _model_files(args: argparse.Namespace) -> ModelFiles:
-    from ccld_trt.export.models import ModelFiles, models_dir
-
-    return ModelFiles.resolve(models_dir(args.models), args.unet, args.autoencoder, args.autoencoder_config,
-                              args.cloob, args.cloob_config)
-
-
-def _model_source(args: argparse.Namespace) -> ModelSource:
-    from ccld_trt.runner import ModelSource
-
-    multipliers = tuple(args.channel_multipliers) if args.channel_multipliers else None
-    return ModelSource(_model_files(args), args.base_channels, multipliers)
-
-
-def add_backend_args(p: argparse.ArgumentParser, *, variants: bool = False) -> None:
-    """The flags that say how the networks run (read back by ``backend_options``), shared by every command that
-    runs them. ``variants``: the command picks the backends and precisions itself (bench): only --device."""
-    from ccld_trt.backend_select import ALL_PRECISIONS, BACKENDS
-    from ccld_trt.runner import DEFAULT_ENGINE_DIR
-
-    g = p.add_argument_group("backend")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    if variants:
-        return
-    g.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (default torch)")
-    g.add_argument("--precision", choices=ALL_PRECISIONS,
-                   help="torch: U-Net autocast (default fp32 on cpu, fp16 on cuda, as the original); "
-                        "onnxruntime: fp32 or fp16 graphs (default fp32 on cpu, fp16 on cuda); openvino: fp32, "
-                        "bf16 or int8 (default bf16 where the CPU has bf16 instructions, else fp32); "
-                        "tensorrt: fp32 or fp16 engines (default fp16)")
-    g.add_argument("--cuda-graph", action="store_true",
-                   help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
-    g.add_argument("--engines", default=str(DEFAULT_ENGINE_DIR),
-                   help=f"TensorRT engine directory (default {DEFAULT_ENGINE_DIR})")
-    g.add_argument("--trt-flavor", default="auto", choices=("auto", "tensorrt", "rtx"),
-                   help="tensorrt backend: which TensorRT runs the engines (default auto: the one they were built "
-                        "with)")
-    g.add_argument("--onnx-dir", metavar="DIR",
-                   help="onnxruntime and openvino backends: where the exported graphs are kept, exported there "
-                        "unless up to date (default build/onnx/<hash of the model paths>)")
-
-
-def backend_options(args: argparse.Namespace) -> BackendOptions:
-    """The flags of ``add_backend_args`` as BackendOptions (those a command lacks keep their defaults)."""
-    from ccld_trt.runner import BackendOptions
-
-    given = vars(args)
-    defaults = BackendOptions()
-    onnx_dir = given.get("onnx_dir")
-    return BackendOptions(backend=given.get("backend", defaults.backend), device=args.device,
-                          precision=given.get("precision", defaults.precision),
-                          cuda_graph=given.get("cuda_graph", defaults.cuda_graph),
-                          engine_dir=Path(given.get("engines", defaults.engine_dir)),
-                          onnx_dir=Path(onnx_dir) if onnx_dir else None,
-                          trt_flavor=given.get("trt_flavor", defaults.trt_flavor))
 
 
 # How `sample` names the fields of a pipeline Request
@@ -127,8 +47,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from ccld_trt.runner import open_session
 
     request = Request(
-        prompts=[_weighted(p, "prompt") for p in args.prompts],
-        image_prompts=[(Path(p), w) for p, w in (_weighted(v, "image path") for v in args.images)],
+        prompts=[weighted(p, "prompt") for p in args.prompts],
+        image_prompts=[(Path(p), w) for p, w in (weighted(v, "image path") for v in args.images)],
         n=args.n, batch_size=args.batch_size, seed=args.seed, steps=args.steps, method=args.method, eta=args.eta,
     )
     try:
@@ -140,7 +60,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"--output-dir {out_dir} is not a directory")
     if args.save_latents:
         check_new_file(Path(args.save_latents), "--save-latents")
-    models = _model_source(args)
+    models = model_source(args)
     # read every input before the (slow) model loading, so that a bad one fails at once
     image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(models.files.cloob_config)))
     options = backend_options(args).resolved()
@@ -192,7 +112,7 @@ def cmd_demo_weights(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from ccld_trt.export.onnx_export import default_onnx_dir, export_all
 
-    files = _model_files(args)
+    files = model_files(args)
     out_dir = Path(args.output) if args.output else default_onnx_dir(files)
     for path in export_all(files, out_dir, args.graphs, fp16=not args.no_fp16).values():
         print(path)
@@ -215,19 +135,6 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     print(format_report(doctor_report()))
 
 
-def _triple(value: str) -> tuple[int, int, int]:
-    """'1,2,4' -> (1, 2, 4); a single 'N' -> (N, N, N)."""
-    try:
-        parts = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX or N, got {value!r}") from None
-    if len(parts) == 1:
-        parts *= 3
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX or N, got {value!r}")
-    return parts[0], parts[1], parts[2]
-
-
 def cmd_engines_build(args: argparse.Namespace) -> None:
     from ccld_trt.engines.build import BuildOptions, build_engines
     from ccld_trt.engines.flavor import parse_capabilities, resolve_flavor
@@ -241,7 +148,7 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
     flavor = resolve_flavor(args.trt_flavor, local_capability())
     targets = parse_capabilities(args.compute_capability) if args.compute_capability else ()
     options = BuildOptions(flavor, targets, args.opt_level, args.workspace_gib).validate()
-    files = None if args.onnx else _model_files(args)
+    files = None if args.onnx else model_files(args)
     image_size = args.image_size or (cloob_image_size(load_cloob_config(files.cloob_config)) if files else 224)
     params = ProfileParams(batch=args.batch, conds_max=args.conds_max, height=args.height, width=args.width,
                            image_size=image_size)
@@ -262,7 +169,7 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from ccld_trt.serve import serve
 
-    serve(backend_options(args), _model_source(args), args.host, args.port, args.listen)
+    serve(backend_options(args), model_source(args), args.host, args.port, args.listen)
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
@@ -272,7 +179,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     settings = ReplicaSettings(max_batch=args.max_batch, batching=not args.no_batching,
                                max_ongoing=args.max_ongoing)
     spec = ClusterSpec(replicas=args.replicas, max_queue=args.max_queue, settings=settings)
-    run_cluster(backend_options(args), _model_source(args), spec, args.address, args.host, args.port)
+    run_cluster(backend_options(args), model_source(args), spec, args.address, args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,12 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="sampler timesteps (default 50)")
     p.add_argument("--method", default="plms", choices=METHODS, help="sampler (default plms)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
-    p.add_argument("--autoencoder-scale", type=_scale, metavar="F|checkpoint",
+    p.add_argument("--autoencoder-scale", type=scale, metavar="F|checkpoint",
                    help="latent scale before decoding (default 2.55, as the published demo)")
     p.add_argument("--output-dir", default="outputs", help="where out_NNNNN.png go (default outputs/)")
     p.add_argument("--save-latents", metavar="FILE.npy", help="also save the final latents, float32 [n,4,32,32]")
     add_backend_args(p)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("download", help="download the published weights into the models directory")
@@ -321,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", action="store_true",
                    help="allow a --host other machines can reach (the page has no authentication)")
     add_backend_args(p)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cluster", help="serve /v1/generate on Ray Serve replicas, U-Net calls of concurrent "
@@ -337,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting at the HTTP proxy before it answers 503 (default 64)")
     p.add_argument("--no-batching", action="store_true", help="one U-Net call per request evaluation")
     add_backend_args(p)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_cluster)
 
     from ccld_trt.export.graph_specs import GRAPHS
@@ -353,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="also the int8 graphs of the openvino backend (NNCF, calibrated on sampling trajectories "
                         "through the fp32 graphs: minutes on a small CPU; kept while up to date)")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("engines", help="TensorRT engines")
@@ -362,18 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="DIR",
                    help="directory of exported graphs (default: export them from the model files, as `export` does)")
     p.add_argument("--output", default="build/engines", help="engine directory (default build/engines)")
-    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="which graphs (default fp16)")
-    p.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN,OPT,MAX",
+    p.add_argument("--precision", choices=GRAPH_PRECISIONS, default="fp16", help="which graphs (default fp16)")
+    p.add_argument("--batch", type=triple, default=(1, 1, 4), metavar="MIN,OPT,MAX",
                    help="images per sampler call (default 1,1,4)")
     p.add_argument("--conds-max", type=int, default=4,
                    help="CFG conditions per call, the unconditional one included (default 4)")
-    p.add_argument("--height", type=_triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
+    p.add_argument("--height", type=triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
                    help="latent height = image height / 8 (default 32)")
-    p.add_argument("--width", type=_triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
+    p.add_argument("--width", type=triple, default=(32, 32, 32), metavar="MIN,OPT,MAX",
                    help="latent width = image width / 8 (default 32)")
     p.add_argument("--image-size", type=int,
                    help="CLOOB image encoder input side (default: the model's, or 224 with --onnx)")
-    p.add_argument("--trt-flavor", default="auto", choices=("auto", "tensorrt", "rtx"),
+    p.add_argument("--trt-flavor", default="auto", choices=FLAVOR_CHOICES,
                    help="tensorrt: for this machine's GPU; rtx: TensorRT-RTX, ahead of time for RTX GPUs, no GPU "
                         "needed (default auto: tensorrt with a GPU and TensorRT, else rtx)")
     p.add_argument("--compute-capability", metavar="X.Y[,X.Y...]",
@@ -381,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--workspace-gib", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when an engine is up to date")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_engines_build)
 
     p = sub.add_parser("doctor", help="what is installed and which backends can run here")

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ccld_trt.cli import add_backend_args, backend_options
+from ccld_trt.cli_args import add_backend_args, backend_options
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ccld_trt.cli import add_backend_args, backend_options
+from ccld_trt.cli_args import add_backend_args, backend_options
 
 PROMPTS = ("a snowy landscape, oil on canvas", "a lighthouse at dusk:3", "portrait of a cat:2",
            "a city in the rain", "abstract shapes, bauhaus:4", "a forest path in autumn")

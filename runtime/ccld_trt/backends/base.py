@@ -47,7 +47,7 @@ class Backend(Protocol):
 
 class GraphBackend:
     """The Backend interface over the exported graphs (unet_cfg, decoder, text_encoder, image_encoder), for the
-    backends that run them (ONNX Runtime, TensorRT). A subclass runs one graph call (``_run``) and may cap the
+    backends that run them (ONNX Runtime, OpenVINO, TensorRT). A subclass runs one graph call (``_run``) and may cap the
     ``batch`` and ``conds`` dimensions of a call (``limits``, e.g. an engine's profile): larger calls are split,
     their batches concatenated and their CFG conditions summed (v is a weighted sum over conditions)."""
 

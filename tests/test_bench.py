@@ -334,3 +334,54 @@ def test_end_to_end_repeats_interleave_the_backends(tmp_path: Path, monkeypatch:
     assert e2e["second"]["repeats"] == 2 and e2e["second"]["latents_rel_error"] == 0.0
     assert {r["stage"] for r in doc["results"] if r["backend"] == "broken"} == {"text-encoder", "image-encoder",
                                                                                  "unet", "decoder"}
+
+
+def test_engine_build_rows_time_and_size_each_engine(seed3_dir, tmp_path, monkeypatch):
+    """One row per backend graph with its build time and the engine's size (a fake builder writes known sizes)."""
+    from ccld_trt.benchmarks import engine_builds
+    from ccld_trt.engines import build, flavor
+    from ccld_trt.export import onnx_export
+    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
+    from ccld_trt.export.models import ModelFiles
+
+    sizes = {g: (i + 1) * 2**20 for i, g in enumerate(BACKEND_GRAPHS)}
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    for g in BACKEND_GRAPHS:
+        onnx_export.onnx_path(onnx_dir, g, "fp16").write_bytes(b"x" * 2**19)
+
+    def fake_build(sources, engine_dir, params, options, rebuild=False):
+        [(graph, _)] = sources.items()
+        path = engine_dir / f"{graph}.fp16.engine"
+        path.write_bytes(b"e" * sizes[graph])
+        return [path]
+
+    monkeypatch.setattr(flavor, "resolve_flavor", lambda choice, cap: "tensorrt-rtx")
+    monkeypatch.setattr(flavor, "require_flavor", lambda f: "1.7.1")
+    monkeypatch.setattr(build, "build_engines", fake_build)
+    monkeypatch.setattr(onnx_export, "default_onnx_dir", lambda files: onnx_dir)
+    monkeypatch.setattr(onnx_export, "export_all", lambda *a, **k: {})
+    rows, skip = engine_builds.measure_engine_builds(ModelFiles.resolve(seed3_dir), log=lambda m: None)
+    assert skip is None
+    assert [r["graph"] for r in rows] == list(BACKEND_GRAPHS)
+    assert [r["engine_mib"] for r in rows] == [sizes[g] / 2**20 for g in BACKEND_GRAPHS]
+    assert all(r["onnx_mib"] == 0.5 and r["build_s"] >= 0 and r["targets"] == ["8.0", "8.6", "8.9", "12.0"]
+               for r in rows)
+    text = "\n".join(engine_builds.markdown(rows))
+    assert "## Engine builds" in text and "tensorrt-rtx 1.7.1 for 8.0, 8.6, 8.9, 12.0" in text
+    assert f"| {BACKEND_GRAPHS[0]} |" in text
+
+
+def test_engine_build_rows_skip_in_one_line_without_tensorrt(seed3_dir, monkeypatch):
+    from ccld_trt.benchmarks import engine_builds
+    from ccld_trt.engines import flavor
+    from ccld_trt.export.errors import UserError
+    from ccld_trt.export.models import ModelFiles
+
+    def missing(choice, cap):
+        raise UserError("TensorRT-RTX is not installed")
+
+    monkeypatch.setattr(flavor, "resolve_flavor", missing)
+    rows, skip = engine_builds.measure_engine_builds(ModelFiles.resolve(seed3_dir), log=lambda m: None)
+    assert rows == [] and skip is not None and skip.reason == "engine builds: TensorRT-RTX is not installed"
+    assert engine_builds.markdown([]) == []

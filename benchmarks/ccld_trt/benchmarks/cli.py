@@ -18,7 +18,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.quick, backends=args.backends, device=backend_options(args).device,
         models=Path(args.models) if args.models else None, demo_size=args.demo_size, output=Path(args.output),
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, batches=args.batches,
-        end_to_end=args.end_to_end)
+        end_to_end=args.end_to_end, engine_builds=args.engine_builds or None)
     _, paths = run_bench(config)
     print(paths.markdown.read_text())
     for path in (paths.json, paths.markdown, paths.plot):
@@ -81,6 +81,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
                                     "there, random demo weights are written once to build/bench-weights/")
     p.add_argument("--demo-size", choices=["small", "full"], default="full",
                    help="size of those demo weights (default full: the real networks' FLOPs)")
+    p.add_argument("--engine-builds", action="store_true",
+                   help="also build the four fp16 TensorRT engines (TensorRT-RTX on a machine without a GPU) "
+                        "and report their build time and size")
     p.set_defaults(func=cmd_bench)
     bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare,cluster}", parser_class=type(p))
     c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")

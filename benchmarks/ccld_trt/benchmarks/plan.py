@@ -76,6 +76,7 @@ class BenchConfig:
     seed: int = 0
     gemm_seconds: float = 1.0
     variants: tuple[Variant, ...] | None = None
+    engine_builds: bool = False         # also build the fp16 TensorRT engines (RTX without a GPU): time and size
 
     @classmethod
     def preset(cls, quick: bool = False, **overrides: Any) -> BenchConfig:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccld_trt.benchmarks.engine_builds import markdown as engine_builds_markdown
 from ccld_trt.benchmarks.machine import machine_slug
 from ccld_trt.export.errors import UserError
 
@@ -169,6 +170,7 @@ def to_markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
         lines += ["## Skipped", "", *_table(["backend", "precision", "reason"],
                                             ([s["backend"], s["precision"], s["reason"]] for s in doc["skipped"])),
                   ""]
+    lines += engine_builds_markdown(doc.get("engine_builds", []))
     records = sorted(doc["results"], key=record_order(doc["results"]))
     stages = [r for r in records if r["stage"] != "end-to-end"]
     if stages:

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ccld_trt.benchmarks.accuracy import judge, thresholds
+from ccld_trt.benchmarks.engine_builds import measure_engine_builds
 from ccld_trt.benchmarks.flops import stage_costs
 from ccld_trt.benchmarks.interleaved import measure_end_to_end
 from ccld_trt.benchmarks.machine import machine_info
@@ -173,8 +174,12 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
     for r in records:
         r.peak_fraction, r.peak_error = peak_fraction(r.achieved_gflops, r.precision, peaks,
                                                       torch.device(config.device).type)
-    # 7. The document.
-    return document(config, info, weights, rates, records, profiles, skipped)
+    # 7. What the TensorRT engines cost to build, when asked (they are built ahead of time, not timed per call).
+    builds, why_not = measure_engine_builds(files, log) if config.engine_builds else ([], None)
+    skipped += [why_not] if why_not else []
+    # 8. The document.
+    doc = document(config, info, weights, rates, records, profiles, skipped)
+    return {**doc, "engine_builds": builds} if builds else doc
 
 
 def document(config: BenchConfig, machine: dict[str, Any], weights: dict[str, Any], rates: dict[str, dict[str, float]],

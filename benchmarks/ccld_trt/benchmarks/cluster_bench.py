@@ -3,7 +3,7 @@ without iteration-level batching, on the same replicas (batching is switched in 
 
 Closed loop: at concurrency c, c client threads each send their next /v1/generate as soon as the previous one
 is answered, until ``rounds * c`` requests are done. The two modes alternate at each concurrency, so a busy
-spell of a shared machine falls on both. Results: OUTPUT/<machine>/cluster.json and cluster.md.
+spell of a shared machine falls on both. Results: OUTPUT/<machine>/cluster-<time>.json and .md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ccld_trt.cli_args import add_backend_args, backend_options
+from ccld_trt.export.atomic import write_atomic
 
 PROMPTS = ("a snowy landscape, oil on canvas", "a lighthouse at dusk:3", "portrait of a cat:2",
            "a city in the rain", "abstract shapes, bauhaus:4", "a forest path in autumn")
@@ -65,7 +66,7 @@ def run_level(url: str, concurrency: int, requests: int, steps: int, method: str
 
 def markdown(result: dict[str, Any]) -> str:
     setup = result["setup"]
-    lines = [f"# ccld-trt cluster: iteration-level batching ({setup['backend']} on {setup['device']})", "",
+    lines = [f"# ccld-trt cluster: iteration-level batching ({setup['backend']})", "",
              f"{setup['replicas']} replica(s), {setup['steps']} {setup['method']} steps, 1 image and 1 prompt per "
              f"request, max {setup['max_batch']} rows per U-Net call; weights: {setup['weights']}; "
              f"{result['machine']}, {result['date']}.", "",
@@ -122,10 +123,11 @@ def cmd_bench_cluster(args: argparse.Namespace) -> None:
               "runs": runs, "gain": {str(c): by[c, True] / by[c, False] for c in levels}}
     out_dir = Path(args.output) / machine_slug(info)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cluster.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "cluster.md").write_text(markdown(result))
+    stem = out_dir / f"cluster-{info['date'].replace(':', '').replace('-', '').split('+')[0]}"  # never overwrite
+    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    write_atomic(stem.with_suffix(".md"), markdown(result))
     print(markdown(result))
-    print(out_dir / "cluster.json")
+    print(stem.with_suffix(".json"))
 
 
 def _levels(value: str) -> tuple[int, ...]:
@@ -152,7 +154,8 @@ def add_command(bench_sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--address", help="join this Ray cluster (default: a local Ray on 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--output", default="benchmarks/results",
-                   help="results root; files go to OUTPUT/<machine>/cluster.{json,md} (default benchmarks/results)")
+                   help="results root; files go to OUTPUT/<machine>/cluster-<time>.{json,md} "
+                        "(default benchmarks/results)")
     p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models); without weights "
                                     "there, random demo weights are written once to build/bench-weights/")
     p.add_argument("--demo-size", choices=["small", "full"], default="full",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ccld_trt.export.checkpoints import safetensors_copy
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, first_line
 from ccld_trt.export.models import AE_CONFIG_FILE, AE_FILE, DEFAULT_CLOOB_CONFIG, UNET_FILE
 
 CONVERTED = [(UNET_FILE, "U-Net checkpoint"), (AE_FILE, "autoencoder checkpoint")]
@@ -97,7 +97,7 @@ def _cloob_file(directory: Path, url: str) -> Path:
         if "hash" not in str(e).lower():
             raise
         raise UserError(f"the CLOOB checkpoint from {url} failed its SHA-256 check and was not kept: "
-                        + _first_line(e)) from e
+                        + first_line(e)) from e
 
 
 def _restarting_downloader() -> Callable[..., Any]:
@@ -128,9 +128,6 @@ def _failure(error: Exception) -> str:
     from huggingface_hub.utils import HfHubHTTPError
 
     if isinstance(error, (HfHubHTTPError, requests.exceptions.HTTPError)):
-        return f"download failed: {_first_line(error)}; "
-    return f"download failed ({type(error).__name__}: {_first_line(error)}); offline? "
+        return f"download failed: {first_line(error)}; "
+    return f"download failed ({type(error).__name__}: {first_line(error)}); offline? "
 
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0]

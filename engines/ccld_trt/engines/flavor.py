@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal, cast
 
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -54,8 +54,7 @@ def require_flavor(flavor: Flavor) -> str:
     try:
         module = importlib.import_module(MODULES[flavor])
     except (ImportError, OSError) as e:  # OSError: the package is there but its shared library is not
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{label} is not installed: import {MODULES[flavor]} failed ({first}); "
+        raise UserError(f"{label} is not installed: import {MODULES[flavor]} failed ({first_line(e)}); "
                         f"{INSTALL_HINTS[flavor]}") from e
     version = getattr(module, "__version__", None)
     # type stubs alone make the import succeed, as an empty namespace package

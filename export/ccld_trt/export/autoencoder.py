@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 
 from ccld_trt.export.checkpoints import load_checkpoint, load_state_into, require_file
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, first_line
 
 _WHAT = "autoencoder checkpoint"
 _WHAT_CONFIG = "autoencoder config"
@@ -247,8 +247,7 @@ def load_autoencoder_config(yaml_path: Path) -> tuple[int, dict[str, Any]]:
     try:
         doc = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{_WHAT_CONFIG} {path}: not readable YAML: {first}") from e
+        raise UserError(f"{_WHAT_CONFIG} {path}: not readable YAML: {first_line(e)}") from e
     section = doc.get("model") if isinstance(doc, dict) else None
     params = section.get("params") if isinstance(section, dict) else None
     if not isinstance(params, dict):

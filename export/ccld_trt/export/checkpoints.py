@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from ccld_trt.export import restricted_pickle
 from ccld_trt.export.atomic import write_atomic
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, first_line
 
 
 def sha256_file(path: Path) -> str:
@@ -34,14 +33,7 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SAFETENSORS_SUFFIX = ".safetensors"
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message as one clean line: no ANSI colour codes, no multi-line advice."""
-    text = _ANSI.sub("", str(error)).strip()
-    return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 def _read_torch(path: Path, what: str) -> object:

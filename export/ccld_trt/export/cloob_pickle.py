@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ccld_trt.export.checkpoints import require_file, sha256_file
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, first_line
 
 WHAT = "CLOOB checkpoint"
 
@@ -169,8 +169,7 @@ def read_cloob_params(path: Path, expected: tuple[ParamShapes, ParamShapes]) -> 
         raise
     # A damaged pickle can fail in the unpickler or inside numpy's array rebuild with almost any error type.
     except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{WHAT} {path}: not a readable pickle (truncated or corrupt?): {detail}") from e
+        raise UserError(f"{WHAT} {path}: not a readable pickle (truncated or corrupt?): {first_line(e)}") from e
     params = obj.get("params") if isinstance(obj, Mapping) else None
     if not isinstance(params, (tuple, list)) or len(params) != 2:
         raise UserError(f"{WHAT} {path}: expected a pickled dict {{'params': (image_params, text_params), ...}}")

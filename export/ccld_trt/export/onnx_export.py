@@ -97,7 +97,7 @@ def export_all(files: ModelFiles, out_dir: Path, graphs: Sequence[str] = GRAPH_N
     if json.dumps(manifest, sort_keys=True) != unchanged:  # checkpoint hashes computed anew
         write_manifest(out_dir, manifest)
     if not stale:
-        _say(f"onnx: {len(wanted)} graph file(s) in {out_dir} are up to date", progress)
+        say(log, f"onnx: {len(wanted)} graph file(s) in {out_dir} are up to date", progress)
         return paths
 
     from tqdm import tqdm
@@ -116,12 +116,13 @@ def export_all(files: ModelFiles, out_dir: Path, graphs: Sequence[str] = GRAPH_N
             manifest["graphs"].setdefault(graph, {})[precision] = {"key": keys.key(graph, precision), **record}
             write_manifest(out_dir, manifest)  # after each file, so an interrupted run keeps what it finished
             bar.update()
-    _say(f"onnx: exported {len(stale)} graph file(s) into {out_dir}", progress)
+    say(log, f"onnx: exported {len(stale)} graph file(s) into {out_dir}", progress)
     return paths
 
 
-def _say(message: str, progress: bool) -> None:
-    log.info(message)
+def say(logger: logging.Logger, message: str, progress: bool) -> None:
+    """Log ``message``, and show it on stderr too when the caller shows progress (export, quantize)."""
+    logger.info(message)
     if progress:
         print(message, file=sys.stderr)
 
@@ -146,7 +147,7 @@ def _export_fp32(graph: str, module: nn.Module, out_dir: Path, metadata: Mapping
         if error > FP32_TOLERANCE:
             raise ExportError(f"{graph}: ONNX Runtime differs from torch by {error:.2e} (relative) > "
                               f"{FP32_TOLERANCE:.0e}")
-        return {"files": _install(written, out_dir), "error_vs_torch": error}
+        return {"files": install_staged(written, out_dir), "error_vs_torch": error}
 
 
 def _export_fp16(graph: str, out_dir: Path, metadata: Mapping[str, str], image_size: int) -> dict[str, Any]:
@@ -163,10 +164,10 @@ def _export_fp16(graph: str, out_dir: Path, metadata: Mapping[str, str], image_s
         del model
         raise_problems(staged, check_graph(staged, graph))
         error = validate_fp16(source, staged, emulated, graph, image_size)
-        return {"files": _install(written, out_dir), "error_vs_fp32": error}
+        return {"files": install_staged(written, out_dir), "error_vs_fp32": error}
 
 
-def _install(staged: Iterable[Path], out_dir: Path) -> dict[str, int]:
+def install_staged(staged: Iterable[Path], out_dir: Path) -> dict[str, int]:
     """Move the staged files of one graph into ``out_dir`` (replacing a stale data file) -> {name: size}.
     Each move is one rename within ``out_dir``'s file system (the staging directory is inside it)."""
     staged = list(staged)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.onnx_export import onnx_path
+from ccld_trt.export.onnx_export import install_staged, onnx_path, say
 from ccld_trt.export.onnx_manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -141,29 +139,21 @@ def quantize_all(onnx_dir: Path, calibrate: Callable[[], Mapping[str, Sequence[F
     paths = {g: onnx_dir / f"{g}.int8.xml" for g in graphs}
     stale = [g for g in graphs if not is_current(onnx_dir, g, keys[g])]
     if not stale:
-        _say(f"int8: {len(graphs)} graph(s) in {onnx_dir} are up to date", progress)
+        say(log, f"int8: {len(graphs)} graph(s) in {onnx_dir} are up to date", progress)
         return paths
     feeds: Mapping[str, Sequence[Feed]] = {}
     if needs_calibration(stale):
-        _say("int8: calibrating on sampling trajectories through the fp32 graphs (minutes on a small CPU)", progress)
+        say(log, "int8: calibrating on sampling trajectories through the fp32 graphs (minutes on a small CPU)",
+            progress)
         feeds = calibrate()
     for graph in stale:
-        _say(f"int8: quantising {graph} ({SCHEMES[graph]})", progress)
+        say(log, f"int8: quantising {graph} ({SCHEMES[graph]})", progress)
         with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=".int8-") as tmp:
             staged = quantize_graph(onnx_path(onnx_dir, graph), SCHEMES[graph], feeds.get(graph, ()),
                                     Path(tmp) / paths[graph].name)
-            sizes = {}
-            for path in reversed(staged):  # the weights before the graph that refers to them
-                sizes[path.name] = path.stat().st_size
-                os.replace(path, onnx_dir / path.name)
+            sizes = install_staged(staged, onnx_dir)
         manifest = _read_manifest(onnx_dir)
         manifest[graph] = {"key": keys[graph], "files": sizes}
         write_atomic(onnx_dir / INT8_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    _say(f"int8: quantised {len(stale)} graph(s) into {onnx_dir}", progress)
+    say(log, f"int8: quantised {len(stale)} graph(s) into {onnx_dir}", progress)
     return paths
-
-
-def _say(message: str, progress: bool) -> None:
-    log.info(message)
-    if progress:
-        print(message, file=sys.stderr)

@@ -77,12 +77,12 @@ def load_checkpoint(path: Path, what: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def convert_to_safetensors(source: Path, what: str) -> Path:
+def convert_to_safetensors(source: Path, what: str, source_sha256: str | None = None) -> Path:
     """Write the tensors of a torch checkpoint beside it as ``<name>.safetensors``; returns that path.
 
     The copy loads faster and with no pickle at all. Its header metadata keeps the source's file name and
-    SHA-256, so the copy can always be traced to the file it came from. An existing copy is replaced
-    atomically; the source is left untouched.
+    SHA-256 (``source_sha256`` when the caller has it already), so the copy can always be traced to the file it
+    came from. An existing copy is replaced atomically; the source is left untouched.
     """
     from safetensors.torch import save
 
@@ -92,7 +92,8 @@ def convert_to_safetensors(source: Path, what: str) -> Path:
     # safetensors refuses tensors that share memory (tied or sliced weights): give each its own.
     state = {k: v.detach().clone().contiguous() for k, v in load_checkpoint(source, what).items()}
     target = source.with_suffix(SAFETENSORS_SUFFIX)
-    write_atomic(target, save(state, metadata={"source": source.name, "source_sha256": sha256_file(source)}))
+    digest = source_sha256 or sha256_file(source)
+    write_atomic(target, save(state, metadata={"source": source.name, "source_sha256": digest}))
     return target
 
 
@@ -100,9 +101,10 @@ def safetensors_copy(source: Path, what: str) -> Path:
     """The up-to-date safetensors copy of a torch checkpoint: kept if its recorded source hash still matches,
     else (re)written by ``convert_to_safetensors``."""
     target = Path(source).with_suffix(SAFETENSORS_SUFFIX)
-    if target.exists() and safetensors_source(target).get("source_sha256") == sha256_file(require_file(source, what)):
+    digest = sha256_file(require_file(source, what))  # once: a checkpoint is hundreds of MiB
+    if target.exists() and safetensors_source(target).get("source_sha256") == digest:
         return target
-    return convert_to_safetensors(source, what)
+    return convert_to_safetensors(source, what, digest)
 
 
 def safetensors_source(path: Path) -> dict[str, str]:

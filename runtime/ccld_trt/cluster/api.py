@@ -57,10 +57,11 @@ def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None
     return value
 
 
-def _number(body: dict[str, Any], name: str, default: float) -> float:
+def _number(body: dict[str, Any], name: str, default: float, label: str | None = None) -> float:
+    """body[name] as a finite float (``default`` when absent); errors name the field as ``label`` (default name)."""
     value = body.get(name, default)
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a finite number, got {value!r}")
+        raise BadRequest(f"{label or name} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -88,7 +89,7 @@ def _image_prompts(value: Any, image_size: int) -> list[tuple[torch.Tensor, floa
         name = f"image_prompts[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("image"), str) or set(item) - {"image", "weight"}:
             raise BadRequest(f"{name} must be {{\"image\": base64 PNG/JPEG, \"weight\": number}}")
-        weight = _number(item, f"{name}.weight", 3.0) if "weight" in item else 3.0
+        weight = _number(item, "weight", 3.0, f"{name}.weight")
         if len(item["image"]) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
             raise BadRequest(f"{name} is over {MAX_UPLOAD_BYTES // 2**20} MiB")
         try:

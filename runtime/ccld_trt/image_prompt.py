@@ -49,31 +49,43 @@ def _crop_offset(dim: int, crop: int) -> int:
     return -((crop - dim) // 2)
 
 
-def load_image_prompt(path: str | Path, size: int) -> torch.Tensor:
-    """An image prompt as the CLOOB image encoder's input.
+def open_rgb(path: str | Path, what: str = "image prompt") -> Image.Image:
+    """The image file at ``path`` converted to RGB; UserError naming ``what`` and the file when it is a URL, is
+    missing or is not a readable image. Shared by image prompts and image-to-image's init image."""
+    if str(path).startswith(_URL_SCHEMES):
+        raise UserError(f"{what} {path}: URLs are not fetched; download the image and give its path")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found (or not a file): {path}")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{what} {path}: not a readable image: {e}") from e
 
-    The image is converted to RGB, LANCZOS-resized so its short side is ``size`` (sides truncated to int as
-    in the original) and centre-cropped to ``size``×``size`` with torchvision's rounding (and zero fill when
-    float rounding left a side one pixel short).
+
+def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The original's ``resize_and_center_crop``: LANCZOS-resize so the image covers ``width``×``height`` (sides
+    truncated to int as in the original), then centre-crop with torchvision's rounding (and zero fill when float
+    rounding left a side one pixel short)."""
+    fac = max(width / image.width, height / image.height)
+    image = image.resize((int(fac * image.width), int(fac * image.height)), Image.Resampling.LANCZOS)
+    left, top = _crop_offset(image.width, width), _crop_offset(image.height, height)
+    # PIL fills the area outside the image with zeros, which is torchvision's padding.
+    return image.crop((left, top, left + width, top + height))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image -> float32 [1, 3, H, W] in [0, 1] (torchvision's ``to_tensor``)."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1).unsqueeze(0).float().div(255)
+
+
+def load_image_prompt(path: str | Path, size: int) -> torch.Tensor:
+    """An image prompt as the CLOOB image encoder's input: ``open_rgb``, then ``resize_and_center_crop`` to
+    ``size``×``size``.
 
     Returns:
         float32 tensor [1, 3, size, size] in [0, 1]. The CLOOB mean/std normalisation is left to the encoder.
     """
-    if str(path).startswith(_URL_SCHEMES):
-        raise UserError(f"image prompt {path}: URLs are not fetched; download the image and give its path")
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image prompt not found (or not a file): {path}")
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"image prompt {path}: not a readable image: {e}") from e
-    width, height = image.size
-    fac = max(size / width, size / height)
-    image = image.resize((int(fac * width), int(fac * height)), Image.Resampling.LANCZOS)
-    left, top = _crop_offset(image.width, size), _crop_offset(image.height, size)
-    # PIL fills the area outside the image with zeros, which is torchvision's padding.
-    image = image.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return pixels.permute(2, 0, 1).unsqueeze(0).float().div(255)
+    return to_tensor(resize_and_center_crop(open_rgb(path), size, size))

@@ -4,11 +4,14 @@ test_engine_build.py; the one test that builds and runs a real engine needs a CU
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import sys
+import threading
 import types
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 
 from ccld_trt.backends.base import GraphBackend
 from ccld_trt.backends.tensorrt_backend import engines_flavor
+from ccld_trt.engines import engine as engine_module
 from ccld_trt.engines import flavor as flavor_module
 from ccld_trt.engines import sidecar as sidecar_module
 from ccld_trt.engines.build import (
@@ -28,7 +32,15 @@ from ccld_trt.engines.build import (
     onnx_precision,
     stale_reasons,
 )
-from ccld_trt.engines.engine import Engine, engine_file, io_problems, plan_buffers, require_tensorrt, tensor_dtype_name
+from ccld_trt.engines.engine import (
+    Engine,
+    engine_file,
+    io_problems,
+    plan_buffers,
+    require_tensorrt,
+    runtime_cache_file,
+    tensor_dtype_name,
+)
 from ccld_trt.engines.flavor import parse_capabilities, parse_flavor, resolve_flavor
 from ccld_trt.engines.profiles import (
     ProfileParams,
@@ -156,12 +168,12 @@ class FakeContext:
     """The part of IExecutionContext that Engine uses; outputs resolved the way TensorRT would, launches logged
     with the input shapes they ran at."""
 
-    def __init__(self) -> None:
+    def __init__(self, launches: list | None = None) -> None:
         self.inputs: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.shape_calls = 0
         self.refuse: tuple[int, ...] | None = None  # an input shape set_input_shape refuses
-        self.launches: list[tuple[int, ...]] = []
+        self.launches: list = [] if launches is None else launches  # shared by an engine's contexts
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         self.shape_calls += 1
@@ -199,11 +211,9 @@ def test_allocate_reuses_and_grows_buffers() -> None:
     assert smaller["images"].data_ptr() == first["images"].data_ptr()
     assert context.inputs["latents"] == (1, 4, 16, 32)
 
-    engine._graph = FakeGraph(engine, [])
     larger = engine.allocate({"latents": (4, 4, 32, 32)})
     assert larger["images"].shape == (4, 3, 256, 256)
     assert context.addresses["images"] == larger["images"].data_ptr()
-    assert engine._graph is None  # captured on addresses that are gone
 
     with pytest.raises(UserError, match=r"latents shape \[8, 4, 32, 32\] is outside the built range"):
         engine.allocate({"latents": (8, 4, 32, 32)})
@@ -234,56 +244,221 @@ def test_allocate_is_all_or_nothing() -> None:
 
 
 class FakeGraph:
-    """A captured launch: replays what the context ran at capture time."""
+    """A captured launch: replays what its context ran at capture time."""
 
-    def __init__(self, engine: Engine, captured: list[tuple[int, ...]]) -> None:
-        self.context = engine._context
-        self.shape = dict(engine._shapes).get("latents")
-        captured.append(self.shape)  # type: ignore[arg-type]
+    def __init__(self, context: FakeContext, captured: list[tuple[int, ...]]) -> None:
+        self.context = context
+        self.shape = context.inputs["latents"]
+        captured.append(self.shape)
 
     def replay(self) -> None:
-        self.context.launches.append(("replay", self.shape))  # type: ignore[union-attr]
+        self.context.launches.append(("replay", self.shape, id(self.context)))
 
 
-def test_cuda_graph_is_captured_again_after_a_shape_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    engine, context = _fake_engine(cuda_graph=True)
+class FakeContextMaker:
+    """The ICudaEngine side of regular TensorRT: every context it makes logs into one list."""
+
+    def __init__(self) -> None:
+        self.launches: list = []
+        self.contexts: list[FakeContext] = []
+
+    def create_execution_context(self) -> FakeContext:
+        self.contexts.append(FakeContext(self.launches))
+        return self.contexts[-1]
+
+
+def _graphed_engine(monkeypatch: pytest.MonkeyPatch) -> tuple[Engine, FakeContextMaker, list[tuple[int, ...]]]:
+    engine = Engine(Path("decoder.engine"), DECODER, torch.device("cpu"), cuda_graph=True)
+    maker = FakeContextMaker()
+    engine._engine = maker  # type: ignore[assignment]
+    engine.profile = graph_profile("decoder", ProfileParams(batch=(1, 2, 8)))
     captured: list[tuple[int, ...]] = []
-    monkeypatch.setattr(engine, "_capture", lambda stream: FakeGraph(engine, captured))
-    for n in (2, 2, 3, 2):
-        engine.allocate({"latents": (n, 4, 32, 32)})
-        engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
-    # 2 -> 3 -> 2: the return to batch 2 captures anew instead of replaying a graph the context has moved past
-    assert captured == [(2, 4, 32, 32), (3, 4, 32, 32), (2, 4, 32, 32)]
-    replays = [launch for launch in context.launches if launch[0] == "replay"]
-    assert replays == [("replay", (2, 4, 32, 32))] * 2 + [("replay", (3, 4, 32, 32)), ("replay", (2, 4, 32, 32))]
-    assert all(launch[1] == context.inputs["latents"] for launch in replays[-1:])
+    monkeypatch.setattr(engine, "_capture", lambda context, stream: FakeGraph(context, captured))
+    return engine, maker, captured
+
+
+def _step(engine: Engine, n: int) -> dict[str, torch.Tensor]:
+    buffers = engine.allocate({"latents": (n, 4, 32, 32)})
+    engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
+    return buffers
+
+
+def test_alternating_shapes_replay_their_own_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # -n 6 on a batch-4 profile: 4 + 2 rows every step. Each shape set keeps its context, buffers and graph.
+    engine, maker, captured = _graphed_engine(monkeypatch)
+    buffers = {n: _step(engine, n) for n in (4, 2)}
+    for _ in range(5):
+        for n in (4, 2):
+            assert _step(engine, n)["images"].data_ptr() == buffers[n]["images"].data_ptr()
+    assert captured == [(4, 4, 32, 32), (2, 4, 32, 32)]  # once each, never again
+    assert len(maker.contexts) == 2
+    eager = [launch for launch in maker.launches if launch[0] != "replay"]
+    assert eager == [(4, 4, 32, 32), (2, 4, 32, 32)]  # the one eager launch before each capture
+    replays = [launch[1][0] for launch in maker.launches if launch[0] == "replay"]
+    assert replays == [4, 2] * 6
+    # each context was set to its own shape once, with its own buffers' addresses
+    for context, n in zip(maker.contexts, (4, 2), strict=True):
+        assert context.shape_calls == 1 and context.addresses["images"] == buffers[n]["images"].data_ptr()
+
+
+def test_cuda_graphs_are_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _, captured = _graphed_engine(monkeypatch)
+    sizes = list(range(1, engine_module.MAX_GRAPHS + 2))  # one more shape set than are kept
+    for n in sizes:
+        _step(engine, n)
+    assert len(engine._slots) == engine_module.MAX_GRAPHS
+    _step(engine, sizes[-1])  # still there: replayed
+    _step(engine, sizes[0])  # the least recently used was dropped: captured again
+    assert captured == [(n, 4, 32, 32) for n in sizes] + [(sizes[0], 4, 32, 32)]
+    assert len(engine._slots) == engine_module.MAX_GRAPHS
 
 
 def test_rtx_engines_leave_cuda_graphs_to_tensorrt_rtx(monkeypatch: pytest.MonkeyPatch) -> None:
     engine, context = _fake_engine(flavor="tensorrt-rtx", cuda_graph=True)
-    monkeypatch.setattr(engine, "_capture", lambda stream: pytest.fail("captured by hand"))
+    monkeypatch.setattr(engine, "_capture", lambda context, stream: pytest.fail("captured by hand"))
     engine.allocate({"latents": (2, 4, 32, 32)})
     engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
     assert context.launches == [(2, 4, 32, 32)]
 
 
 class FakeRuntimeCache:
+    """Its serialized form lists the shapes its context has run (kernels specialised per shape), plus any
+    kernel compiled later (``late``)."""
+
+    def __init__(self, context: FakeContext) -> None:
+        self.context = context
+        self.late: list[str] = []
+        self.serialized = 0
+
     def serialize(self) -> bytes:
-        return b"jit kernels"
+        self.serialized += 1
+        shapes = sorted({launch for launch in self.context.launches})
+        return repr((shapes, self.late)).encode()
 
 
-def test_rtx_runtime_cache_saved_after_a_new_shape(tmp_path: Path) -> None:
-    engine, _ = _fake_engine(flavor="tensorrt-rtx")
-    engine.path = tmp_path / "decoder.engine"
-    engine._runtime_cache = FakeRuntimeCache()
-    cache = tmp_path / "decoder.engine.runtime-cache"
-    engine.allocate({"latents": (2, 4, 32, 32)})
-    engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
-    assert cache.read_bytes() == b"jit kernels"
-    cache.unlink()
-    engine.allocate({"latents": (2, 4, 32, 32)})  # same shape: nothing new to keep
-    engine.launch(FAKE_STREAM)  # type: ignore[arg-type]
-    assert not cache.exists()
+def _rtx_engine(path: Path) -> tuple[Engine, FakeContext, FakeRuntimeCache]:
+    engine, context = _fake_engine(flavor="tensorrt-rtx")
+    engine.path = path
+    cache = FakeRuntimeCache(context)
+    engine._runtime_cache = cache
+    return engine, context, cache
+
+
+def test_rtx_runtime_cache_written_when_it_changed_off_the_hot_path_and_at_close(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _, cache = _rtx_engine(tmp_path / "decoder.engine")
+    writes: list[tuple[bytes, str]] = []
+    real_write = engine_module.write_atomic
+
+    def write(path: Path, data: memoryview) -> None:
+        writes.append((bytes(data), threading.current_thread().name))
+        real_write(path, data)
+
+    monkeypatch.setattr(engine_module, "write_atomic", write)
+    monkeypatch.setattr(engine_module, "CACHE_SAVE_INTERVAL_S", 0.0)
+    for _ in range(15):  # 15 split steps: 4 + 2 rows each
+        for n in (4, 2):
+            _step(engine, n)
+    if engine._pending is not None:
+        engine._pending.result()
+    # written once per new content (not on each of the 30 shape changes), on the writer thread
+    assert len(writes) == 2 and all(name.startswith("ccld-trt-runtime-cache") for _, name in writes)
+    cache.late.append("kernel compiled lazily after its shape's first launch")
+    engine.close()
+    assert len(writes) == 3 and writes[-1][1] == threading.current_thread().name
+    assert runtime_cache_file(engine.path).read_bytes() == cache.serialize()
+    engine.close()  # nothing new: nothing written
+    assert len(writes) == 3
+
+
+def test_rtx_runtime_cache_looks_at_most_every_interval(tmp_path: Path) -> None:
+    engine, _, cache = _rtx_engine(tmp_path / "decoder.engine")
+    for n in (1, 2, 3, 4):  # a new shape each call, well within CACHE_SAVE_INTERVAL_S
+        _step(engine, n)
+    assert cache.serialized == 0 and not runtime_cache_file(engine.path).exists()
+    engine.close()
+    assert runtime_cache_file(engine.path).read_bytes() == cache.serialize()
+
+
+def test_read_only_engine_directory_is_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    engine, context, cache = _rtx_engine(blocker / "decoder.engine")  # every write there fails (OSError)
+    monkeypatch.setattr(engine_module, "CACHE_SAVE_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.WARNING):
+        for n in (1, 2, 3, 1, 2):
+            _step(engine, n)
+            if engine._pending is not None:
+                engine._pending.result()
+        cache.late.append("more")
+        engine.close()
+        engine.save_runtime_cache()
+    warnings = [r for r in caplog.records if "cannot save the TensorRT-RTX runtime cache" in r.getMessage()]
+    assert len(warnings) == 1 and [launch[0] for launch in context.launches] == [1, 2, 3, 1, 2]
+
+
+class FakeRuntimeConfig:
+    def __init__(self, cache: object) -> None:
+        self.cache = cache
+        self.cuda_graph_strategy = None
+
+    def create_runtime_cache(self) -> object:
+        return self.cache
+
+    def set_runtime_cache(self, cache: object) -> bool:
+        return True
+
+
+class FakeRtxCudaEngine:
+    """create_runtime_config / create_execution_context(config): the context keeps no reference to the config
+    (as TensorRT-RTX's Python binding does not), so only the Engine can keep it alive."""
+
+    def __init__(self) -> None:
+        self.configs: list[weakref.ref[FakeRuntimeConfig]] = []
+
+    def create_runtime_config(self) -> FakeRuntimeConfig:
+        config = FakeRuntimeConfig(types.SimpleNamespace(deserialize=lambda data: True, reset=lambda: True))
+        self.configs.append(weakref.ref(config))
+        return config
+
+    def create_execution_context(self, config: FakeRuntimeConfig) -> FakeContext:
+        return FakeContext()
+
+
+def test_rtx_runtime_config_lives_as_long_as_the_context(tmp_path: Path) -> None:
+    engine = Engine(tmp_path / "decoder.engine", DECODER, torch.device("cpu"), "tensorrt-rtx")
+    cuda_engine = FakeRtxCudaEngine()
+    engine._engine = cuda_engine  # type: ignore[assignment]
+    engine.activate()
+    gc.collect()
+    (config,) = cuda_engine.configs
+    assert engine._context is not None and config() is not None
+
+
+@pytest.mark.parametrize(("diagnostic", "expected", "absent"), [
+    ("OLD_CUDA_DRIVER", "the NVIDIA driver is too old", "--compute-capability"),
+    ("VERSION_MISMATCH", "built by another TensorRT-RTX version", "--compute-capability"),
+    ("UNSUPPORTED_CC", "rebuild it with --compute-capability 8.9", "driver"),
+])
+def test_invalid_rtx_engine_names_its_real_reason_and_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         diagnostic: str, expected: str, absent: str) -> None:
+    trtx = pytest.importorskip("tensorrt_rtx")
+
+    class Runtime:
+        def __init__(self, logger: object) -> None:
+            pass
+
+        def get_engine_validity(self, data: bytes) -> tuple[object, object]:
+            return trtx.EngineValidity.INVALID, trtx.EngineInvalidityDiagnostics.__members__[diagnostic]
+
+    monkeypatch.setattr(trtx, "Runtime", Runtime)
+    engine = Engine(tmp_path / "decoder.engine", DECODER, torch.device("cpu"), "tensorrt-rtx")
+    monkeypatch.setattr(engine, "_capability", lambda: "8.9")
+    with pytest.raises(UserError) as e:
+        engine._deserialize(b"engine")
+    message = str(e.value)
+    assert expected in message and absent not in message and "\n" not in message
 
 
 class FakeDataType:

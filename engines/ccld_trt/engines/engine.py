@@ -1,19 +1,28 @@
 """One engine at run time, in either TensorRT flavour: load (check, deserialize once), activate (execution
 context), allocate device buffers as torch CUDA tensors, infer on a CUDA stream, optionally as a CUDA graph.
 
-Regular TensorRT: the launch is captured into a torch CUDA graph by hand, anew whenever the input shapes
-change. TensorRT-RTX: its own CUDA-graph strategy does that, and its just-in-time kernel specialisations are
-kept in a runtime cache file beside the engine, so the next start skips them.
+Regular TensorRT: the launch is captured into a torch CUDA graph by hand, one graph per input-shape set, each
+with its own execution context and buffers (a few, least recently used dropped first), so alternating shapes
+(a batch split 4 + 2) replay instead of capturing again. TensorRT-RTX: its own CUDA-graph strategy does that,
+and its just-in-time kernel specialisations are kept in a runtime cache file beside the engine, so the next
+start skips them; the cache is saved when it changed, at most every CACHE_SAVE_INTERVAL_S, on a writer thread,
+and at close; a cache that cannot be written is one warning.
 
 TensorRT is imported lazily: importing this module never needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +45,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "engine_file", "plan_buffers", "require_tensorrt", "runtime_cache_file", "tensor_dtype_name"]
 log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 4  # regular TensorRT with CUDA graphs: shape sets kept captured, each with its own context
+CACHE_SAVE_INTERVAL_S = 30.0  # TensorRT-RTX: how often a launch may check whether the runtime cache grew
 
 # TensorRT DataType name -> the dtype name graph_specs uses. An explicit table: trt.nptype raises TypeError for
 # BF16, FP8 and INT4, which numpy does not have.
@@ -98,6 +110,39 @@ class Replayable(Protocol):
     def replay(self) -> None: ...
 
 
+@dataclass
+class _Slot:
+    """Regular TensorRT with CUDA graphs: an execution context set to one input-shape set for good, its own
+    buffers (exactly that size, so their addresses never change) and, after its first launch, the graph of it."""
+
+    context: Any
+    shapes: dict[str, Shape]
+    buffers: dict[str, torch.Tensor]
+    graph: Replayable | None = None
+
+
+# TensorRT-RTX's EngineInvalidityDiagnostics -> what it means and what fixes it; {cap}: this GPU's capability.
+INVALIDITY_FIXES = {
+    "VERSION_MISMATCH": "built by another TensorRT-RTX version: rebuild it with this one (ccld-trt engines build)",
+    "UNSUPPORTED_CC": "not built for this GPU (compute {cap}): rebuild it with --compute-capability {cap}",
+    "OLD_CUDA_DRIVER": "the NVIDIA driver is too old for this TensorRT-RTX (its CUDA 13 wheels need an R580 or "
+                       "newer driver): update the driver",
+    "OLD_CUDA_RUNTIME": "the CUDA runtime is older than the engine's: install the TensorRT-RTX wheel of your CUDA "
+                        "version, or update CUDA",
+    "INSUFFICIENT_GPU_MEMORY": "not enough free GPU memory: free some, or rebuild with a smaller profile",
+    "MALFORMED_ENGINE": "the engine file is damaged: rebuild it (ccld-trt engines build)",
+    "CUDA_ERROR": "CUDA failed while checking it (see the log above): check the driver and the GPU",
+}
+
+
+def invalidity_message(path: Path, reasons: Sequence[str], capability: str | None) -> str:
+    """One line for an engine TensorRT-RTX will not run here: each diagnostic (``reasons``, enum names such as
+    "OLD_CUDA_DRIVER") with its own fix; ``capability``: this GPU's ("8.9"), None if unknown."""
+    cap = capability or "X.Y"
+    fixes = [INVALIDITY_FIXES.get(r, r.lower().replace("_", " ")).format(cap=cap) for r in reasons]
+    return f"engine {path} cannot run here: {'; '.join(fixes) or f'no reason given: {REBUILD_HINT}'}"
+
+
 class Engine:
     """A serialized engine for one graph of graph_specs, run with buffers owned here on ``device``.
 
@@ -120,13 +165,25 @@ class Engine:
         self._runtime: trt.Runtime | trtx.Runtime | None = None  # must outlive the engine
         self._engine: CudaEngine | None = None
         self._context: Context | None = None
+        self._runtime_config: Any = None  # TensorRT-RTX's IRuntimeConfig: must outlive the context made from it
         self._runtime_cache: Any = None  # TensorRT-RTX's IRuntimeCache
-        self._cache_dirty = False
+        self._cache_dirty = False  # a new shape ran since the cache last proved unchanged
+        self._cache_digest = ""  # SHA-256 of the cache bytes last saved (or read)
+        self._cache_checked = time.monotonic()
+        self._cache_broken = False  # could not be written: warned once, not tried again
+        self._cache_lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
         self._storage: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, Shape] = {}
-        self._graph: Replayable | None = None  # regular TensorRT: the launch captured at _graph_shapes
-        self._graph_shapes: dict[str, Shape] = {}
+        self._slots: OrderedDict[tuple[tuple[str, Shape], ...], _Slot] = OrderedDict()
+        self._slot: _Slot | None = None  # the slot the last allocate chose
+
+    @property
+    def graphs_by_hand(self) -> bool:
+        """Whether launches replay CUDA graphs captured here (regular TensorRT with cuda_graph)."""
+        return self.cuda_graph and self.flavor == "tensorrt"
 
     def load(self) -> None:
         """Read and check the engine file (its hash, the GPU's validity for it), deserialize it (once) and check
@@ -137,7 +194,7 @@ class Engine:
         if self.engine_sha256 and hashlib.sha256(data).hexdigest() != self.engine_sha256:
             raise UserError(f"engine {self.path} is not the file its sidecar describes: {REBUILD_HINT}")
         require_flavor(self.flavor)
-        with torch.cuda.device(self.device):
+        with self._device_scope():
             runtime, engine = self._deserialize(data)
         if engine is None:
             raise UserError(f"{self.flavor} could not load engine {self.path} (see its log above): {REBUILD_HINT}")
@@ -160,29 +217,51 @@ class Engine:
         rtx_runtime = trtx.Runtime(rtx_logger())
         validity, diagnostics = rtx_runtime.get_engine_validity(data)
         if validity == trtx.EngineValidity.INVALID:
-            reasons = [name.lower().replace("_", " ") for name, flag in
-                       trtx.EngineInvalidityDiagnostics.__members__.items() if int(diagnostics) & int(flag)]
-            raise UserError(f"engine {self.path} cannot run on this GPU ({', '.join(reasons) or 'no reason given'})"
-                            f": {REBUILD_HINT} --compute-capability with this GPU's")
+            reasons = [name for name, flag in trtx.EngineInvalidityDiagnostics.__members__.items()
+                       if int(diagnostics) & int(flag)]
+            raise UserError(invalidity_message(self.path, reasons, self._capability()))
         if validity == trtx.EngineValidity.SUBOPTIMAL:
             log.warning("engine %s runs on this GPU, but not at its best: consider rebuilding it", self.path)
         return rtx_runtime, rtx_runtime.deserialize_cuda_engine(data)
 
+    def _device_scope(self) -> contextlib.AbstractContextManager[Any]:
+        # TensorRT works on the current CUDA device; tests with fakes run on the CPU
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _capability(self) -> str | None:
+        if self.device.type != "cuda":
+            return None
+        major, minor = torch.cuda.get_device_capability(self.device)
+        return f"{major}.{minor}"
+
     def activate(self) -> None:
-        """Create the execution context (TensorRT allocates its scratch memory for the largest profile shape);
+        """Create the execution context (TensorRT allocates its scratch memory for the largest profile shape;
+        with CUDA graphs by hand, allocate makes one per shape set instead);
         for TensorRT-RTX with its runtime cache, read from ``<engine>.runtime-cache`` when there is one, and its
-        CUDA-graph strategy when asked for."""
+        CUDA-graph strategy when asked for. Once: later calls do nothing."""
+        if self._context is not None:
+            return
         if self._engine is None:
             self.load()
         engine = self._engine
-        with torch.cuda.device(self.device):
-            if self.flavor == "tensorrt-rtx":
+        if self.graphs_by_hand:
+            return  # a context per shape set, made by allocate
+        if self.flavor == "tensorrt-rtx":
+            with self._device_scope():
                 self._context = self._rtx_context(engine)  # type: ignore[arg-type]
-            else:
-                self._context = engine.create_execution_context()  # type: ignore[union-attr]
-        if self._context is None:
+        else:
+            self._context = self._new_context()
+
+    def _new_context(self) -> Context:
+        """A regular-TensorRT execution context (each holds its own scratch memory for the largest profile
+        shape); UserError when TensorRT cannot make one."""
+        assert self._engine is not None
+        with self._device_scope():
+            context = self._engine.create_execution_context()
+        if context is None:
             raise UserError(f"{self.flavor} could not create an execution context for {self.path} "
                             "(out of GPU memory?)")
+        return context
 
     def _rtx_context(self, engine: trtx.ICudaEngine) -> trtx.IExecutionContext:
         import tensorrt_rtx as trtx
@@ -190,40 +269,63 @@ class Engine:
         config = engine.create_runtime_config()
         cache = config.create_runtime_cache()
         path = runtime_cache_file(self.path)
-        if path.is_file() and not cache.deserialize(path.read_bytes()):
-            log.warning("runtime cache %s does not fit this GPU or TensorRT-RTX: starting a new one", path)
-            cache.reset()
+        if path.is_file():
+            data = path.read_bytes()
+            if cache.deserialize(data):
+                self._cache_digest = hashlib.sha256(data).hexdigest()
+            else:
+                log.warning("runtime cache %s does not fit this GPU or TensorRT-RTX: starting a new one", path)
+                cache.reset()
         config.set_runtime_cache(cache)
         if self.cuda_graph:
             config.cuda_graph_strategy = trtx.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
-        self._runtime_cache = cache
-        return engine.create_execution_context(config)
+        # NVIDIA's own samples keep the runtime config (and its cache) alive as long as the context
+        self._runtime_config, self._runtime_cache = config, cache
+        context = engine.create_execution_context(config)
+        if context is None:
+            raise UserError(f"{self.flavor} could not create an execution context for {self.path} "
+                            "(out of GPU memory?)")
+        return context
 
     def allocate(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
         """Device buffers (inputs and outputs) for these input shapes, bound to the context; reused while the
         shapes are unchanged, reallocated only when a tensor grows. UserError if a shape is outside the profile.
 
-        All or nothing: when it fails, the next call sets every shape and address again."""
+        All or nothing: when it fails, the next call sets every shape and address again.
+
+        Regular TensorRT with CUDA graphs: each shape set has a slot of its own (context, buffers, graph), kept
+        while it is among the MAX_GRAPHS most recently used."""
         shapes = {name: tuple(int(s) for s in shape) for name, shape in input_shapes.items()}
+        if self.graphs_by_hand:
+            return self._slot_for(shapes).buffers
         if shapes == self._shapes:
             return self._buffers
         if self._context is None:
             self.activate()
         context = self._context
         assert context is not None
-        plan = plan_buffers(self.spec, shapes)
-        problems = outside_profile(self.spec.name, shapes, self.profile)
-        if problems:
-            raise UserError(f"{'; '.join(problems)}: rebuild the engines with larger limits "
-                            "(ccld-trt engines build)")
+        plan = self._plan(shapes)
         grown = {name: torch.empty(math.prod(shape), dtype=dtype, device=self.device)
                  for name, (shape, dtype) in plan.items()
                  if name not in self._storage or self._storage[name].numel() < math.prod(shape)}
         self._shapes = {}  # from here the context changes: until it all succeeds, nothing is reused
-        if grown:
-            self._storage.update(grown)
-            self._graph = None  # it captured the old addresses
+        self._storage.update(grown)
         buffers = {name: self._storage[name][: math.prod(shape)].view(shape) for name, (shape, _) in plan.items()}
+        self._bind(context, shapes, buffers, plan)
+        self._buffers, self._shapes = buffers, shapes
+        self._cache_dirty = self._cache_dirty or self._runtime_cache is not None  # TensorRT-RTX specialises anew
+        return buffers
+
+    def _plan(self, shapes: dict[str, Shape]) -> dict[str, tuple[Shape, torch.dtype]]:
+        problems = outside_profile(self.spec.name, shapes, self.profile)
+        if problems:
+            raise UserError(f"{'; '.join(problems)}: rebuild the engines with larger limits "
+                            "(ccld-trt engines build)")
+        return plan_buffers(self.spec, shapes)
+
+    def _bind(self, context: Any, shapes: Mapping[str, Shape], buffers: Mapping[str, torch.Tensor],
+              plan: Mapping[str, tuple[Shape, torch.dtype]]) -> None:
+        """Set ``context``'s input shapes and every tensor address; RuntimeError if TensorRT disagrees."""
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
                 raise RuntimeError(f"TensorRT refused shape {list(shape)} for {self.spec.name} input {name}")
@@ -233,9 +335,31 @@ class Engine:
             if (got := _shape(context.get_tensor_shape(t.name))) != plan[t.name][0]:
                 raise RuntimeError(f"{self.path.name}: output {t.name} is {list(got)}, graph_specs says "
                                    f"{list(plan[t.name][0])}")
-        self._buffers, self._shapes = buffers, shapes
-        self._cache_dirty = self._runtime_cache is not None  # a new shape: TensorRT-RTX specialises anew
-        return buffers
+
+    def _slot_for(self, shapes: dict[str, Shape]) -> _Slot:
+        """The slot of this shape set (made when new, the least recently used one dropped beyond MAX_GRAPHS)."""
+        key = tuple(sorted(shapes.items()))
+        slot = self._slots.get(key)
+        if slot is None:
+            if self._engine is None:
+                self.load()
+            plan = self._plan(shapes)
+            context = self._new_context()
+            buffers = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, (shape, dtype) in
+                       plan.items()}
+            self._bind(context, shapes, buffers, plan)
+            slot = self._slots[key] = _Slot(context, shapes, buffers)
+            while len(self._slots) > MAX_GRAPHS:
+                self._drop_oldest_slot()
+        self._slots.move_to_end(key)
+        self._slot = slot
+        return slot
+
+    def _drop_oldest_slot(self) -> None:
+        # A replay of it may still be queued: let the GPU finish before its graph and buffers go.
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._slots.popitem(last=False)
 
     def infer(self, feed: Mapping[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """Run the engine on ``stream`` without a host sync: ``feed`` {input name: tensor} is copied into the
@@ -248,37 +372,86 @@ class Engine:
         return {t.name: buffers[t.name] for t in self.spec.outputs}
 
     def launch(self, stream: torch.cuda.Stream) -> None:
-        """One launch on the allocated buffers: from a CUDA graph when asked for (regular TensorRT: captured by
-        hand at the current shapes), then the runtime cache saved if it learnt something."""
-        if self.cuda_graph and self.flavor == "tensorrt":
+        """One launch on the allocated buffers: from a CUDA graph when asked for (regular TensorRT: the graph of
+        the current shape set, captured on its first launch); TensorRT-RTX: the runtime cache checked for new
+        kernels now and then (see maybe_save_runtime_cache)."""
+        if self.graphs_by_hand:
             self._replay(stream)
         else:
-            self._execute(stream)
+            assert self._context is not None
+            self._execute(self._context, stream)
         if self._cache_dirty:
-            self.save_runtime_cache()
+            self.maybe_save_runtime_cache()
 
-    def _execute(self, stream: torch.cuda.Stream) -> None:
-        assert self._context is not None
-        if not self._context.execute_async_v3(stream.cuda_stream):
+    def _execute(self, context: Any, stream: torch.cuda.Stream) -> None:
+        if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT inference of {self.path.name} failed (see its log above)")
 
     def _replay(self, stream: torch.cuda.Stream) -> None:
-        # One graph, captured anew on every shape change: the execution context keeps shape-dependent state of
-        # its own, so a graph captured at an earlier shape is not trusted after the context has moved on.
-        if self._graph is None or self._graph_shapes != self._shapes:
-            self._graph = None
-            self._execute(stream)  # TensorRT finishes shape-dependent setup in the first launch after a change
-            self._graph, self._graph_shapes = self._capture(stream), dict(self._shapes)
-        self._graph.replay()
+        slot = self._slot
+        assert slot is not None, "allocate first"
+        if slot.graph is None:
+            self._execute(slot.context, stream)  # TensorRT finishes shape-dependent setup in the first launch
+            slot.graph = self._capture(slot.context, stream)
+        slot.graph.replay()
 
-    def _capture(self, stream: torch.cuda.Stream) -> Replayable:
+    def _capture(self, context: Any, stream: torch.cuda.Stream) -> Replayable:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            self._execute(stream)
+            self._execute(context, stream)
         return graph
 
-    def save_runtime_cache(self) -> None:
-        """Write TensorRT-RTX's runtime cache to ``<engine>.runtime-cache`` (nothing for regular TensorRT)."""
+    def maybe_save_runtime_cache(self, interval_s: float | None = None) -> None:
+        """After a launch: when a new shape ran and ``interval_s`` (default CACHE_SAVE_INTERVAL_S) has passed
+        since the last look, serialize the runtime cache and, if it changed, write it on the writer thread.
+        Kernels compiled lazily after a shape's first launch are caught by a later look, or at close."""
+        interval = CACHE_SAVE_INTERVAL_S if interval_s is None else interval_s
+        if time.monotonic() - self._cache_checked < interval:
+            return
+        self._cache_checked = time.monotonic()
+        self._save_if_changed(background=True)
+
+    def close(self) -> None:
+        """Save the runtime cache if it changed (waiting for the writer thread), then stop the writer."""
         if self._runtime_cache is not None:
-            write_atomic(runtime_cache_file(self.path), memoryview(self._runtime_cache.serialize()))
-        self._cache_dirty = False
+            self._save_if_changed(background=False)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def save_runtime_cache(self) -> None:
+        """Write TensorRT-RTX's runtime cache to ``<engine>.runtime-cache`` now if it changed (nothing for
+        regular TensorRT); a cache that cannot be written is a warning, once."""
+        if self._runtime_cache is not None:
+            self._save_if_changed(background=False)
+
+    def _save_if_changed(self, background: bool) -> None:
+        if self._cache_broken:
+            self._cache_dirty = False
+            return
+        data = bytes(memoryview(self._runtime_cache.serialize()))
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._cache_digest:
+            self._cache_dirty = False  # nothing new since the last save: stop looking until the next new shape
+            return
+        self._cache_digest = digest
+        if background:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="ccld-trt-runtime-cache")
+            self._pending = self._writer.submit(self._write_cache, data)
+        else:
+            if self._pending is not None:
+                self._pending.result()
+            self._write_cache(data)
+
+    def _write_cache(self, data: bytes) -> None:
+        path = runtime_cache_file(self.path)
+        with self._cache_lock:
+            if self._cache_broken:
+                return
+            try:
+                write_atomic(path, memoryview(data))
+            except OSError as e:
+                self._cache_broken = True
+                log.warning("cannot save the TensorRT-RTX runtime cache %s (%s): inference goes on, but the next "
+                            "start compiles its kernels again", path, e)

@@ -1,5 +1,5 @@
-"""The autoencoder decoder: checkpoint layout of the original, golden output, config and load errors,
-dynamic shapes."""
+"""The autoencoder's two halves: checkpoint layout of the original, the decoder's golden output, config and load
+errors, dynamic shapes; the encoder's layout, strict loading and posterior mean."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import yaml
 
 from ccld_trt.export.autoencoder import (
     AutoencoderDecoder,
+    AutoencoderEncoder,
     autoencoder_state_shapes,
+    load_autoencoder,
     load_autoencoder_config,
     load_decoder,
 )
@@ -148,3 +150,54 @@ def test_unusable_ddconfig_is_named(tmp_path: Path, change: dict[str, Any], prob
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"autoencoder config not found: .*absent\.yaml"):
         load_autoencoder_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(("spec", "config"), [("ae_small", "small"), ("ae_kl_f8", "kl_f8")])
+def test_encoder_state_matches_the_published_checkpoint(spec: str, config: str) -> None:
+    """The encoder's own keys and shapes are exactly the published kl-f8's encoder.* and quant_conv.* tensors."""
+    if not (SPECS / f"{spec}.json").exists():
+        pytest.skip(f"reference specs not found at {SPECS}")
+    ddconfig = json.loads((SPECS / "ae_configs.json").read_text())[config]
+    expected = {k: tuple(v) for k, v in json.loads((SPECS / f"{spec}.json").read_text()).items()
+                if k.startswith(("encoder.", "quant_conv."))}
+    with torch.device("meta"):
+        encoder = AutoencoderEncoder(4, ddconfig)
+    own = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    assert sorted(own) == sorted(expected)
+    assert own == expected
+    if config == "kl_f8":
+        assert len(own) == 108 and own["encoder.down.2.downsample.conv.weight"] == (512, 512, 3, 3)
+
+
+def test_encoder_is_loaded_as_strictly_as_the_decoder(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> None:
+    yaml_path = write_yaml(tmp_path / "ae.yaml")
+    torch.save({"state_dict": tiny_state}, tmp_path / "ae.ckpt")
+    encoder, decoder = load_autoencoder(tmp_path / "ae.ckpt", yaml_path)
+    assert torch.equal(encoder.state_dict()["quant_conv.weight"], tiny_state["quant_conv.weight"])
+    assert torch.equal(decoder.state_dict()["post_quant_conv.weight"], tiny_state["post_quant_conv.weight"])
+    # a decoder-only file (encoder stripped) is refused, naming what is missing
+    torch.save({k: v for k, v in tiny_state.items() if not k.startswith("encoder.")}, tmp_path / "dec.ckpt")
+    with pytest.raises(UserError, match=r"dec\.ckpt: missing \d+ tensor\(s\): encoder\.conv_in\.weight"):
+        load_autoencoder(tmp_path / "dec.ckpt", yaml_path)
+    bad = {**tiny_state, "quant_conv.weight": torch.zeros(8, 8, 3, 3)}
+    torch.save(bad, tmp_path / "bad.ckpt")
+    with pytest.raises(UserError, match=r"tensor quant_conv\.weight has shape \[8, 8, 3, 3\], the model expects "
+                                        r"\[8, 8, 1, 1\]"):
+        load_autoencoder(tmp_path / "bad.ckpt", yaml_path)
+
+
+def test_encoder_gives_the_posterior_mean(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> None:
+    """images [N, 3, H, W] -> the first embed_dim channels of quant_conv(encoder(x)) at H/4 x W/4 for the
+    2-downsampling TINY config (H/8 for kl-f8), non-square and deterministic (no sample is drawn)."""
+    torch.save(tiny_state, tmp_path / "ae.ckpt")
+    encoder, _ = load_autoencoder(tmp_path / "ae.ckpt", write_yaml(tmp_path / "ae.yaml"))
+    x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        mean = encoder(x)
+        moments = encoder.quant_conv(encoder.encoder(x))
+        again = encoder(x)
+    assert mean.shape == (2, 4, 6, 10) and moments.shape == (2, 8, 6, 10)
+    assert torch.equal(mean, moments[:, :4]) and torch.equal(mean, again)
+    # each image on its own gives its own rows (no cross-batch mixing)
+    with torch.inference_mode():
+        assert rel_error(encoder(x[1:]), mean[1:]) < 1e-6

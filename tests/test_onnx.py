@@ -34,7 +34,7 @@ TEST_DIMS = ({"batch": 1, "conds": 2, "height": 16, "width": 24}, {"batch": 3, "
 
 def export_seed3(seed3_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                  networks: Networks | None = None) -> tuple[Path, Path]:
-    """All five seed-3 graphs, fp32 and fp16, exported where ``--backend onnxruntime`` looks for them under one
+    """All six seed-3 graphs, fp32 and fp16, exported where ``--backend onnxruntime`` looks for them under one
     build directory per session -> (build directory, ONNX directory). test_fp16 calls it too: whichever module
     comes second finds the export up to date."""
     build = tmp_path_factory.getbasetemp() / "build"
@@ -88,11 +88,12 @@ def test_graph_metadata(graph: str, precision: str, onnx_dir: Path, seed3_files:
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["ccld_trt.graph"] == graph and meta["ccld_trt.precision"] == precision
     checkpoint = {"unet": seed3_files.unet, "unet_cfg": seed3_files.unet, "decoder": seed3_files.autoencoder,
-                  "text_encoder": seed3_files.cloob, "image_encoder": seed3_files.cloob}[graph]
+                  "text_encoder": seed3_files.cloob, "image_encoder": seed3_files.cloob,
+                  "encoder": seed3_files.autoencoder}[graph]
     assert list(json.loads(meta["ccld_trt.source_sha256"]).values()) == [sha256_file(checkpoint)]
     config = json.loads(meta["ccld_trt.model_config"])
     expected_key = {"unet": "channel_multipliers", "unet_cfg": "channel_multipliers", "decoder": "ddconfig",
-                    "text_encoder": "text_encoder", "image_encoder": "image_encoder"}[graph]
+                    "text_encoder": "text_encoder", "image_encoder": "image_encoder", "encoder": "ddconfig"}[graph]
     assert expected_key in config
     assert {"exporter", "ccld_trt", "torch", "onnx", "onnxslim", "opset"} <= set(json.loads(meta["ccld_trt.versions"]))
 
@@ -113,6 +114,8 @@ def test_graph_checks_clean(graph: str, precision: str, onnx_dir: Path) -> None:
         assert dims[spec.inputs[0].name][2:] == ["height", "width"]
     if graph == "unet_cfg":
         assert dims["conds"][0] == "conds"
+    if graph == "encoder":  # images in, at 8x the latent size
+        assert dims["images"] == ["batch", 3, "8*height", "8*width"]
 
 
 def test_tensorrt_problems_name_what_the_parser_refuses() -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPHS, Dim
+from ccld_trt.export.shapes import resolve_dim
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # min, opt, max
@@ -39,6 +40,9 @@ class ProfileParams:
         for what, r in (("batch", self.batch), ("latent height", self.height), ("latent width", self.width)):
             if len(r) != 3 or not all(_is_int(v) for v in r) or not 1 <= r[0] <= r[1] <= r[2]:
                 raise UserError(f"{what} range must be three integers 1 <= min <= opt <= max, got {list(r)}")
+        if self.batch[0] != 1:  # calls above the maximum are split, and the last part can be any size
+            raise UserError(f"batch range must start at 1, got {list(self.batch)}: calls larger than the maximum "
+                            "are split, and the last part can be a single image")
         for what, r in (("latent height", self.height), ("latent width", self.width)):
             bad = [v for v in r if v % LATENT_MULTIPLE]
             if bad:
@@ -63,7 +67,7 @@ def dim_ranges(graph: str, params: ProfileParams) -> dict[str, DimRange]:
         return {"batch": rows, **latent}
     if graph == "unet_cfg":
         return {"batch": params.batch, "conds": conds, **latent}
-    if graph == "decoder":
+    if graph in ("decoder", "encoder"):  # the encoder's images are 8x the latent size ("8*height")
         return {"batch": params.batch, **latent}
     if graph == "text_encoder":
         return {"batch": prompts}
@@ -102,7 +106,7 @@ def as_profile(ranges: Mapping[str, Sequence[Sequence[int]]]) -> GraphProfile:
 
 
 def _shape_at(dims: tuple[Dim, ...], ranges: Mapping[str, DimRange], i: int) -> Shape:
-    return tuple(d if isinstance(d, int) else ranges[d][i] for d in dims)
+    return tuple(resolve_dim(d, {name: r[i] for name, r in ranges.items()}) for d in dims)
 
 
 def outside_profile(graph: str, shapes: Mapping[str, Sequence[int]], profile: Mapping[str, ShapeRange]) -> list[str]:

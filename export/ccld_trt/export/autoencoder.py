@@ -1,8 +1,9 @@
-"""The decoding half of ldm's ``AutoencoderKL`` (``post_quant_conv`` then ``Decoder``), loading the original
-checkpoints unchanged, plus the ldm YAML config reader.
+"""ldm's ``AutoencoderKL`` as two modules: the decoding half (``post_quant_conv`` then ``Decoder``) and the
+encoding half (``Encoder`` then ``quant_conv``, to the posterior mean: image-to-image's start), loading the
+original checkpoints unchanged, plus the ldm YAML config reader.
 
 Sub-module names mirror ldm's (``decoder.up.3.block.0.nin_shortcut``...) because they are the state-dict keys.
-Shapes stay symbolic in ``forward`` so the decoder exports to ONNX with dynamic batch, height and width.
+Shapes stay symbolic in ``forward`` so both halves export to ONNX with dynamic batch, height and width.
 """
 
 from __future__ import annotations
@@ -133,12 +134,16 @@ class _UpLevel(_Level):
         return self.upsample(super().forward(x))
 
 
-class _DownsampleLayout(nn.Module):
-    """Parameters of ldm's ``Downsample``: a stride-2 3x3 conv (ldm pads right/bottom by one first)."""
+class Downsample(nn.Module):
+    """ldm's ``Downsample``: pad right and bottom by one (zeros), then a stride-2 3x3 conv: [N, C, H, W] ->
+    [N, C, H/2, W/2] for even H, W."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(nn.functional.pad(x, (0, 1, 0, 1)))
 
 
 class Decoder(nn.Module):
@@ -175,11 +180,9 @@ class Decoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
-class EncoderLayout(nn.Module):
-    """The parameters of ldm's ``Encoder``, to list a full AutoencoderKL checkpoint's tensors.
-
-    This runtime never encodes, so there is no forward.
-    """
+class Encoder(nn.Module):
+    """ldm's ``Encoder``: image [N, in_channels, H, W] -> moments [N, 2·z_channels, H/2^(L-1), W/2^(L-1)],
+    L = len(ch_mult) (double_z: mean and log-variance stacked on the channel axis)."""
 
     def __init__(self, ddconfig: Mapping[str, Any]) -> None:
         super().__init__()
@@ -192,13 +195,38 @@ class EncoderLayout(nn.Module):
             c = ch * m
             level = _Level(blocks, res in ddconfig["attn_resolutions"])
             if i != len(ch_mult) - 1:
-                level.downsample = _DownsampleLayout(c)
+                level.downsample = Downsample(c)
                 res //= 2
             levels.append(level)
         self.down = nn.ModuleList(levels)
         self.mid = _Mid(c)
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, 2 * ddconfig["z_channels"], 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+            if hasattr(level, "downsample"):  # every level but the lowest resolution
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class AutoencoderEncoder(nn.Module):
+    """``AutoencoderKL.encode(x).mean``: images float32 [N, in_channels, H, W] in [-1, 1] (H, W multiples of 8
+    for kl-f8) -> the posterior's mean [N, embed_dim, H/8, W/8] (deterministic: no sample is drawn), before the
+    latent scale (the pipeline divides by the scale the decoder's input is multiplied by)."""
+
+    def __init__(self, embed_dim: int, ddconfig: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.encoder = Encoder(ddconfig)
+        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+        self.embed_dim = embed_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        moments = self.quant_conv(self.encoder(images))
+        return moments[:, :self.embed_dim]  # [mean, log-variance] on the channel axis: the mean
 
 
 class AutoencoderDecoder(nn.Module):
@@ -219,7 +247,7 @@ class _FullAutoencoderLayout(nn.Module):
 
     def __init__(self, embed_dim: int, ddconfig: Mapping[str, Any]) -> None:
         super().__init__()
-        self.encoder = EncoderLayout(ddconfig)
+        self.encoder = Encoder(ddconfig)
         self.decoder = Decoder(ddconfig)
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
@@ -280,11 +308,23 @@ def load_autoencoder_config(yaml_path: Path) -> tuple[int, dict[str, Any]]:
 def load_decoder(ckpt_path: Path, yaml_path: Path) -> AutoencoderDecoder:
     """Load the decoder of an AutoencoderKL checkpoint (a plain state dict or ldm's ``{'state_dict': ...}``)
     -> eval-mode float32 CPU module. Encoder, quant_conv and loss tensors in the file are ignored."""
+    return load_autoencoder(ckpt_path, yaml_path)[1]
+
+
+def load_autoencoder(ckpt_path: Path, yaml_path: Path) -> tuple[AutoencoderEncoder, AutoencoderDecoder]:
+    """Both halves of an AutoencoderKL checkpoint, read once -> (encoder, decoder), eval-mode float32 CPU modules.
+
+    Each half is loaded strictly (a missing or misshaped tensor is named); the other half's tensors and the
+    training loss's are ignored by it.
+    """
     embed_dim, ddconfig = load_autoencoder_config(yaml_path)
     state = load_checkpoint(ckpt_path, _WHAT)
     with torch.device("meta"):
-        model = AutoencoderDecoder(embed_dim, ddconfig)
-    # Allocate without random init: the checkpoint overwrites every tensor.
-    model = model.to_empty(device="cpu")
-    load_state_into(model, state, ckpt_path, _WHAT, ignore_prefixes=("encoder.", "quant_conv.", "loss."))
-    return model.eval().requires_grad_(False)
+        encoder, decoder = AutoencoderEncoder(embed_dim, ddconfig), AutoencoderDecoder(embed_dim, ddconfig)
+    halves = ((encoder, ("decoder.", "post_quant_conv.", "loss.")), (decoder, ("encoder.", "quant_conv.", "loss.")))
+    for model, other in halves:
+        # Allocated without random init: the checkpoint overwrites every tensor.
+        model.to_empty(device="cpu")
+        load_state_into(model, state, ckpt_path, _WHAT, ignore_prefixes=other)
+        model.eval().requires_grad_(False)
+    return encoder, decoder

@@ -1,7 +1,8 @@
 """The exported graphs' I/O contracts, shared by the ONNX exporter, the engine builder and the runtimes.
 
 Dimension names: ``batch`` (images, or rows of a batched call), ``conds`` (CFG conditions), ``height`` /
-``width`` (latent size; images are 8x larger), ``image_size`` (the CLOOB image encoder's input side).
+``width`` (latent size; images are 8x larger: ``8*height`` on the decoder's output and the encoder's input),
+``image_size`` (the CLOOB image encoder's input side).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ UNET_CFG = GraphSpec(
      TensorSpec("conds", "float32", ("conds", 512)), TensorSpec("weights", "float32", ("conds",))),
     (TensorSpec("v", "float32", LATENT),),
 )
+# The autoencoder's encoding half (image-to-image): images in [-1, 1] -> the posterior mean, before the scale.
+ENCODER = GraphSpec(
+    "encoder",
+    (TensorSpec("images", "float32", ("batch", 3, "8*height", "8*width")),),
+    (TensorSpec("latents", "float32", LATENT),),
+)
 DECODER = GraphSpec(
     "decoder",
     (TensorSpec("latents", "float32", LATENT),),
@@ -60,8 +67,8 @@ IMAGE_ENCODER = GraphSpec(
     (TensorSpec("embed", "float32", ("batch", 512)),),
 )
 
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (UNET, UNET_CFG, DECODER, TEXT_ENCODER, IMAGE_ENCODER)}
-# What the onnxruntime and tensorrt backends run (the plain `unet` graph is for other runtimes).
-BACKEND_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder")
+GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (UNET, UNET_CFG, DECODER, TEXT_ENCODER, IMAGE_ENCODER, ENCODER)}
+# What the onnxruntime, openvino and tensorrt backends run (the plain `unet` graph is for other runtimes).
+BACKEND_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder", "encoder")
 # Precisions the graphs are exported in: fp32, and mixed-precision fp16 (fp32 I/O, fp32 where fp16 is unsafe).
 GRAPH_PRECISIONS = ("fp32", "fp16")

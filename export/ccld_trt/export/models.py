@@ -97,6 +97,7 @@ class Networks:
     image_encoder: nn.Module   # pixels in [0, 1] -> L2-normalised embed
     cloob_config: dict
     checkpoint_autoencoder_scale: float
+    encoder: nn.Module         # AutoencoderEncoder: images in [-1, 1] -> posterior mean (image-to-image)
 
     @property
     def image_size(self) -> int:
@@ -105,17 +106,18 @@ class Networks:
 
 def load_networks(files: ModelFiles, base_channels: int | None = None,
                   channel_multipliers: list[int] | None = None) -> Networks:
-    """Load all four networks from their original checkpoint formats (data only, no code runs)."""
-    from ccld_trt.export.autoencoder import load_decoder
+    """Load all five networks (the autoencoder as its two halves) from their original checkpoint formats (data
+    only, no code runs)."""
+    from ccld_trt.export.autoencoder import load_autoencoder
     from ccld_trt.export.cloob import load_cloob, load_cloob_config
     from ccld_trt.export.unet import load_unet
 
     files.check_present()
     unet, scale = load_unet(files.unet, base_channels, channel_multipliers)
-    decoder = load_decoder(files.autoencoder, files.autoencoder_config)
+    encoder, decoder = load_autoencoder(files.autoencoder, files.autoencoder_config)
     cloob_config = load_cloob_config(files.cloob_config)
     text_encoder, image_encoder = load_cloob(files.cloob, cloob_config)
-    return Networks(unet, decoder, text_encoder, image_encoder, cloob_config, scale)
+    return Networks(unet, decoder, text_encoder, image_encoder, cloob_config, scale, encoder)
 
 
 def checkpoint_autoencoder_scale(unet_path: Path) -> float:

@@ -1,4 +1,4 @@
-"""Export the five graphs of graph_specs (unet, unet_cfg, decoder, text_encoder, image_encoder) to ONNX, for
+"""Export the six graphs of graph_specs (unet, unet_cfg, decoder, text_encoder, image_encoder, encoder) to ONNX, for
 ONNX Runtime and TensorRT, redoing only what changed.
 
 Each fp32 graph is traced with the TorchScript exporter (onnx_trace), opset 17, with dynamic batch, conditions

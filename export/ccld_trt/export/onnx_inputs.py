@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ccld_trt.export.graph_specs import EOT_TOKEN, GRAPHS, SOT_TOKEN
+from ccld_trt.export.shapes import resolve_dim
 
 # Small sizes keep tracing fast; the latent sides must be multiples of 8 (three 2x downsamplings in the U-Net).
 TRACE_DIMS = {"batch": 2, "conds": 2, "height": 8, "width": 16}
@@ -18,10 +19,10 @@ def random_inputs(graph: str, dims: Mapping[str, int], image_size: int, seed: in
     """Inputs of ``graph`` in graph_specs order, sized by ``dims`` (batch, conds, height, width) and
     ``image_size``, with values as the pipeline feeds them: unit-normal latents, t in [0, 1), embeddings whose
     first row is the all-zero unconditional one, CFG weights [1 - sum(w), w...], CLIP token rows
-    (SOT, ids, EOT, zero padding), pixels in [0, 1)."""
+    (SOT, ids, EOT, zero padding), pixels in [0, 1), images in [-1, 1)."""
     gen = torch.Generator().manual_seed(seed)
     sizes = {**dims, "image_size": image_size}
-    return {t.name: _INPUT_VALUES[t.name]([d if isinstance(d, int) else sizes[d] for d in t.shape], gen)
+    return {t.name: _INPUT_VALUES[t.name]([resolve_dim(d, sizes) for d in t.shape], gen)
             for t in GRAPHS[graph].inputs}
 
 
@@ -60,4 +61,5 @@ _INPUT_VALUES: dict[str, Callable[[list[int], torch.Generator], torch.Tensor]] =
     "weights": _cfg_weights,
     "tokens": _tokens,
     "pixels": lambda s, g: torch.rand(s, generator=g),
+    "images": lambda s, g: torch.rand(s, generator=g) * 2 - 1,
 }

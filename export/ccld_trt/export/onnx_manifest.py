@@ -28,7 +28,7 @@ EXPORTER_VERSION = 3
 MANIFEST = "manifest.json"
 # Which checkpoint each graph comes from.
 COMPONENT = {"unet": "unet", "unet_cfg": "unet", "decoder": "autoencoder", "text_encoder": "cloob",
-             "image_encoder": "cloob"}
+             "image_encoder": "cloob", "encoder": "autoencoder"}
 
 
 class GraphKeys:

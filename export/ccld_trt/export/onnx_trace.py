@@ -26,7 +26,8 @@ EXTERNAL_DATA_THRESHOLD = onnx.checker.MAXIMUM_PROTOBUF - (64 << 20)
 def graph_modules(networks: Networks) -> dict[str, nn.Module]:
     """The torch module whose function each graph computes (the original code's)."""
     return {"unet": networks.unet, "unet_cfg": GuidedUNet(networks.unet), "decoder": networks.decoder,
-            "text_encoder": networks.text_encoder, "image_encoder": networks.image_encoder}
+            "text_encoder": networks.text_encoder, "image_encoder": networks.image_encoder,
+            "encoder": networks.encoder}
 
 
 def traced_module(graph: str, module: nn.Module) -> nn.Module:

@@ -22,8 +22,15 @@ def bind_dims(spec: GraphSpec, input_shapes: Mapping[str, Sequence[int]]) -> dic
             if isinstance(dim, int):
                 if size != dim:
                     raise ValueError(f"{spec.name} input {t.name} has shape {list(shape)}, expected {list(t.shape)}")
-            elif env.setdefault(dim, size) != size:
-                raise ValueError(f"{spec.name}: dimension {dim} is {env[dim]} in one input and {size} in {t.name}")
+                continue
+            factor, _, symbol = dim.rpartition("*")  # "8*height": an image side, 8 pixels per latent pixel
+            if factor and size % int(factor):
+                raise ValueError(f"{spec.name} input {t.name} has shape {list(shape)}: {dim} must be a multiple "
+                                 f"of {factor}")
+            size //= int(factor) if factor else 1
+            if env.setdefault(symbol, size) != size:
+                raise ValueError(f"{spec.name}: dimension {symbol} is {env[symbol]} in one input and {size} in "
+                                 f"{t.name}")
     return env
 
 

@@ -1,4 +1,4 @@
-"""The backend interface: four networks with fixed I/O contracts, behind which torch, ONNX Runtime and
+"""The backend interface: five networks with fixed I/O contracts, behind which torch, ONNX Runtime and
 TensorRT differ. Samplers and the pipeline only ever see this interface.
 
 All tensors are torch tensors on ``backend.device`` (float32 unless noted), so the sampler arithmetic runs
@@ -44,9 +44,14 @@ class Backend(Protocol):
         in about [-1, 1]."""
         ...
 
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images float32 [N, 3, 8h, 8w] in [-1, 1] -> the autoencoder posterior's mean float32 [N, 4, h, w]
+        (deterministic), before the autoencoder scale (image-to-image's init)."""
+        ...
+
 
 class GraphBackend:
-    """The Backend interface over the exported graphs (unet_cfg, decoder, text_encoder, image_encoder), for the
+    """The Backend interface over the exported graphs (unet_cfg, decoder, text_encoder, image_encoder, encoder), for the
     backends that run them (ONNX Runtime, OpenVINO, TensorRT). A subclass runs one graph call (``_run``) and may cap the
     ``batch`` and ``conds`` dimensions of a call (``limits``, e.g. an engine's profile): larger calls are split,
     their batches concatenated and their CFG conditions summed (v is a weighted sum over conditions)."""
@@ -89,3 +94,7 @@ class GraphBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents float32 [N, 4, h, w] (already scaled) -> images float32 [N, 3, 8h, 8w] in about [-1, 1]."""
         return self._call("decoder", {"latents": latents})
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images float32 [N, 3, 8h, 8w] in [-1, 1] -> posterior mean float32 [N, 4, h, w] (unscaled): encoder."""
+        return self._call("encoder", {"images": images})

@@ -54,6 +54,7 @@ class TorchBackend:
         self._guided = GuidedUNet(networks.unet).to(self.device)
         self._guided_call = GraphedCall(self._guided_autocast) if cuda_graph else self._guided_autocast
         self._decoder = networks.decoder.to(self.device)
+        self._encoder = networks.encoder.to(self.device)
         self._text = networks.text_encoder.to(self.device)
         self._image = networks.image_encoder.to(self.device)
 
@@ -94,3 +95,8 @@ class TorchBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self._math():
             return self._decoder(latents.to(self.device)).float()
+
+    @torch.inference_mode()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        with self._math():
+            return self._encoder(images.to(self.device)).float()

@@ -10,6 +10,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ccld_trt.access import add_access_args
 from ccld_trt.cli_args import (
     add_backend_args,
     add_model_args,
@@ -167,19 +168,26 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from ccld_trt.access import load_keys
     from ccld_trt.serve import serve
 
-    serve(backend_options(args), model_source(args), args.host, args.port, args.listen)
+    serve(backend_options(args), model_source(args), args.host, args.port, args.listen,
+          keys=load_keys(args.api_key_file), insecure=args.insecure)
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
+    from ccld_trt.access import AccessPolicy, default_client_limit, load_keys
     from ccld_trt.cluster.app import ClusterSpec, run_cluster
     from ccld_trt.cluster.replica import ReplicaSettings
 
     settings = ReplicaSettings(max_batch=args.max_batch, batching=not args.no_batching,
                                max_ongoing=args.max_ongoing)
-    spec = ClusterSpec(replicas=args.replicas, max_queue=args.max_queue, settings=settings)
-    run_cluster(backend_options(args), model_source(args), spec, args.address, args.host, args.port)
+    limit = args.max_in_flight_per_client
+    access = AccessPolicy(load_keys(args.api_key_file), log_prompts=args.log_prompts, max_in_flight=limit
+                          if limit is not None else default_client_limit(args.replicas * args.max_ongoing))
+    spec = ClusterSpec(replicas=args.replicas, max_queue=args.max_queue, settings=settings, access=access)
+    run_cluster(backend_options(args), model_source(args), spec, args.address, args.host, args.port,
+                listen=args.listen, insecure=args.insecure)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="a web page for generating images (this machine only unless --listen)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--listen", action="store_true",
-                   help="allow a --host other machines can reach (the page has no authentication)")
+    add_access_args(p, cluster=False)
     add_backend_args(p)
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
@@ -243,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting at the HTTP proxy before it answers 503 (default 64)")
     p.add_argument("--no-batching", action="store_true", help="one U-Net call per request evaluation")
+    add_access_args(p, cluster=True)
     add_backend_args(p)
     add_model_args(p)
     p.set_defaults(func=cmd_cluster)

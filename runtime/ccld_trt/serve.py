@@ -7,7 +7,6 @@ latency of each stage with the images. Every bad input is answered in the page; 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import os
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ccld_trt.access import Keys, check_exposure, page_login
+from ccld_trt.access import check_host as check_host  # the --listen half of the host rule (re-exported)
 from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import parse_prompt
 from ccld_trt.outputs import save_images
@@ -342,24 +343,15 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
     return app
 
 
-def check_host(host: str, allow_remote: bool) -> None:
-    """UserError if ``host`` is not a loopback address and remote access was not explicitly allowed."""
-    if allow_remote or host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    raise UserError(f"--host {host} would make the server reachable from other machines; "
-                    "add --listen to allow that")
-
-
 def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          allow_remote: bool = False) -> None:
+          allow_remote: bool = False, keys: Keys | None = None, insecure: bool = False) -> None:
     """Serve the page at http://host:port until interrupted (Ctrl-C), running the networks of ``models`` as
-    ``options`` say."""
-    check_host(host, allow_remote)
+    ``options`` say. With ``keys``, the page asks for one as the password (any user name); a host other
+    machines can reach needs ``allow_remote`` (--listen) and keys or ``insecure`` (access.check_exposure)."""
+    keys = keys or Keys()
+    warning = check_exposure(host, allow_remote, keys, insecure)
+    if warning:
+        print(warning, file=sys.stderr)
     options = options.resolved()  # a combination that cannot run here fails now, not in the page
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {port}")
@@ -381,7 +373,9 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
         try:
             # run_history=False: no record of jobs, and no offer to copy them to a Hugging Face bucket.
             app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
-                       max_file_size=MAX_UPLOAD_BYTES, theme=theme, run_history=False, prevent_thread_lock=True)
+                       max_file_size=MAX_UPLOAD_BYTES, theme=theme, run_history=False, prevent_thread_lock=True,
+                       auth=page_login(keys) if keys else None,
+                       auth_message="Any user name; the password is an API key of this server." if keys else None)
         except OSError as e:
             raise UserError(f"cannot serve on {host}:{port}: {e}") from e
         loader.start()  # once the port is ours, so that a refused start loads nothing

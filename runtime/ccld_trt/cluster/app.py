@@ -1,9 +1,10 @@
 """Ray and Ray Serve: start a local Ray on 127.0.0.1 (or join one), deploy the replicas, serve HTTP.
 
-Each replica is a Serve replica holding one ``Replica`` (the models, loaded once, and its step batcher); on CUDA
-it holds one GPU (``num_gpus=1``). Serve replaces a replica that dies and routes around it meanwhile; requests
-beyond ``max_queued_requests`` at the proxy get 503. A small named actor collects every replica's counters so
-that /v1/stats answers for the whole deployment, whichever replica serves it.
+HTTP enters through one ``Ingress`` replica (keys, the per-client limit, the access log: see ingress.py), which
+forwards to the model replicas. Each is a Serve replica holding one ``Replica`` (the models, loaded once, and its
+step batcher); on CUDA it holds one GPU (``num_gpus=1``). Serve replaces a replica that dies and routes around it
+meanwhile; requests beyond ``max_queued_requests`` waiting at the ingress get 503. A small named actor collects
+every replica's counters so that /v1/stats answers for the whole deployment, whichever replica serves it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ccld_trt.access import AccessPolicy, check_exposure
+from ccld_trt.cluster import ingress
 from ccld_trt.cluster.replica import Replica, ReplicaSettings, combine_stats
 from ccld_trt.export.errors import UserError
 from ccld_trt.runner import BackendOptions, ModelSource
@@ -44,11 +47,13 @@ def _ray() -> Any:
 @dataclass(frozen=True)
 class ClusterSpec:
     """What to deploy: ``replicas`` copies of the models, each batching as ``settings`` says; ``max_queue``
-    requests may wait at each proxy before it answers 503 (-1: no limit)."""
+    requests may wait for a replica before the ingress answers 503 (-1: no limit); who may use it: ``access``
+    (default: anyone who reaches it, no per-client limit)."""
 
     replicas: int = 1
     max_queue: int = 64
     settings: ReplicaSettings = field(default_factory=ReplicaSettings)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     def validate(self) -> ClusterSpec:
         if self.replicas < 1:
@@ -56,6 +61,7 @@ class ClusterSpec:
         if self.max_queue < 1 and self.max_queue != -1:
             raise UserError(f"max_queue must be >= 1 (or -1 for no limit), got {self.max_queue}")
         self.settings.validate()
+        self.access.validate()
         return self
 
 
@@ -75,6 +81,13 @@ def deployment_options(device: str, spec: ClusterSpec) -> dict[str, Any]:
             "health_check_period_s": 2.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 5.0}
 
 
+def ingress_options(spec: ClusterSpec) -> dict[str, Any]:
+    """Serve options of the ingress: one replica (it must see every request to count each client's), no CPU
+    reserved (it only forwards), and the access policy as a user_config (digests only; changeable in place)."""
+    return {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": ingress.MAX_ONGOING,
+            "user_config": spec.access.config(), "graceful_shutdown_timeout_s": 5.0}
+
+
 class StatsBoard:
     """A Ray actor holding each replica's latest stats (a replica that died keeps its last report)."""
 
@@ -89,7 +102,8 @@ class StatsBoard:
 
 
 class ClusterReplica:
-    """The Serve deployment's class (decorated in ``application``): HTTP in, ``Replica`` work on threads."""
+    """The model deployment's class (decorated in ``application``): requests from the ingress, ``Replica`` work
+    on threads."""
 
     def __init__(self, options: BackendOptions, models: ModelSource, settings: ReplicaSettings) -> None:
         ray = _ray()
@@ -107,27 +121,25 @@ class ClusterReplica:
         if not self.replica.healthy():
             raise RuntimeError("the step batcher stopped")
 
-    async def __call__(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
-        body = await request.body()
+    async def run_request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """One admitted HTTP request -> (status, JSON body); /v1/stats answers for every replica."""
         loop = asyncio.get_running_loop()
-        status, payload = await loop.run_in_executor(self.pool, self.replica.handle, request.method,
-                                                     request.url.path, body)
+        status, payload = await loop.run_in_executor(self.pool, self.replica.handle, method, path, body)
         self.board.put.remote(self.name, self.replica.stats())
-        if request.url.path.rstrip("/") == "/v1/stats" and status == 200:
+        if path.rstrip("/") == "/v1/stats" and status == 200:
             board = await self.board.get.remote()
             payload = {**combine_stats(board), "this_replica": payload}
-        return JSONResponse(payload, status_code=status)
+        return status, payload
 
 
 def application(options: BackendOptions, models: ModelSource, spec: ClusterSpec) -> Any:
-    """The bound Serve application of ``spec`` (to ``serve.run``)."""
+    """The bound Serve application of ``spec`` (to ``serve.run``): the ingress in front of the model replicas."""
     _ray()
     from ray import serve
 
     deployment = serve.deployment(name="generate", **deployment_options(options.device, spec))(ClusterReplica)
-    return deployment.bind(options, models, spec.settings)
+    front = serve.deployment(name="ingress", **ingress_options(spec))(ingress.Ingress)
+    return front.bind(deployment.bind(options, models, spec.settings))
 
 
 def start_ray(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None) -> None:
@@ -231,20 +243,40 @@ def shutdown() -> None:
 
 
 def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec, address: str | None,
-                host: str, port: int, say: Callable[[str], None] = print) -> None:
-    """``ccld-trt cluster``: start or join Ray, deploy, say the URL, serve until interrupted, then clean up."""
+                host: str, port: int, say: Callable[[str], None] = print, listen: bool = False,
+                insecure: bool = False) -> None:
+    """``ccld-trt cluster``: check the host rule (access.check_exposure), start or join Ray, deploy, say the URL,
+    serve until interrupted, then clean up."""
+    warning = check_exposure(host, listen, spec.access.keys, insecure)
+    if warning:
+        say(warning)
     options = options.resolved()
     spec.validate()
+    models.files.check_present()  # before Ray starts: a missing file is one line, nothing started
     start = time.perf_counter()
     start_ray(address, num_cpus=max(os.cpu_count() or 1, spec.replicas) if not address else None)
     try:
         url = deploy(options, models, spec, host, port).url
         say(f"ccld-trt cluster: {spec.replicas} replica(s) of {options.describe()} ready in "
             f"{time.perf_counter() - start:.1f} s at {url}/v1/generate (stats: {url}/v1/stats)")
+        access = spec.access
+        say(f"ccld-trt cluster: {len(access.keys.ids) or 'no'} key(s) {' '.join(access.keys.ids)}; at most "
+            f"{access.max_in_flight or 'unlimited'} request(s) in flight per client; access log: the ingress "
+            f"replica's file under {_serve_logs()}" + (" (with prompts)" if access.log_prompts else ""))
         while True:
             time.sleep(3600)
     finally:
         shutdown()
+
+
+def _serve_logs() -> str:
+    """Where Serve writes this machine's replica logs."""
+    ray = _ray()
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()  # no public API names it
+    except AttributeError:
+        return "<ray session dir>/logs/serve"
+    return f"{session}/logs/serve"
 
 
 def settings_dict(spec: ClusterSpec) -> dict[str, Any]:

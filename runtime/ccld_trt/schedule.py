@@ -9,6 +9,11 @@ import torch
 # Where the DDPM and cosine schedules are spliced (v-diffusion-pytorch's constants).
 _DDPM_CROSSOVER = 0.48536712
 _COSINE_CROSSOVER = 0.80074257
+# The fast ODE solvers (samplers.py), which step uniformly in log-SNR = log(alpha^2 / sigma^2) down to
+# FAST_FINAL_LOG_SNR and then jump to t = 0. 6 measured best on the mixture-of-Gaussians oracle at 8-25 steps
+# (docs/solvers.md); the original's time-uniform timesteps cost them 10-20 dB there.
+LOG_SNR_METHODS = ("iplms", "dpmpp-2m", "dpmpp-3m")
+FAST_FINAL_LOG_SNR = 6.0
 
 
 def t_to_alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,3 +42,31 @@ def sampling_timesteps(steps: int, device: torch.device | str = "cpu") -> torch.
     """The original's timesteps, float32 [steps]: ``linspace(1, 0, steps + 1)[:-1]``, spliced schedule."""
     t = torch.linspace(1, 0, steps + 1, device=device)[:-1]
     return spliced_ddpm_cosine_schedule(t)
+
+
+def log_snr_to_t(log_snr: torch.Tensor) -> torch.Tensor:
+    """The timestep whose log(alpha^2 / sigma^2) is ``log_snr`` (inverse of t_to_alpha_sigma's log-SNR)."""
+    return torch.atan(torch.exp(-log_snr / 2)) / math.pi * 2
+
+
+def log_snr_timesteps(steps: int, final_log_snr: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [steps] uniform in log-SNR from the original's first timestep (the same starting noise level) down
+    to the one at ``final_log_snr``; the samplers then jump from there to t = 0."""
+    t_max = spliced_ddpm_cosine_schedule(torch.ones([], dtype=torch.float64))
+    alpha, sigma = t_to_alpha_sigma(t_max)
+    start = float(2 * torch.log(alpha / sigma))
+    log_snr = torch.linspace(start, final_log_snr, steps, dtype=torch.float64) if steps > 1 else \
+        torch.tensor([start], dtype=torch.float64)
+    return log_snr_to_t(log_snr).float().to(device)
+
+
+def method_timesteps(method: str, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The timesteps ``method`` samples over, float32 [steps]; the samplers end with a jump to t = 0.
+
+    The original six keep the original's timesteps (their images, the goldens); the fast ODE solvers step uniformly
+    in log-SNR down to log-SNR FAST_FINAL_LOG_SNR (chosen on the mixture-of-Gaussians oracle, docs/solvers.md).
+    """
+    if method in LOG_SNR_METHODS:
+        return log_snr_timesteps(steps, FAST_FINAL_LOG_SNR, device)
+    return sampling_timesteps(steps, device)
+

@@ -13,6 +13,7 @@ from ccld_trt import backend_select, doctor
 from ccld_trt.backend_select import resolve_backend
 from ccld_trt.doctor import Check, doctor_report, format_report
 from ccld_trt.export.errors import UserError
+from cpu_fakes import SAPPHIRE_RAPIDS, ZEN3, fake_cpu
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_doctor_says_tensorrt_is_missing() -> None:
     assert "pip install 'ccld-trt[tensorrt-rtx]'" in checks["tensorrt-rtx"].detail
     report = format_report(list(checks.values()))
     assert checks["openvino"].ok == checks["backend openvino on cpu"].ok  # installed or not, said alike
-    assert len(report.splitlines()) == len(checks) == 14
+    assert len(report.splitlines()) == len(checks) and "cpu" in checks  # one line per check
     assert any(line.startswith("--  tensorrt ") and "TensorRT is not installed" in line for line in report.splitlines())
 
 
@@ -115,6 +116,23 @@ def test_doctor_turns_a_crashing_probe_into_a_line(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(doctor, "_cuda", broken)
     (cuda,) = [c for c in doctor_report() if c.name == "cuda"]
     assert cuda == Check("cuda", False, "check failed: RuntimeError: CUDA driver initialization failed")
+
+
+def test_doctor_says_what_this_cpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cpu(monkeypatch, ZEN3)
+    checks = {c.name: c for c in doctor_report()}
+    assert checks["cpu"] == Check("cpu", True, "runs fp32 natively; no bf16 (needs avx512_bf16 or amx_bf16), no int8 "
+                                  "(needs avx512_vnni or avx_vnni or amx_int8): torch and openvino refuse those "
+                                  "precisions, the bench skips their rows and GEMM peaks (flags faked by "
+                                  "$CCLD_TRT_CPU_FLAGS)")
+    if checks["openvino"].ok:
+        assert checks["openvino"].detail.endswith("; this CPU runs fp32 (default fp32)")
+    fake_cpu(monkeypatch, SAPPHIRE_RAPIDS)
+    checks = {c.name: c for c in doctor_report()}
+    assert checks["cpu"].detail.startswith("runs fp32, bf16 (amx_bf16/avx512_bf16), int8 "
+                                           "(amx_int8/avx512_vnni/avx_vnni) natively (flags faked")
+    if checks["openvino"].ok:
+        assert checks["openvino"].detail.endswith("; this CPU runs fp32, bf16, int8 (default bf16)")
 
 
 def test_format_report() -> None:

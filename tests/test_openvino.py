@@ -22,26 +22,22 @@ from ccld_trt.backends.openvino_backend import (
     OpenVinoBackend,
     check_precision,
     compile_config,
-    cpu_flags,
-    default_precision,
     physical_cores,
-    precision_problem,
 )
+from ccld_trt.cpu_features import default_cpu_precision, runs_natively
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, load_networks
 from ccld_trt.export.onnx_export import default_onnx_dir, export_all, graph_modules
 from ccld_trt.export.onnx_inputs import random_inputs
 from ccld_trt.export.quantize import INT8_MANIFEST, SCHEMES, quantized_path
+from cpu_fakes import ALDER_LAKE, HASWELL, SAPPHIRE_RAPIDS, SKYLAKE, ZEN3, ZEN4, fake_cpu
 from test_e2e import CASES, rel_error, sample_case
 
-ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
-SKYLAKE = frozenset({"avx2", "avx512f"})
-HASWELL = frozenset({"avx2", "fma"})
-ALDER_LAKE = frozenset({"avx2", "avx_vnni"})
-SAPPHIRE_RAPIDS = frozenset({"avx512f", "amx_bf16", "amx_int8", "avx512_vnni"})
-HAS_BF16 = precision_problem("bf16") is None
+HAS_BF16 = runs_natively("bf16")  # this host's own CPU (cpu_features)
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 dot-product instructions")
+needs_int8 = pytest.mark.skipif(not runs_natively("int8"), reason="this CPU has no int8 (VNNI) dot-product "
+                                                                  "instructions")
 # One image of each graph at a shape the exporter neither traced nor checked, with 2 CFG conditions.
 DIMS = {"batch": 1, "conds": 2, "height": 16, "width": 24}
 
@@ -82,30 +78,33 @@ def ov_dir(seed3_dir: Path, ov_build: Path) -> Path:
     (HASWELL, "avx512_bf16 or amx_bf16", "avx512_vnni or avx_vnni or amx_int8"),
     (ALDER_LAKE, "avx512_bf16 or amx_bf16", None),
 ])
-def test_precision_needs_its_instructions(flags: frozenset[str], bf16: str | None, int8: str | None) -> None:
-    assert precision_problem("fp32", flags) is None
+def test_precision_needs_its_instructions(flags: frozenset[str], bf16: str | None, int8: str | None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cpu(monkeypatch, flags)
+    assert check_precision("fp32") == "fp32"
     for precision, needs in (("bf16", bf16), ("int8", int8)):
-        problem = precision_problem(precision, flags)
         if needs is None:
-            assert problem is None
-        else:
-            assert problem is not None and needs in problem and "\n" not in problem
-            assert problem.endswith("use fp32") or problem.endswith("use fp32 or bf16")
-    assert default_precision(flags) == ("bf16" if bf16 is None else "fp32")
-    # an unreadable /proc/cpuinfo leaves the decision to OpenVINO, and the default at fp32
-    assert precision_problem("bf16", None) is None or cpu_flags() is not None
-    assert default_precision(frozenset()) == "fp32"
+            assert check_precision(precision) == precision
+            continue
+        with pytest.raises(UserError) as refused:
+            check_precision(precision)
+        problem = str(refused.value)
+        assert problem.startswith(f"openvino {precision} needs a CPU with {needs} instructions")
+        assert "\n" not in problem and problem.endswith("; use fp32" if bf16 else "; use fp32 or bf16")
+    assert default_cpu_precision() == ("bf16" if bf16 is None else "fp32")
 
 
-def test_unrunnable_precision_is_refused_before_anything_compiles(tmp_path: Path) -> None:
-    # tmp_path holds no graphs: the CPU check must come first, or the error would be about missing files
-    with pytest.raises(UserError, match=r"openvino bf16 needs a CPU with avx512_bf16 or amx_bf16.*use fp32$"):
-        check_precision("bf16", HASWELL)
+def test_unrunnable_precision_is_refused_before_anything_compiles(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="runs"):
-        check_precision("fp16", ZEN4)
-    if not HAS_BF16:
-        with pytest.raises(UserError, match="avx512_bf16"):
-            OpenVinoBackend(tmp_path, "bf16")
+        check_precision("fp16")
+    # tmp_path holds no graphs: the CPU check must come first, or the error would be about missing files
+    fake_cpu(monkeypatch, ZEN3)
+    for precision in ("bf16", "int8"):
+        with pytest.raises(UserError, match=rf"^openvino {precision} needs a CPU with .* use fp32$"):
+            OpenVinoBackend(tmp_path, precision)
+    with pytest.raises(UserError, match="unet_cfg graph not found"):
+        OpenVinoBackend(tmp_path)  # the default precision, fp32 here, runs
 
 
 def test_compile_config_and_threads() -> None:
@@ -233,25 +232,33 @@ def test_int8_files_are_cached_and_remade_when_their_inputs_change(int8_dir: Pat
         assert changed == (scheme == "convs"), graph
 
 
-def test_int8_quantises_the_convolutions_only(int8_dir: Path, ov_networks: Networks) -> None:
+def test_int8_quantises_the_convolutions_only(int8_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quantised graph's placement, checked on every CPU (a Zen 3 faked: nothing here runs int8)."""
     import openvino as ov
 
+    fake_cpu(monkeypatch, ZEN3)
     model = ov.Core().read_model(str(quantized_path(int8_dir, "unet_cfg")))
     consumers = {target.get_node().get_type_name() for op in model.get_ordered_ops()
                  if op.get_type_name() == "FakeQuantize" for target in op.output(0).get_target_inputs()}
     assert consumers == {"Convolution"}  # not t, conds, the timestep features or the AdaGN scales
+    with pytest.raises(UserError, match=r"^openvino int8 needs a CPU with avx512_vnni"):
+        OpenVinoBackend(int8_dir, "int8")  # refused here, so the run below needs VNNI
+
+
+@needs_int8
+def test_int8_unet_stays_close_to_fp32(int8_dir: Path, ov_networks: Networks) -> None:
     # the quantised U-Net still computes the function: close to fp32, though not as close as bf16
     backend = OpenVinoBackend(int8_dir, "int8")
     fp32 = OpenVinoBackend(int8_dir, "fp32")
     inputs = random_inputs("unet_cfg", DIMS, ov_networks.image_size, seed=7)
     error = rel_error(backend.unet(*inputs.values()).numpy(), fp32.unet(*inputs.values()).numpy())
     assert 1e-3 < error < 0.2
-    assert torch.equal(backend.decode(inputs["x"]), OpenVinoBackend(int8_dir, default_precision()).decode(inputs["x"]))
+    default = OpenVinoBackend(int8_dir, default_cpu_precision())
+    assert torch.equal(backend.decode(inputs["x"]), default.decode(inputs["x"]))
 
 
+@needs_int8
 def test_int8_without_its_files_says_so(ov_dir: Path) -> None:
-    if precision_problem("int8") is not None:
-        pytest.skip("this CPU has no int8 dot-product instructions")
     with pytest.raises(UserError, match=r"unet_cfg graph not found: .*unet_cfg\.int8\.xml"):
         OpenVinoBackend(ov_dir, "int8")
 

@@ -3,8 +3,11 @@ is loaded, with one-line UserErrors that say what to install or choose instead."
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ccld_trt.cpu_features import default_cpu_precision, precision_problem
 from ccld_trt.engines.engine import require_tensorrt
 from ccld_trt.engines.flavor import installed_flavors
 from ccld_trt.engines.sidecar import GPU_KINDS
@@ -12,6 +15,7 @@ from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+OPENVINO_INSTALL_HINT = "pip install 'ccld-trt[openvino]'"
 # What each backend runs: torch autocasts its U-Net to fp16 or bf16; the others run the exported graphs (openvino:
 # the fp32 graphs at fp32 or with its bf16 hint, or the int8 graphs of export.quantize).
 PRECISIONS: dict[str, tuple[str, ...]] = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": GRAPH_PRECISIONS,
@@ -27,9 +31,7 @@ def default_precision(backend: str, device: str) -> str:
     if backend == "tensorrt":
         return "fp16"
     if backend == "openvino":
-        from ccld_trt.backends.openvino_backend import default_precision as openvino_default
-
-        return openvino_default()
+        return default_cpu_precision()
     return "fp16" if device.startswith("cuda") else "fp32"
 
 
@@ -38,6 +40,27 @@ def check_precision(backend: str, precision: str) -> str:
     if precision not in PRECISIONS[backend]:
         raise UserError(f"the {backend} backend runs {' or '.join(PRECISIONS[backend])}, not {precision!r}")
     return precision
+
+
+def check_cpu_precision(backend: str, precision: str, device: str = "cpu") -> str:
+    """``precision``, unless ``device`` is the CPU and it lacks the instructions ``precision`` needs (see
+    cpu_features: bf16 dot products for bf16, VNNI for int8): then UserError in one line. Emulated, such a
+    precision is no faster than fp32 but many times slower (torch's bf16 U-Net on an AVX2-only CPU), or quietly
+    fp32 (OpenVINO's bf16 hint), so an explicit choice is refused rather than run."""
+    if torch.device(device).type == "cpu":
+        problem = precision_problem(f"{backend} {precision}", precision, instead=("fp32", "bf16"))
+        if problem:
+            raise UserError(problem)
+    return precision
+
+
+def require_openvino() -> Any:
+    """The openvino module, or UserError saying how to install it."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise UserError(f"the openvino backend needs OpenVINO: {OPENVINO_INSTALL_HINT}") from e
+    return openvino
 
 
 def cuda_unavailable_reason() -> str:
@@ -63,8 +86,6 @@ def resolve_backend(name: str, device: str) -> tuple[str, str]:
     if backend == "openvino":
         if dev.type != "cpu":
             raise UserError("the openvino backend runs on the CPU only: use the cpu device")
-        from ccld_trt.backends.openvino_backend import require_openvino
-
         require_openvino()  # the one line that says what to install
     if backend == "tensorrt":
         if dev.type != "cuda":

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ccld_trt.backend_select import cuda_unavailable_reason, resolve_backend
+from ccld_trt import cpu_features
+from ccld_trt.backend_select import cuda_unavailable_reason, require_openvino, resolve_backend
 from ccld_trt.engines.flavor import require_flavor, rtx_capabilities
 from ccld_trt.export.errors import UserError
 
@@ -68,15 +69,34 @@ def _onnxruntime() -> Check:
     return Check("onnxruntime", True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
 
 
-def _openvino() -> Check:
-    from ccld_trt.backends.openvino_backend import default_precision, precision_problem, require_openvino
+def _cpu() -> Check:
+    """Which precisions this CPU runs natively (cpu_features), and what is refused or skipped for the others."""
+    flags = cpu_features.cpu_flags()
+    source = f" (flags faked by ${cpu_features.FLAGS_ENV})" if cpu_features.faked() else ""
+    if flags is None:
+        return Check("cpu", True, "flags unknown (no /proc/cpuinfo): no precision is refused, libraries decide")
+    runs = cpu_features.native_precisions(flags)
+    lacks = [f"{p} (needs {' or '.join(cpu_features.missing_instructions(p, flags))})"
+             for p in cpu_features.CPU_PRECISIONS if p not in runs]
+    named = []  # each precision with the flags that run it: "int8 (amx_int8/avx512_vnni)"
+    for p in runs:
+        has = sorted(flags & set(cpu_features.PRECISION_ISA.get(p, ())))
+        named.append(f"{p} ({'/'.join(has)})" if has else p)
+    detail = f"runs {', '.join(named)} natively"
+    if lacks:
+        detail += (f"; no {', no '.join(lacks)}: torch and openvino refuse those precisions, the bench skips "
+                   "their rows and GEMM peaks")
+    return Check("cpu", True, detail + source)
 
+
+def _openvino() -> Check:
     try:
         ov = require_openvino()
     except UserError as e:
         return Check("openvino", False, str(e))
-    runs = [p for p in ("fp32", "bf16", "int8") if precision_problem(p) is None]
-    return Check("openvino", True, f"{ov.__version__}; this CPU runs {', '.join(runs)} (default {default_precision()})")
+    runs = cpu_features.native_precisions()
+    return Check("openvino", True, f"{ov.__version__}; this CPU runs {', '.join(runs)} "
+                                   f"(default {cpu_features.default_cpu_precision()})")
 
 
 def _tensorrt() -> Check:
@@ -121,7 +141,7 @@ def _guarded(name: str, probe: Callable[[], Check]) -> Check:
 def doctor_report() -> list[Check]:
     """One Check per component, then one per (backend, device) pair."""
     probes: list[tuple[str, Callable[[], Check]]] = [
-        ("python", _python), ("torch", _torch), ("cuda", _cuda), ("onnxruntime", _onnxruntime),
+        ("python", _python), ("torch", _torch), ("cpu", _cpu), ("cuda", _cuda), ("onnxruntime", _onnxruntime),
         ("openvino", _openvino), ("tensorrt", _tensorrt), ("tensorrt-rtx", _tensorrt_rtx),
         ("cuda-python", _cuda_python)]
     probes += [(f"backend {b} on {d}", functools.partial(_backend, b, d)) for b, d in BACKEND_DEVICES]

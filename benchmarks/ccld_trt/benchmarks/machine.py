@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ccld_trt.cpu_features import cpu_flags
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -35,8 +37,6 @@ ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnn
 def cpu_identity() -> dict[str, Any]:
     """CPU vendor, family, model and stepping from /proc/cpuinfo, and the ISA_FEATURES it has (None where the
     file cannot be read)."""
-    from ccld_trt.backends.openvino_backend import cpu_flags
-
     fields: dict[str, Any] = {"vendor": None, "family": None, "model": None, "stepping": None}
     names = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping"}
     try:

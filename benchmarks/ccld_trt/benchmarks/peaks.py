@@ -8,6 +8,10 @@ weight matrix a constant as in a network), and the best counts: fp32 with torch,
 bf16 with torch and OpenVINO; int8 (u8 x s8 products into int32 sums, the form VNNI runs) with ONNX Runtime's
 MatMulInteger and OpenVINO's quantised MatMul. On CUDA the torch matmul per precision stays (cuBLAS is the peak).
 int8 rates are integer operations per second, reported in the same GFLOP/s column.
+
+A precision the CPU has no instructions for (cpu_features: bf16 dot products, VNNI) gets no peak: emulated it is
+no figure of the machine (torch's emulated bf16 matmul takes a minute a call on an AVX2-only CPU, and ONNX
+Runtime's int8 product without VNNI sums byte pairs in saturating 16 bits, wrong for full-range operands).
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ import numpy as np
 import torch
 
 from ccld_trt.benchmarks.machine import gemm_peak_gflops
+from ccld_trt.cpu_features import physical_cores, precision_problem
 
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 CUDA_PRECISIONS = ("fp32", "fp16", "bf16")
 CPU_SIZE = 2048
+
+
 def _best_gflops(run: Callable[[], object], ops: float, min_seconds: float) -> float:
     """Best rate of ``run`` (``ops`` operations per call) over repeats for at least ``min_seconds``."""
     run()  # first call: library initialisation, kernel selection, weight packing
@@ -74,8 +81,6 @@ def _openvino_matmul(n: int, precision: str) -> Callable[[], object]:
     import openvino as ov
     import openvino.opset13 as ops
 
-    from ccld_trt.backends.openvino_backend import physical_cores
-
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     param = ops.parameter([n, n], ov.Type.f32, name="a")
@@ -114,12 +119,22 @@ def _torch_matmul(n: int, dtype: torch.dtype) -> Callable[[], object]:
     return lambda: torch.matmul(a, b)
 
 
+def skipped_peaks(device: str) -> dict[str, str]:
+    """{precision: why} of the GEMM peaks not measured on ``device`` because the CPU lacks the precision's
+    instructions (one line each); none on CUDA."""
+    if torch.device(device).type == "cuda":
+        return {}
+    problems = {p: precision_problem(f"the {p} GEMM peak", p) for p in CPU_PRECISIONS}
+    return {p: why for p, why in problems.items() if why}
+
+
 def cpu_peaks(min_seconds: float = 0.5, n: int = CPU_SIZE,
               precisions: tuple[str, ...] = CPU_PRECISIONS) -> dict[str, dict[str, float]]:
-    """{precision: {kernel: GFLOP/s (GOP/s for int8)}} of every CPU kernel that runs here; a kernel whose
-    library is missing or refuses the precision (no bf16/int8 instructions) is left out."""
+    """{precision: {kernel: GFLOP/s (GOP/s for int8)}} of every CPU kernel that runs here; precisions the CPU
+    has no instructions for (skipped_peaks) and kernels whose library is missing or refuses are left out."""
     rates: dict[str, dict[str, float]] = {}
-    for precision in precisions:
+    skipped = skipped_peaks("cpu")
+    for precision in (p for p in precisions if p not in skipped):
         for kernel, factory in cpu_kernels(n)[precision].items():
             try:
                 call = factory()

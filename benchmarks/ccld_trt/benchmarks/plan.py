@@ -12,6 +12,7 @@ import torch
 
 from ccld_trt.backend_select import BACKENDS as RUNTIME_BACKENDS
 from ccld_trt.backend_select import cuda_unavailable_reason
+from ccld_trt.cpu_features import precision_problem
 from ccld_trt.export.errors import UserError
 from ccld_trt.pipeline import Request
 
@@ -20,7 +21,8 @@ BACKENDS = (RUNTIME_BACKENDS[0], CUDA_GRAPH_BACKEND, *RUNTIME_BACKENDS[1:])
 PROFILED_GRAPHS = ("unet_cfg", "decoder")
 GRAPH_BACKENDS = frozenset({"onnxruntime", "openvino", "tensorrt"})  # they run the exported graphs
 # What to try per backend and device type (of what backend_select.PRECISIONS says each runs). A combination that
-# cannot run here is still tried, so that the report says why it was skipped.
+# cannot run here is still tried, so that the report says why it was skipped; one whose precision this CPU has no
+# instructions for (cpu_features) is skipped without opening it (BenchConfig.cpu_skips), also with the reason.
 PLANNED_PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "torch": {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")},
     "torch-cudagraph": {"cpu": ("fp16",), "cuda": ("fp32", "fp16")},
@@ -112,11 +114,24 @@ class BenchConfig:
         if device.type not in ("cpu", "cuda"):
             raise UserError(f"unknown device {self.device!r}: use cpu, cuda or cuda:N")
 
-    def planned_variants(self) -> tuple[Variant, ...]:
+    def _variants(self) -> tuple[Variant, ...]:
         if self.variants is not None:
             return self.variants
         device_type = torch.device(self.device).type
         return tuple(Variant(b, p) for b in self.backends for p in PLANNED_PRECISIONS[b][device_type])
+
+    def cpu_skips(self) -> list[tuple[Variant, str]]:
+        """The variants left out on the CPU because it lacks their precision's instructions (bf16 dot products,
+        VNNI), each with why in one line; none on CUDA."""
+        if torch.device(self.device).type != "cpu":
+            return []
+        problems = ((v, precision_problem(v.label, v.precision)) for v in self._variants())
+        return [(v, why) for v, why in problems if why]
+
+    def planned_variants(self) -> tuple[Variant, ...]:
+        """The variants of ``backends`` on this device type (or the given ``variants``), less cpu_skips."""
+        skipped = {v for v, _ in self.cpu_skips()}
+        return tuple(v for v in self._variants() if v not in skipped)
 
     def run_order(self) -> list[Variant]:
         """The planned variants, the reference first (its outputs are what the others are compared with)."""

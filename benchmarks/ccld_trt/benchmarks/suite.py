@@ -36,7 +36,7 @@ from ccld_trt.benchmarks.engine_builds import measure_engine_builds
 from ccld_trt.benchmarks.flops import stage_costs
 from ccld_trt.benchmarks.interleaved import measure_end_to_end
 from ccld_trt.benchmarks.machine import machine_info
-from ccld_trt.benchmarks.peaks import best_peaks, measure_peaks, peak_fraction
+from ccld_trt.benchmarks.peaks import best_peaks, measure_peaks, peak_fraction, skipped_peaks
 from ccld_trt.benchmarks.plan import (
     BACKENDS,
     E2E_WARMUP_STEPS,
@@ -78,6 +78,17 @@ def count_costs(config: BenchConfig, files: ModelFiles, log: Log) -> Costs:
     del networks
     _release()
     return costs
+
+
+def cpu_skips(config: BenchConfig, log: Log) -> list[Skip]:
+    """What this CPU has no instructions for (cpu_features: bf16 dot products, VNNI): the GEMM peaks and the
+    variants of those precisions, each skipped with one line in the log and one row of the report's skipped
+    table, instead of measuring an emulation (minutes per bf16 matmul on an AVX2-only CPU)."""
+    skips = [Skip("GEMM peak", p, why) for p, why in skipped_peaks(config.device).items()]
+    skips += [Skip.of(variant, why) for variant, why in config.cpu_skips()]
+    for skip in skips:
+        log(f"skipped: {skip.reason}")
+    return skips
 
 
 def gemm_peaks(config: BenchConfig, log: Log,
@@ -151,10 +162,10 @@ def measure_all(config: BenchConfig, opener: Opener = open_variant,
     # 2. What each stage costs, and what the machine can do.
     costs = count_costs(config, files, log)
     info = machine_info(config.device)
+    skipped = cpu_skips(config, log)
     rates = gemm_peaks(config, log)
     # 3. The reference first; its outputs computed separately when it is not among the variants.
     variants = config.run_order()
-    skipped: list[Skip] = []
     references = reference_outputs(config, files, opener, variants, log, skipped)
     total = config.measurements_per_variant * len(variants)
     with tqdm(total=total, desc="bench", unit="measurement", disable=None, file=sys.stderr) as bar:

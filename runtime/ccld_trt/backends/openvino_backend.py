@@ -15,7 +15,6 @@ makes one call at a time.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,87 +24,24 @@ import numpy as np
 import torch
 
 from ccld_trt import backend_select
+from ccld_trt.backend_select import require_openvino
 from ccld_trt.backends.base import GraphBackend
+from ccld_trt.cpu_features import default_cpu_precision, physical_cores
 from ccld_trt.export.checkpoints import require_file
-from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
 from ccld_trt.export.onnx_export import onnx_path
 from ccld_trt.export.quantize import quantized_path
 
-INSTALL_HINT = "pip install 'ccld-trt[openvino]'"
 CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, one folder per graph file version
-# CPU flags (as /proc/cpuinfo spells them) of the dot-product instructions that make a reduced precision pay:
-# without them OpenVINO would run bf16 as fp32, and int8 through slower, saturating 16-bit sums.
-PRECISION_ISA: dict[str, tuple[str, ...]] = {
-    "bf16": ("avx512_bf16", "amx_bf16"),
-    "int8": ("avx512_vnni", "avx_vnni", "amx_int8"),
-}
 # OpenVINO's names for the inference precision hint
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), None where that file cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return None
-
-
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (SMT siblings count once): the thread count that
-    compute-bound kernels scale to. Falls back to the logical count where the topology is unknown."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in allowed:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        try:
-            cores.add(siblings.read_text().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
-
-
-def precision_problem(precision: str, flags: frozenset[str] | None = None) -> str | None:
-    """Why ``precision`` cannot run on this CPU (``flags``: its feature flags, default ``cpu_flags()``), in one
-    line; None when it can, or when the flags cannot be read (then OpenVINO decides)."""
-    needs = PRECISION_ISA.get(precision)
-    flags = cpu_flags() if flags is None else flags
-    if not needs or flags is None or flags & set(needs):
-        return None
-    return (f"openvino {precision} needs a CPU with {' or '.join(needs)} instructions, and this one has none; "
-            "use fp32" + (" or bf16" if precision == "int8" and precision_problem("bf16", flags) is None else ""))
-
-
-def default_precision(flags: frozenset[str] | None = None) -> str:
-    """bf16 where the CPU has bf16 dot-product instructions, else fp32."""
-    flags = cpu_flags() if flags is None else flags
-    return "bf16" if flags is not None and precision_problem("bf16", flags) is None else "fp32"
-
-
-def check_precision(precision: str, flags: frozenset[str] | None = None) -> str:
-    """``precision`` if this backend runs it and this CPU can, else UserError (one line)."""
+def check_precision(precision: str) -> str:
+    """``precision`` if this backend runs it and this CPU has its instructions (cpu_features), else UserError
+    (one line)."""
     backend_select.check_precision("openvino", precision)
-    problem = precision_problem(precision, flags)
-    if problem:
-        raise UserError(problem)
-    return precision
-
-
-def require_openvino() -> Any:
-    """The openvino module, or UserError saying how to install it."""
-    try:
-        import openvino
-    except ImportError as e:
-        raise UserError(f"the openvino backend needs OpenVINO: {INSTALL_HINT}") from e
-    return openvino
+    return backend_select.check_cpu_precision("openvino", precision)
 
 
 def graph_files(onnx_dir: Path, precision: str) -> dict[str, Path]:
@@ -121,7 +57,7 @@ def graph_files(onnx_dir: Path, precision: str) -> dict[str, Path]:
 def compile_config(precision: str, threads: int) -> dict[str, Any]:
     """OpenVINO CPU properties: one stream, ``threads`` threads, latency-first, and the inference precision
     (int8 graphs run their unquantised ops at bf16 where the CPU has it)."""
-    hint = _HINTS.get(precision) or _HINTS[default_precision()]
+    hint = _HINTS.get(precision) or _HINTS[default_cpu_precision()]
     return {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY"}
 
@@ -151,7 +87,7 @@ class OpenVinoBackend(GraphBackend):
 
     def __init__(self, onnx_dir: Path, precision: str | None = None, threads: int | None = None) -> None:
         self.device = torch.device("cpu")
-        self.precision = check_precision(precision or default_precision())
+        self.precision = check_precision(precision or default_cpu_precision())
         ov = require_openvino()
         onnx_dir = Path(onnx_dir)
         self.files = graph_files(onnx_dir, self.precision)

@@ -10,14 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from ccld_trt.engines.build import BuildOptions, _polygraphy, build_engine, build_engines, configure, parse_network
+from ccld_trt.engines.build import (
+    ENGINE_GRAPHS,
+    BuildOptions,
+    _polygraphy,
+    build_engine,
+    build_engines,
+    configure,
+    parse_network,
+)
 from ccld_trt.engines.engine import engine_file
 from ccld_trt.engines.flavor import RTX_DEFAULT_TARGETS, require_flavor
 from ccld_trt.engines.profiles import ProfileParams, graph_profile
 from ccld_trt.engines.sidecar import read_sidecar, sidecar_path
 from ccld_trt.export.checkpoints import sha256_file
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.export.onnx_export import export_all, onnx_path
 
@@ -55,7 +62,7 @@ def test_build_writes_the_engine_and_a_full_sidecar(seed3_onnx: Path, seed3_dir:
     assert build_engine(onnx_file, engine, profile, RTX, timing_cache_path=tmp_path / "timing.cache")
     sidecar = read_sidecar(engine)
     assert (sidecar.flavor, sidecar.version) == ("tensorrt-rtx", require_flavor("tensorrt-rtx"))
-    assert sidecar.compute_capabilities == RTX_DEFAULT_TARGETS == ("8.0", "8.6", "8.9", "12.0")
+    assert sidecar.compute_capabilities == RTX_DEFAULT_TARGETS == ("8.6", "8.9", "12.0")
     assert sidecar.gpu_name == "" and sidecar.precision == "fp16" and sidecar.profiles == profile
     assert sidecar.onnx_sha256 == {onnx_file.name: sha256_file(onnx_file)}
     assert sidecar.sources == {"autoencoder": sha256_file(seed3_dir / "ae_model.ckpt")}
@@ -92,9 +99,9 @@ def test_the_builder_config_has_tf32_off_and_the_rtx_targets(seed3_onnx: Path) -
     config = configure(pg, network, profile, RTX.validate(), None)
     assert not config.get_flag(pg.trt.BuilderFlag.TF32)
     targets = [config.get_compute_capability(i).name for i in range(config.num_compute_capabilities)]
-    assert targets == ["SM80", "SM86", "SM89", "SM120"]
+    assert targets == ["SM86", "SM89", "SM120"]
     with pytest.raises(UserError, match=r"cannot build for compute capability 9\.0"):
-        configure(pg, network, profile, BuildOptions(compute_capabilities=("9.0",)).validate(), None)
+        configure(pg, network, profile, BuildOptions(compute_capabilities=("9.0",)), None)
 
 
 def test_a_graph_tensorrt_cannot_parse_is_one_line(tmp_path: Path) -> None:
@@ -106,7 +113,9 @@ def test_a_graph_tensorrt_cannot_parse_is_one_line(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("latents", TensorProto.FLOAT, ["batch", 4, "height", "width"])],
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "h8", "w8"])])
     bad = tmp_path / "decoder.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bad)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"ccld_trt.source_sha256": json.dumps({"autoencoder": "12" * 32})})
+    onnx.save(model, bad)
     with pytest.raises(UserError) as e:
         build_engine(bad, tmp_path / "decoder.engine", graph_profile("decoder", SMALL), RTX)
     message = str(e.value)
@@ -116,22 +125,24 @@ def test_a_graph_tensorrt_cannot_parse_is_one_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def seed3_engines(seed3_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """(engine directory, progress lines) of the four seed-3 engines, built once for the module."""
+    """(engine directory, progress lines) of the seed-3 engines (the plain per-row unet too), built once for the
+    module."""
     lines: list[str] = []
     engines = tmp_path_factory.mktemp("engines")
-    build_engines({g: onnx_path(seed3_onnx, g, "fp16") for g in BACKEND_GRAPHS}, engines, SMALL, RTX,
+    build_engines({g: onnx_path(seed3_onnx, g, "fp16") for g in ENGINE_GRAPHS}, engines, SMALL, RTX,
                   progress=lines.append)
     return engines, lines
 
 
 def test_build_engines_makes_the_four_and_reports_each(seed3_onnx: Path, seed3_engines: tuple[Path, list[str]]) -> None:
     engines, lines = seed3_engines
-    paths = [engines / f"{g}.fp16.engine" for g in BACKEND_GRAPHS]
+    paths = [engines / f"{g}.fp16.engine" for g in ENGINE_GRAPHS]
+    assert ENGINE_GRAPHS[-1] == "unet" and read_sidecar(paths[-1]).profiles == graph_profile("unet", SMALL)
     assert all(read_sidecar(p).flavor == "tensorrt-rtx" for p in paths)
     assert [line.split(":")[0] for line in lines] == [f"engine {p.name}" for p in paths]
     assert all(" built in " in line and line.endswith(" s") for line in lines)
     again: list[str] = []
-    sources = {g: onnx_path(seed3_onnx, g, "fp16") for g in BACKEND_GRAPHS}
+    sources = {g: onnx_path(seed3_onnx, g, "fp16") for g in ENGINE_GRAPHS}
     assert build_engines(sources, engines, SMALL, RTX, progress=again.append) == paths
     assert again == [f"engine {p.name}: up to date" for p in paths]
 
@@ -154,7 +165,7 @@ def test_engines_of_other_model_files_are_refused(seed3_engines: tuple[Path, lis
     assert message.endswith(f"rebuild them: ccld-trt engines build --models {other} --output {engines}")
 
     monkeypatch.setattr(tensorrt_backend, "gpu_identity", lambda device: ("NVIDIA H100", "9.0"))
-    with pytest.raises(UserError, match=r"built for \(compute 8.0, 8.6, 8.9, 12.0\), this is \(compute 9.0\)"):
+    with pytest.raises(UserError, match=r"built for \(compute 8.6, 8.9, 12.0\), this is \(compute 9.0\)"):
         TensorRTBackend(engines, models=ModelFiles.resolve(seed3_dir))
     with pytest.raises(UserError, match="TensorRT is not installed"):  # asked for, and regular TensorRT is not here
         TensorRTBackend(engines, flavor="tensorrt", models=ModelFiles.resolve(seed3_dir))

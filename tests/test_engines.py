@@ -8,6 +8,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import types
@@ -61,7 +62,8 @@ from ccld_trt.engines.sidecar import (
     write_sidecar,
 )
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.graph_specs import DECODER, GRAPHS, TEXT_ENCODER, UNET_CFG
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, DECODER, GRAPHS, TEXT_ENCODER, UNET_CFG
+from ccld_trt.export.onnx_manifest import COMPONENT
 from ccld_trt.export.shapes import bind_dims
 
 # --- profiles ---------------------------------------------------------------------------------------------------
@@ -673,7 +675,7 @@ def test_rtx_engines_fit_each_of_their_targets() -> None:
 
 
 def test_requested_profile_inside_the_built_one_fits() -> None:
-    inside = _built(profiles=graph_profile("decoder", ProfileParams(batch=(2, 2, 3))))
+    inside = _built(profiles={"latents": ((2, 4, 32, 32), (2, 4, 32, 32), (3, 4, 32, 32))})
     assert check_sidecar(_built(), inside) == []
 
 
@@ -809,3 +811,202 @@ def test_build_and_run_a_tiny_text_encoder(tmp_path: Path) -> None:
         expected = tokens.float() @ weight.to(device)
         for out in outs:
             torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# --- issue 19: engines tied to their model files, stream order, profiles, RTX targets, merged rows -------------
+
+
+def test_checkpoint_digest_cache_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path: Path) -> None:
+    ckpt, cache = tmp_path / "unet.ckpt", tmp_path / "checkpoints.json"
+    ckpt.write_bytes(b"weights A")
+    stat = ckpt.stat()
+    assert checkpoint_digests({"unet": ckpt}, cache) == {"unet": hashlib.sha256(b"weights A").hexdigest()}
+    ckpt.write_bytes(b"weights B")  # same size; then the mtime set back, as cp -p or rsync -t would
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ckpt.stat().st_mtime_ns == stat.st_mtime_ns and ckpt.stat().st_size == stat.st_size
+    assert checkpoint_digests({"unet": ckpt}, cache) == {"unet": hashlib.sha256(b"weights B").hexdigest()}
+
+
+def test_engines_without_their_checkpoints_are_refused_at_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccld_trt.backends import tensorrt_backend
+    from ccld_trt.backends.tensorrt_backend import TensorRTBackend
+
+    monkeypatch.setattr(tensorrt_backend, "gpu_identity", lambda device: ("NVIDIA GeForce RTX 4090", "8.9"))
+    monkeypatch.setattr(tensorrt_backend, "require_flavor", lambda flavor: "1.7.1.116")
+    for graph in BACKEND_GRAPHS:
+        path = engine_file(tmp_path, graph, "fp16")
+        path.write_bytes(b"engine")
+        sources = {} if graph == "decoder" else {COMPONENT[graph]: "12" * 32}  # as graphs without metadata gave
+        write_sidecar(path, _rtx(sources=sources, profiles={}))
+    with pytest.raises(UserError) as e:
+        TensorRTBackend(tmp_path)  # no model files named: the tie itself is still required
+    message = str(e.value)
+    assert "decoder.fp16.engine does not fit: its sidecar names no autoencoder checkpoint" in message
+    assert "\n" not in message
+
+
+def test_a_graph_without_source_metadata_builds_no_engine(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt_rtx")
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["latents"], ["images"])], "decoder",
+        [helper.make_tensor_value_info("latents", TensorProto.FLOAT, ["batch", 4, "height", "width"])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 4, "height", "width"])])
+    onnx_file = tmp_path / "decoder.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), onnx_file)
+    with pytest.raises(UserError, match="does not record the checkpoint it was exported from"):
+        build_engine(onnx_file, tmp_path / "decoder.engine", graph_profile("decoder", ProfileParams()))
+    assert not (tmp_path / "decoder.engine").exists()
+
+
+def test_profiles_whose_batch_starts_above_one_are_refused() -> None:
+    # --batch 2,2,4 with -n 5 would split 4 + 1, and the 1-row part falls outside the profile
+    with pytest.raises(UserError, match=r"batch range must start at 1, got \[2, 2, 4\]"):
+        graph_profile("unet_cfg", ProfileParams(batch=(2, 2, 4)))
+    from ccld_trt.backends.tensorrt_backend import small_call_problems
+
+    built = {"latents": ((2, 4, 32, 32), (2, 4, 32, 32), (4, 4, 32, 32))}
+    assert small_call_problems(DECODER, built) == ["decoder input latents takes batch >= 2"]
+    assert small_call_problems(DECODER, graph_profile("decoder", ProfileParams())) == []
+
+
+def test_rtx_targets_are_rtx_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert flavor_module.RTX_DEFAULT_TARGETS == ("8.6", "8.9", "12.0")  # NVIDIA's portable default
+    assert BuildOptions().validate().compute_capabilities == ("8.6", "8.9", "12.0")
+    assert BuildOptions(compute_capabilities=("7.5",)).validate().compute_capabilities == ("7.5",)
+    for datacenter in ("8.0", "9.0"):  # A100; H100, H200
+        with pytest.raises(UserError, match=rf"compute capability {datacenter} is not an RTX GPU: .*regular TensorRT"):
+            BuildOptions(compute_capabilities=("8.6", datacenter)).validate()
+    monkeypatch.setattr(flavor_module, "installed_flavors", lambda: {"tensorrt-rtx": "1"})
+    monkeypatch.setattr(flavor_module, "rtx_capabilities", lambda: ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1"))
+    assert resolve_flavor("auto", "7.5") == "tensorrt-rtx"
+    with pytest.raises(UserError, match=r"does not run on this GPU \(compute 8.0; it runs on 7.5, 8.6, 8.9, 12.0, "):
+        resolve_flavor("auto", "8.0")
+
+
+class OrderLog:
+    """Streams and tensors that log what is enqueued, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+
+class LoggedStream:
+    def __init__(self, log: OrderLog, name: str) -> None:
+        self.log, self.name = log, name
+
+    def wait_stream(self, other: LoggedStream) -> None:
+        self.log.events.append(f"{self.name} waits for {other.name}")
+
+
+class LoggedTensor:
+    def __init__(self, log: OrderLog, name: str, value: torch.Tensor) -> None:
+        self.log, self.name, self.value = log, name, value
+        self.shape = value.shape
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        self.log.events.append(f"convert {self.name}")
+        return self.value.to(device, dtype)
+
+
+class FakeRowEngine:
+    """An engine without a GPU: unet_cfg as v = sum_c w_c f(x, t, cond_c), the plain unet as f(x, t, embed) per
+    row, with f nonlinear in every input; the rows of every call recorded."""
+
+    def __init__(self, graph: str, params: ProfileParams, log: OrderLog | None = None) -> None:
+        self.graph, self.log = graph, log
+        self.calls: list[int] = []
+        self.profile = graph_profile(graph, params)
+
+    def activate(self) -> None:
+        pass
+
+    def infer(self, feed: Mapping[str, torch.Tensor], stream: object) -> dict[str, torch.Tensor]:
+        if self.log is not None:
+            self.log.events.append(f"{self.graph} on the engine stream")
+        if self.graph == "unet":
+            self.calls.append(len(feed["x"]))
+            return {"v": row_f(feed["x"], feed["t"], feed["embed"])}
+        x, t, conds, w = feed["x"], feed["t"], feed["conds"], feed["weights"]
+        self.calls.append(len(x))
+        per_cond = torch.stack([row_f(x, t, c.expand(len(x), -1)) for c in conds])
+        return {"v": (w[:, None, None, None, None] * per_cond).sum(0)}
+
+
+def row_f(x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x * (1 + t[:, None, None, None]) + embed[:, :4, None, None])
+
+
+def _fake_backend(monkeypatch: pytest.MonkeyPatch, log: OrderLog | None = None):  # type: ignore[no-untyped-def]
+    from ccld_trt.backends.tensorrt_backend import TensorRTBackend
+
+    log = log or OrderLog()
+    backend = TensorRTBackend.__new__(TensorRTBackend)
+    backend.device = torch.device("cpu")
+    # unet_cfg: up to 3 images x 2 conditions; the plain unet: up to 3 x 2 = 6 rows
+    params = ProfileParams(batch=(1, 1, 3), conds_max=2, height=(8, 8, 8), width=(8, 8, 8))
+    engines: dict = {"unet_cfg": FakeRowEngine("unet_cfg", params, log), "unet": FakeRowEngine("unet", params)}
+    backend.engines = engines
+    backend.stream = LoggedStream(log, "engine")  # type: ignore[assignment]
+    backend._hint = "rebuild"
+    caller = LoggedStream(log, "caller")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    return backend
+
+
+def test_inputs_are_converted_before_the_engine_stream_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = OrderLog()
+    backend = _fake_backend(monkeypatch, log)
+    gen = torch.Generator().manual_seed(0)
+    feed = {"x": torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64), "t": torch.rand(2, generator=gen),
+            "conds": torch.randn(2, 512, generator=gen), "weights": torch.ones(2)}
+    backend._run("unet_cfg", {k: LoggedTensor(log, k, v) for k, v in feed.items()})  # type: ignore[misc]
+    assert log.events == ["convert x", "convert t", "convert conds", "convert weights", "engine waits for caller",
+                          "unet_cfg on the engine stream", "caller waits for engine"]
+
+
+def test_tensorrt_rows_merge_through_the_step_batcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccld_trt.cluster.batcher import StepBatcher
+    from ccld_trt.cluster.rows import RowBackend, SerialBackend, UNetCall
+
+    backend = _fake_backend(monkeypatch)
+    as_object: object = backend
+    assert isinstance(as_object, RowBackend)  # so run_merged merges on it
+    rows_engine = backend.engines["unet"]
+    assert isinstance(rows_engine, FakeRowEngine)
+    gen = torch.Generator().manual_seed(1)
+    calls = [UNetCall(torch.randn(n, 4, 8, 8, generator=gen), torch.rand(n, generator=gen),
+                      torch.randn(c, 512, generator=gen), torch.randn(c, generator=gen))
+             for n, c in ((1, 2), (2, 2), (1, 3), (1, 1))]
+    solo = [backend.unet(c.x, c.t, c.conds, c.weights) for c in calls]
+    serial = SerialBackend(backend)  # type: ignore[arg-type]
+    batcher = StepBatcher(serial.merged, lambda call: call.rows, max_rows=64, window_s=30.0)
+    results: list[torch.Tensor | None] = [None] * len(calls)
+    entered = threading.Barrier(len(calls))
+
+    def work(k: int) -> None:
+        with batcher.sampling():
+            entered.wait()
+            results[k] = batcher.evaluate(calls[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    batcher.close()
+    assert batcher.stats()["merged_calls"] == 1 and batcher.stats()["requests_per_call_max"] == 4
+    # 2 + 4 + 3 + 1 = 10 rows in one merged evaluation, split to the unet engine's profile (6 rows)
+    assert rows_engine.calls == [6, 4]
+    for got, expected in zip(results, solo, strict=True):
+        assert got is not None
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unet_rows_without_a_unet_engine_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = _fake_backend(monkeypatch)
+    del backend.engines["unet"]
+    with pytest.raises(UserError, match="no unet engine for merged U-Net rows"):
+        backend.unet_rows(torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 512))

@@ -17,7 +17,7 @@ import torch
 
 from ccld_trt import cpu_features
 from ccld_trt.backend_select import cuda_unavailable_reason, require_openvino, resolve_backend
-from ccld_trt.engines.flavor import require_flavor, rtx_capabilities
+from ccld_trt.engines.flavor import RTX_WHERE, require_flavor, rtx_capabilities
 from ccld_trt.export.errors import UserError
 
 BACKEND_DEVICES = (("torch", "cpu"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"),
@@ -112,8 +112,8 @@ def _tensorrt_rtx() -> Check:
         version = require_flavor("tensorrt-rtx")
     except UserError as e:
         return Check("tensorrt-rtx", False, str(e))
-    return Check("tensorrt-rtx", True, f"{version}: builds engines ahead of time, GPU or not, for compute "
-                                       f"capabilities {', '.join(rtx_capabilities())}; they run on RTX GPUs")
+    return Check("tensorrt-rtx", True, f"{version}: builds engines ahead of time, GPU or not (this version "
+                                       f"targets {', '.join(rtx_capabilities())}); {RTX_WHERE}")
 
 
 def _cuda_python() -> Check:

@@ -27,6 +27,7 @@ from ccld_trt.engines.flavor import (
     MODULES,
     RTX_DEFAULT_TARGETS,
     Flavor,
+    check_rtx_targets,
     flavor_label,
     parse_capabilities,
     require_flavor,
@@ -45,8 +46,13 @@ from ccld_trt.engines.sidecar import (
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.checkpoints import require_file, sha256_file
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 
 log = logging.getLogger(__name__)
+
+SOURCE_METADATA = "ccld_trt.source_sha256"  # the exporter's {component: checkpoint SHA-256} in each graph
+# The graphs built as engines: the backend's four, and the plain per-row U-Net the cluster merges requests into.
+ENGINE_GRAPHS = (*BACKEND_GRAPHS, "unet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +76,9 @@ class BuildOptions:
             raise UserError("regular TensorRT builds for the local GPU only; compute capabilities are for "
                             "TensorRT-RTX")
         caps = self.compute_capabilities or (RTX_DEFAULT_TARGETS if self.flavor == "tensorrt-rtx" else ())
-        return dataclasses.replace(self, compute_capabilities=parse_capabilities(caps) if caps else ())
+        caps = parse_capabilities(caps) if caps else ()
+        check_rtx_targets(caps)
+        return dataclasses.replace(self, compute_capabilities=caps)
 
     def builder_facts(self) -> dict[str, Any]:
         """What the sidecar records of the builder configuration (a change rebuilds)."""
@@ -106,7 +114,7 @@ def onnx_facts(onnx_path: Path) -> tuple[dict[str, str], dict[str, str]]:
             if location not in files:
                 files[location] = sha256_file(require_file(onnx_path.parent / location, "ONNX external data"))
     metadata = {p.key: p.value for p in model.metadata_props}
-    sources = json.loads(metadata.get("ccld_trt.source_sha256", "{}"))
+    sources = json.loads(metadata.get(SOURCE_METADATA, "{}"))
     return files, {str(k): str(v) for k, v in sources.items()}
 
 
@@ -118,6 +126,10 @@ def target_sidecar(onnx_path: Path, profiles: GraphProfile, options: BuildOption
         gpu_name, capability = gpu_identity()
         targets = (capability,)
     hashes, sources = onnx_facts(onnx_path)
+    if not sources:  # its engine could not be tied to model files: it would run with any of them
+        raise UserError(f"{onnx_path} does not record the checkpoint it was exported from (its "
+                        f"{SOURCE_METADATA} metadata), so its engine could run against other model files: "
+                        "export the graphs with ccld-trt export (or engines build without --onnx)")
     return Sidecar(flavor=options.flavor, version=version, compute_capabilities=targets, gpu_name=gpu_name,
                    onnx_file=onnx_path.name, onnx_sha256=hashes,
                    sources=sources, precision=onnx_precision(onnx_path), profiles=profiles,

@@ -28,8 +28,14 @@ INSTALL_HINTS: dict[Flavor, str] = {
     "tensorrt": "pip install 'ccld-trt[tensorrt]' (needs an NVIDIA GPU and driver)",
     "tensorrt-rtx": "pip install 'ccld-trt[tensorrt-rtx]' (builds without a GPU; engines run on RTX GPUs)",
 }
-# TensorRT-RTX's own default build targets: Ampere, Ada and Blackwell RTX GPUs (7.5, Turing, only when asked for).
-RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
+# Where TensorRT-RTX engines run, per NVIDIA's TensorRT-RTX support matrix: RTX GPUs of Turing (7.5), Ampere
+# (8.6), Ada (8.9) and Blackwell (12.0; 12.1: GB10). Datacenter GPUs (A100 8.0, H100/H200 9.0) are regular TensorRT's.
+RTX_GPUS = ("7.5", "8.6", "8.9", "12.0", "12.1")
+# TensorRT-RTX's own portable default set. Turing (7.5) and 12.1 only when named: NVIDIA advises a Turing engine
+# of its own, since a portable engine that includes Turing runs slower elsewhere.
+RTX_DEFAULT_TARGETS = ("8.6", "8.9", "12.0")
+RTX_WHERE = ("TensorRT-RTX engines run on RTX GPUs of compute capability 7.5, 8.6, 8.9, 12.0 and 12.1; "
+             "datacenter GPUs (A100, H100, H200) need regular TensorRT (--trt-flavor tensorrt, built on that GPU)")
 
 
 def flavor_label(flavor: str) -> str:
@@ -88,7 +94,7 @@ def resolve_flavor(choice: str, gpu_capability: str | None) -> Flavor:
     found = installed_flavors()
     if gpu_capability is not None and "tensorrt" in found:
         return "tensorrt"
-    if "tensorrt-rtx" in found and (gpu_capability is None or gpu_capability in rtx_capabilities()):
+    if "tensorrt-rtx" in found and (gpu_capability is None or gpu_capability in rtx_gpus()):
         return "tensorrt-rtx"
     if gpu_capability is None:
         if "tensorrt" in found:
@@ -98,7 +104,7 @@ def resolve_flavor(choice: str, gpu_capability: str | None) -> Flavor:
                         f"{INSTALL_HINTS['tensorrt']}")
     if "tensorrt-rtx" in found:
         raise UserError(f"TensorRT-RTX does not run on this GPU (compute {gpu_capability}; it runs on "
-                        f"{', '.join(rtx_capabilities())}): {INSTALL_HINTS['tensorrt']}")
+                        f"{', '.join(rtx_gpus())}): {INSTALL_HINTS['tensorrt']}")
     raise UserError(f"no TensorRT is installed: {INSTALL_HINTS['tensorrt']}")
 
 
@@ -109,6 +115,19 @@ def rtx_capabilities() -> tuple[str, ...]:
 
     names = [n for n in trtx.ComputeCapability.__members__ if n.startswith("SM")]
     return tuple(f"{n[2:-1]}.{n[-1]}" for n in names)
+
+
+def rtx_gpus() -> tuple[str, ...]:
+    """The compute capabilities whose GPUs run engines of the installed TensorRT-RTX: RTX_GPUS that it can
+    build for."""
+    return tuple(c for c in RTX_GPUS if c in rtx_capabilities())
+
+
+def check_rtx_targets(capabilities: Iterable[str]) -> None:
+    """UserError for a build target that is no RTX GPU (8.0: A100; 9.0: H100, H200)."""
+    other = [c for c in capabilities if c not in RTX_GPUS]
+    if other:
+        raise UserError(f"compute capability {', '.join(other)} is not an RTX GPU: {RTX_WHERE}")
 
 
 def parse_capabilities(values: str | Iterable[str]) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ccld_trt.engines.flavor import Flavor, flavor_label
+from ccld_trt.engines.flavor import RTX_WHERE, Flavor, flavor_label
 from ccld_trt.engines.profiles import GraphProfile, as_profile, outside_profile
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.checkpoints import sha256_file
@@ -24,8 +24,8 @@ from ccld_trt.export.errors import UserError
 SIDECAR_VERSION = 2
 REBUILD_HINT = "rebuild the engines (ccld-trt engines build)"
 # Which GPUs run which engines, for the line that says a GPU is needed.
-GPU_KINDS = ("TensorRT-RTX engines: RTX GPUs of the compute capabilities they were built for, 8.0 to 12.x; "
-             "TensorRT engines: the GPU model they were built on")
+GPU_KINDS = (f"{RTX_WHERE}, of the compute capabilities they were built for; TensorRT engines: the GPU model "
+             "they were built on")
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,13 @@ def require_fit(engine_path: Path, current: Sidecar, hint: str = REBUILD_HINT) -
 
 def checkpoint_digests(paths: Mapping[str, Path], cache_path: Path) -> dict[str, str]:
     """{component: SHA-256} of the checkpoint files ``paths`` ({"unet": path, ...}), the sidecars' ``sources``
-    to compare with. Digests are cached in ``cache_path`` by (path, size, mtime), so an unchanged start reads
-    no weights; a cache that cannot be read or written only costs the hashing."""
+    to compare with. Digests are cached in ``cache_path`` by (path, size, mtime, ctime, inode), so an unchanged
+    start reads no weights; a cache that cannot be read or written only costs the hashing.
+
+    What the cache trusts: that a file whose content changed also changed one of these. Any write, rename onto
+    the path or metadata change updates the ctime, which, unlike the mtime, no tool can set back (``cp -p``,
+    ``rsync -t`` or ``touch -d`` restore mtimes); only a clock set backwards or a filesystem that does not keep
+    ctimes could hide a change, and deleting ``cache_path`` always rehashes."""
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
@@ -154,9 +159,10 @@ def checkpoint_digests(paths: Mapping[str, Path], cache_path: Path) -> dict[str,
         stat = Path(path).stat()
         key = str(Path(path).resolve())
         entry = cache.get(key) if isinstance(cache, dict) else None
-        if not (isinstance(entry, dict) and entry.get("size") == stat.st_size
-                and entry.get("mtime_ns") == stat.st_mtime_ns):
-            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(Path(path))}
+        ident = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+                 "inode": stat.st_ino}
+        if not (isinstance(entry, dict) and all(entry.get(k) == v for k, v in ident.items())):
+            entry = {**ident, "sha256": sha256_file(Path(path))}
             cache = {**(cache if isinstance(cache, dict) else {}), key: entry}
             changed = True
         digests[component] = str(entry["sha256"])

@@ -137,12 +137,11 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_engines_build(args: argparse.Namespace) -> None:
-    from ccld_trt.engines.build import BuildOptions, build_engines
-    from ccld_trt.engines.flavor import parse_capabilities, resolve_flavor
+    from ccld_trt.engines.build import ENGINE_GRAPHS, BuildOptions, build_engines
+    from ccld_trt.engines.flavor import RTX_WHERE, parse_capabilities, resolve_flavor
     from ccld_trt.engines.profiles import ProfileParams
     from ccld_trt.engines.sidecar import local_capability
     from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
-    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
     from ccld_trt.export.onnx_export import default_onnx_dir, export_all, onnx_path
 
     # before the (long) export, so a machine without a usable TensorRT gets the one clear line at once
@@ -158,10 +157,12 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
         onnx_dir = Path(args.onnx)
     else:
         onnx_dir = default_onnx_dir(files)
-        export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=args.precision == "fp16")
+        export_all(files, onnx_dir, ENGINE_GRAPHS, fp16=args.precision == "fp16")
     targets_text = ", ".join(options.compute_capabilities) or "this GPU"
     print(f"engines: {flavor} for {targets_text} into {args.output}", file=sys.stderr)
-    sources = {g: onnx_path(onnx_dir, g, args.precision) for g in BACKEND_GRAPHS}
+    if flavor == "tensorrt-rtx":
+        print(f"engines: {RTX_WHERE}", file=sys.stderr)
+    sources = {g: onnx_path(onnx_dir, g, args.precision) for g in ENGINE_GRAPHS}
     for path in build_engines(sources, Path(args.output), params, options, rebuild=args.rebuild,
                               progress=lambda line: print(line, file=sys.stderr, flush=True)):
         print(path)
@@ -292,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensorrt: for this machine's GPU; rtx: TensorRT-RTX, ahead of time for RTX GPUs, no GPU "
                         "needed (default auto: tensorrt with a GPU and TensorRT, else rtx)")
     p.add_argument("--compute-capability", metavar="X.Y[,X.Y...]",
-                   help="rtx: the GPUs to build for (default 8.0,8.6,8.9,12.0, TensorRT-RTX's own default set)")
+                   help="rtx: the RTX GPUs to build for: 7.5, 8.6, 8.9, 12.0, 12.1 (default 8.6,8.9,12.0, "
+                        "TensorRT-RTX's portable set; datacenter GPUs need --trt-flavor tensorrt)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--workspace-gib", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when an engine is up to date")

@@ -1,0 +1,166 @@
+"""The fast ODE solvers against closed-form oracles: order of convergence on Gaussian data, distance to the converged
+ODE endpoint on a mixture of Gaussians (the issue's targets), DPM-Solver++(1) = DDIM, and convergence on the network."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from ccld_trt.benchmarks.solver_oracle import (
+    converged_endpoint,
+    gaussian_exact,
+    gaussian_model,
+    make_mixture,
+    mixture_model,
+    psnr,
+    run,
+    start_noise,
+)
+from ccld_trt.samplers import (
+    FAST_METHOD,
+    FAST_STEPS,
+    LOG_SNR_METHODS,
+    METHODS,
+    ddim_sample,
+    dpmpp_sample,
+    evaluations,
+    sample,
+)
+from ccld_trt.schedule import log_snr_timesteps, log_snr_to_t, method_timesteps, sampling_timesteps, t_to_alpha_sigma
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # thousands of small float64 ops: on a shared 2-core CPU thread barriers make them ~100x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def counting(model):
+    """``model`` that records the x of each call."""
+    calls: list[torch.Tensor] = []
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(x)
+        return model(x, t)
+
+    return counted, calls
+
+
+def test_original_six_keep_the_original_timesteps_and_fast_ones_step_in_log_snr():
+    for method in ("ddpm", "ddim", "prk", "plms", "pie", "plms2"):
+        assert torch.equal(method_timesteps(method, 17), sampling_timesteps(17))
+    t = method_timesteps("dpmpp-2m", 8).double()
+    alpha, sigma = t_to_alpha_sigma(t)
+    log_snr = 2 * torch.log(alpha / sigma)
+    assert torch.allclose(log_snr.diff(), log_snr.diff()[:1].expand(7), atol=1e-4)  # uniform
+    assert t[0] == pytest.approx(float(sampling_timesteps(8)[0]), abs=1e-6)  # same starting noise level
+    assert log_snr[-1] == pytest.approx(6.0, abs=1e-4)
+    assert torch.allclose(log_snr_to_t(log_snr), t, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", LOG_SNR_METHODS)
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_one_evaluation_per_step(method, steps):
+    model, calls = counting(gaussian_model(torch.zeros([1, 4, 4, 4], dtype=torch.float64), 0.5))
+    x = torch.randn([2, 4, 4, 4], dtype=torch.float64)
+    out = sample(model, x, method_timesteps(method, steps).double(), method)
+    assert len(calls) == evaluations(method, steps) == steps and out.shape == x.shape
+    assert method in METHODS
+
+
+def test_first_order_dpm_solver_pp_is_ddim():
+    x = start_noise(2, (4, 8, 8))
+    model = mixture_model(make_mixture(shape=(4, 8, 8)))
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        steps = log_snr_timesteps(12, 6.0).to(dtype)
+        a = dpmpp_sample(model, x.to(dtype), steps, 1)
+        b = ddim_sample(model, x.to(dtype), steps, 0.0)
+        assert (a - b).abs().max() <= tolerance * b.abs().max()
+
+
+def _order(method: str) -> float:
+    """Measured order of convergence to an end time t > 0 (log-SNR -10 -> 2) on Gaussian data, from 64 -> 128 steps:
+    the error of the x fed to the sampler's last evaluation against the ODE's exact x there."""
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn([1, 4, 8, 8], generator=gen, dtype=torch.float64)
+    x = torch.randn([2, 4, 8, 8], generator=gen, dtype=torch.float64)
+    errors = []
+    for k in (64, 128):
+        t = log_snr_to_t(torch.linspace(-10, 2, k + 1, dtype=torch.float64))
+        model, seen = counting(gaussian_model(mu, 0.5))
+        sample(model, x, t, method)
+        exact = gaussian_exact(mu, 0.5, x, t[0], t[-1])
+        errors.append(float((seen[-1] - exact).norm() / exact.norm()))
+    return math.log2(errors[0] / errors[1])
+
+
+@pytest.mark.parametrize(("method", "order"), [("ddim", 1), ("dpmpp-2m", 2), ("dpmpp-3m", 3)])
+def test_order_of_convergence_on_gaussian_data(method, order):
+    assert _order(method) == pytest.approx(order, abs=0.25)
+
+
+@pytest.fixture(scope="module")
+def mixture_oracle():
+    """A mixture of 8 Gaussians in the latent shape, 2 starting noises, the converged endpoint (1000 float64 steps)."""
+    model = mixture_model(make_mixture())
+    x = start_noise(2)
+    return model, x, converged_endpoint(model, x, 1000)
+
+
+def test_mixture_oracle_targets(mixture_oracle):
+    model, x, reference = mixture_oracle
+    assert psnr(converged_endpoint(model, x, 500), reference) > 100  # the endpoint is converged
+    counted, calls = counting(model)
+    iplms = sample(counted, x, method_timesteps("iplms", 20).double(), "iplms")
+    assert len(calls) == 20 and psnr(iplms, reference) >= 45
+    assert evaluations(FAST_METHOD, FAST_STEPS) <= 10
+    assert psnr(run(model, x, FAST_METHOD, method_timesteps(FAST_METHOD, FAST_STEPS)), reference) >= 40
+
+
+def test_log_snr_spacing_beats_the_original_timesteps_for_dpm_solver_pp(mixture_oracle):
+    """The measurement behind method_timesteps: at 10 evaluations the original's timesteps cost DPM-Solver++(2M)
+    well over 10 dB against uniform log-SNR down to log-SNR 6."""
+    model, x, reference = mixture_oracle
+    original = psnr(run(model, x, "dpmpp-2m", sampling_timesteps(10)), reference)
+    log_snr = psnr(run(model, x, "dpmpp-2m", method_timesteps("dpmpp-2m", 10)), reference)
+    assert log_snr >= 45 and log_snr - original >= 10
+
+
+@pytest.mark.parametrize("method", LOG_SNR_METHODS)
+def test_mixture_distance_falls_with_steps(mixture_oracle, method):
+    model, x, reference = mixture_oracle
+    db = [psnr(run(model, x, method, method_timesteps(method, k)), reference) for k in (5, 12, 25)]
+    assert db[0] < db[1] < db[2], db
+
+
+@pytest.fixture(scope="module")
+def small_network(seed3_dir):
+    """The small random-weight network's guided v(x, t) for one prompt, and a starting noise [1, 4, 8, 8]."""
+    from ccld_trt.backends.torch_backend import TorchBackend
+    from ccld_trt.export.models import ModelFiles, load_networks
+    from ccld_trt.pipeline import Request, conditions, draw_noise
+
+    backend = TorchBackend(load_networks(ModelFiles.resolve(seed3_dir)))
+    request = Request(prompts=[("a lighthouse at dusk", 3.0)], latent_size=(8, 8), seed=5)
+    conds, weights = conditions(backend, request, [])
+    return (lambda x, t: backend.unet(x, t, conds, weights)), draw_noise(request).x
+
+
+@pytest.mark.slow
+def test_network_distance_to_a_converged_reference_falls_with_steps(small_network):
+    """Random weights: the reference is DPM-Solver++(3M) with 400 steps on the same log-SNR span (the new methods'
+    converged endpoint); both new methods approach it as their steps rise."""
+    model, x = small_network
+    with torch.no_grad():
+        reference = sample(model, x, method_timesteps("dpmpp-3m", 400), "dpmpp-3m")
+        for method in ("iplms", "dpmpp-2m"):
+            db = [psnr(sample(model, x, method_timesteps(method, k), method), reference) for k in (5, 10, 25)]
+            assert db[0] < db[1] < db[2], (method, db)

@@ -164,3 +164,12 @@ def test_network_distance_to_a_converged_reference_falls_with_steps(small_networ
         for method in ("iplms", "dpmpp-2m"):
             db = [psnr(sample(model, x, method_timesteps(method, k), method), reference) for k in (5, 10, 25)]
             assert db[0] < db[1] < db[2], (method, db)
+
+
+def test_fast_flag_selects_the_preset():
+    from ccld_trt.cli import _sampler_fields, build_parser
+
+    fast = build_parser().parse_args(["sample", "a cat", "--fast", "--steps", "50"])
+    assert _sampler_fields(fast) == {"steps": FAST_STEPS, "method": FAST_METHOD}
+    default = build_parser().parse_args(["sample", "a cat"])
+    assert _sampler_fields(default) == {"steps": 50, "method": "plms"}

@@ -39,6 +39,13 @@ _REQUEST_FLAGS = {"n": "-n", "batch_size": "--batch-size", "steps": "--steps",
                   "method": "--method", "eta": "--eta", "seed": "--seed"}
 
 
+def _sampler_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``--steps`` and ``--method``, or with ``--fast`` the fast preset's (samplers.FAST_METHOD/FAST_STEPS)."""
+    from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+
+    return {"steps": FAST_STEPS, "method": FAST_METHOD} if args.fast else {"steps": args.steps, "method": args.method}
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -50,7 +57,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     request = Request(
         prompts=[weighted(p, "prompt") for p in args.prompts],
         image_prompts=[(Path(p), w) for p, w in (weighted(v, "image path") for v in args.images)],
-        n=args.n, batch_size=args.batch_size, seed=args.seed, steps=args.steps, method=args.method, eta=args.eta,
+        n=args.n, batch_size=args.batch_size, seed=args.seed, eta=args.eta, **_sampler_fields(args),
     )
     try:
         request.validate()
@@ -192,7 +199,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ccld_trt.samplers import METHODS
+    from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, METHODS
 
     parser = _Parser(prog="ccld-trt", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -206,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--steps", type=int, default=50, help="sampler timesteps (default 50)")
     p.add_argument("--method", default="plms", choices=METHODS, help="sampler (default plms)")
+    p.add_argument("--fast", action="store_true",
+                   help=f"the fast preset: --method {FAST_METHOD} --steps {FAST_STEPS} ({FAST_STEPS} U-Net evaluations "
+                   "instead of plms/50's 59; overrides --method and --steps; docs/solvers.md)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
     p.add_argument("--autoencoder-scale", type=scale, metavar="F|checkpoint",
                    help="latent scale before decoding (default 2.55, as the published demo)")

@@ -26,6 +26,7 @@ from ccld_trt.benchmarks.suite import (
     REFERENCE,
     BenchConfig,
     Variant,
+    cpu_skips,
     judge,
     open_variant,
     plms_step_intervals_ms,
@@ -36,6 +37,7 @@ from ccld_trt.export.autoencoder import Upsample
 from ccld_trt.export.demo_weights import write_demo_weights
 from ccld_trt.export.models import ModelFiles, load_networks
 from ccld_trt.runner import Session
+from cpu_fakes import SAPPHIRE_RAPIDS, ZEN3, fake_cpu
 
 WRONG = Variant("perturbed", "fp32")
 
@@ -72,14 +74,16 @@ def opener(variant: Variant, device: str, files: ModelFiles) -> Session:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Any]:
-    """One tiny run: torch fp32, the perturbed torch, and TensorRT (which cannot run on the CPU)."""
+    """One tiny run: torch fp32, the perturbed torch, TensorRT (which cannot run on the CPU) and torch bf16, on
+    a faked Zen 3 (no bf16 or VNNI dot products: the bf16 and int8 GEMM peaks and torch bf16 are skipped)."""
     root = tmp_path_factory.mktemp("bench")
     write_demo_weights(root / "weights", "small", seed=0)
     # 5 PLMS steps: 3 warm-up steps, then two PLMS steps, whose interval is the sampler-step row
     config = BenchConfig.preset(True, models=root / "weights", output=root / "results", repeats=1, warmup=0,
                                 end_to_end=((5, 1),), gemm_seconds=0.05,
-                                variants=(REFERENCE, WRONG, Variant("tensorrt", "fp16")))
-    with one_thread():
+                                variants=(REFERENCE, WRONG, Variant("tensorrt", "fp16"), Variant("torch", "bf16")))
+    with one_thread(), pytest.MonkeyPatch.context() as mp:
+        fake_cpu(mp, ZEN3)  # the workers inherit it
         return run_bench(config, opener)
 
 
@@ -104,6 +108,7 @@ def test_json_schema_and_positive_numbers(bench):
     for key in ("cpu_model", "cores", "ram_gb", "gpu", "torch", "onnxruntime", "date"):
         assert key in doc["machine"]
     assert doc["run"]["gemm_peak_gflops"]["fp32"] > 0
+    assert set(doc["run"]["gemm_peak_gflops"]) == set(doc["run"]["gemm_kernel_gflops"]) == {"fp32"}  # Zen 3
     assert {r["stage"] for r in doc["results"]} == set(STAGES)
     assert {(r["backend"], r["precision"]) for r in doc["results"]} == {("torch", "fp32"), ("perturbed", "fp32")}
     for r in doc["results"]:
@@ -143,9 +148,23 @@ def test_a_wrong_backend_is_flagged(bench):
 
 def test_a_backend_that_cannot_open_is_skipped_with_the_reason(bench):
     doc, _ = bench
-    (skip,) = doc["skipped"]
-    assert (skip["backend"], skip["precision"]) == ("tensorrt", "fp16")
-    assert "GPU" in skip["reason"]
+    (skip,) = [s for s in doc["skipped"] if s["backend"] == "tensorrt"]
+    assert skip["precision"] == "fp16" and "GPU" in skip["reason"]
+
+
+def test_what_the_cpu_lacks_is_skipped_in_one_line_each(bench):
+    doc, paths = bench
+    skipped = {(s["backend"], s["precision"]): s["reason"] for s in doc["skipped"] if s["backend"] != "tensorrt"}
+    assert skipped == {
+        ("GEMM peak", "bf16"): "the bf16 GEMM peak needs a CPU with avx512_bf16 or amx_bf16 instructions, and "
+                               "this one has none",
+        ("GEMM peak", "int8"): "the int8 GEMM peak needs a CPU with avx512_vnni or avx_vnni or amx_int8 "
+                               "instructions, and this one has none",
+        ("torch", "bf16"): "torch bf16 needs a CPU with avx512_bf16 or amx_bf16 instructions, and this one has none"}
+    assert "bf16" not in {r["precision"] for r in doc["results"]}
+    markdown = paths.markdown.read_text()
+    assert "| GEMM peak | int8 | the int8 GEMM peak needs a CPU with avx512_vnni" in markdown
+    assert "| torch | bf16 | torch bf16 needs a CPU with avx512_bf16" in markdown
 
 
 def test_skip_serializes_to_the_keys_the_report_reads():
@@ -175,10 +194,28 @@ def test_merged_measurements_keep_every_sample_and_the_highest_peaks():
     assert merged([replace(a, device_peak_mb=None)]).device_peak_mb is None  # CPU: no device memory
 
 
-def test_planned_variants_on_the_cpu():
+def test_planned_variants_on_the_cpu(monkeypatch):
+    fake_cpu(monkeypatch, SAPPHIRE_RAPIDS)
     config = BenchConfig(backends=("torch", "onnxruntime"))
     assert config.planned_variants() == (Variant("torch", "fp32"), Variant("torch", "bf16"),
                                          Variant("onnxruntime", "fp32"), Variant("onnxruntime", "fp16"))
+    assert config.cpu_skips() == []
+
+
+def test_a_cpu_without_bf16_or_vnni_plans_no_bf16_or_int8(monkeypatch):
+    fake_cpu(monkeypatch, ZEN3)
+    config = BenchConfig()
+    assert {v.precision for v in config.planned_variants()} == {"fp32", "fp16"}
+    assert [v.label for v, _ in config.cpu_skips()] == ["torch bf16", "openvino bf16", "openvino int8"]
+    lines: list[str] = []
+    skips = cpu_skips(config, lines.append)
+    assert [(s.backend, s.precision) for s in skips] == [("GEMM peak", "bf16"), ("GEMM peak", "int8"),
+                                                         ("torch", "bf16"), ("openvino", "bf16"),
+                                                         ("openvino", "int8")]
+    assert lines == [f"skipped: {s.reason}" for s in skips] and all("\n" not in line for line in lines)
+    assert lines[-1] == ("skipped: openvino int8 needs a CPU with avx512_vnni or avx_vnni or amx_int8 "
+                         "instructions, and this one has none")
+    assert BenchConfig(device="cuda").cpu_skips() == []  # GPU rows do not depend on the CPU
 
 
 @pytest.mark.parametrize(("precision", "rel_error", "psnr", "flagged"), [

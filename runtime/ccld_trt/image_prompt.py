@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ccld_trt.export.errors import UserError
+from ccld_trt.limits import MAX_IMAGE_PIXELS, image_size_problem
 
 _URL_SCHEMES = ("http://", "https://")
 
@@ -51,17 +52,24 @@ def _crop_offset(dim: int, crop: int) -> int:
 
 def open_rgb(path: str | Path, what: str = "image prompt") -> Image.Image:
     """The image file at ``path`` converted to RGB; UserError naming ``what`` and the file when it is a URL, is
-    missing or is not a readable image. Shared by image prompts and image-to-image's init image."""
+    missing, is not a readable image or is past the limits (``limits.image_size_problem``: pixels and aspect
+    ratio, read from the header before anything is decoded). Shared by image prompts and image-to-image's init
+    image."""
     if str(path).startswith(_URL_SCHEMES):
         raise UserError(f"{what} {path}: URLs are not fetched; download the image and give its path")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found (or not a file): {path}")
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        with Image.open(path) as opened:  # lazy: only the header is read so far
+            problem = image_size_problem(*opened.size)
+            if problem is None:
+                return opened.convert("RGB")
+    except Image.DecompressionBombError:  # a header far past PIL's own limit: refused in open()
+        raise UserError(f"{what} {path} is too large; the limit is {MAX_IMAGE_PIXELS / 1e6:g} megapixels") from None
+    except (OSError, ValueError) as e:
         raise UserError(f"{what} {path}: not a readable image: {e}") from e
+    raise UserError(f"{what} {path} {problem}")
 
 
 def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes | memoryview | str) -> None:
+def write_atomic(path: Path, data: bytes | memoryview | str, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` through ``<path>.<pid>.tmp`` and one rename (per process: two writers of one
-    directory may race); creates the parent directory."""
+    directory may race); creates the parent directory. A failed write (a full disk) leaves no temporary file.
+
+    ``exclusive``: never replace an existing ``path`` (FileExistsError instead): the finished file is published
+    with a hard link, which fails if the name is taken, where the file system has them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -18,6 +23,21 @@ def write_atomic(path: Path, data: bytes | memoryview | str) -> None:
         else:
             with open(tmp, "wb") as f:
                 f.write(data)
-        os.replace(tmp, path)
+        if exclusive:
+            _publish_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # atomic, and refuses an existing name
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        # no hard links here (FAT, some network file systems): the check and the rename are two steps
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)

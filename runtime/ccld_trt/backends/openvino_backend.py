@@ -101,6 +101,25 @@ class OpenVinoBackend(GraphBackend):
             self.compiled[graph] = core.compile_model(str(path), "CPU", {**self.config, "CACHE_DIR": str(folder)})
         self._requests = {graph: model.create_infer_request() for graph, model in self.compiled.items()}
 
+    @property
+    def onnx_dir(self) -> Path:
+        """The graphs' directory (where the cluster's replica exports the plain ``unet`` graph for unet_rows)."""
+        return self.files["unet_cfg"].parent
+
+    def unet_rows(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """The plain U-Net, one condition per row: x [B, 4, h, w], t [B], embed [B, 512] -> v [B, 4, h, w].
+
+        For callers that merge the CFG rows of several requests into one call (the cluster) and weigh each
+        request's rows themselves. Runs ``<onnx_dir>/unet.onnx`` (``export_all(..., ["unet"], fp16=False)``; for
+        int8, its int8 model where export.quantize made one), compiled like the others on the first call."""
+        if "unet" not in self._requests:
+            int8 = quantized_path(self.onnx_dir, "unet") if self.precision == "int8" else None
+            path = require_file(int8 or onnx_path(self.onnx_dir, "unet"), "unet graph")
+            folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
+            model = require_openvino().Core().compile_model(str(path), "CPU", {**self.config, "CACHE_DIR": str(folder)})
+            self.compiled["unet"], self._requests["unet"] = model, model.create_infer_request()
+        return self._call("unet", {"x": x, "t": t, "embed": embed})
+
     def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Run ``graph`` on ``feed`` ({input name: tensor}, converted to the graph's dtypes); returns a new
         tensor holding its output."""

@@ -35,7 +35,8 @@ class UNetCall:
 
 @runtime_checkable
 class RowBackend(Protocol):
-    """A backend that can also run the plain U-Net with one condition per row (torch, onnxruntime)."""
+    """A backend that can also run the plain U-Net with one condition per row (torch, onnxruntime, openvino,
+    tensorrt)."""
 
     def unet_rows(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """x [B, 4, h, w], t [B], embed [B, 512] -> v [B, 4, h, w]."""
@@ -59,7 +60,7 @@ def guided_sum(v_rows: torch.Tensor, call: UNetCall) -> torch.Tensor:
 
 def run_merged(backend: Backend, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
     """Each call's guided v, all of them in one plain U-Net call when there are several and the backend has
-    ``unet_rows``; one call alone (or a backend without it: tensorrt, openvino) goes through ``backend.unet``."""
+    ``unet_rows``; one call alone (or a backend without it) goes through ``backend.unet``."""
     if len(calls) == 1 or not isinstance(backend, RowBackend):
         return [backend.unet(c.x, c.t, c.conds, c.weights) for c in calls]
     parts = [cfg_rows(c) for c in calls]

@@ -44,7 +44,8 @@ def openvino_backend(seed3_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_concurrent_requests_through_the_batcher_equal_their_solo_runs(openvino_backend) -> None:  # type: ignore[no-untyped-def]
     backend = openvino_backend
-    assert isinstance(backend, RowBackend)  # run_merged merges on it
+    as_object: object = backend
+    assert isinstance(as_object, RowBackend)  # run_merged merges on it
     solo = [generate(backend, r, [], DEFAULT_AUTOENCODER_SCALE).latents for r in REQUESTS]
 
     serial = SerialBackend(backend)

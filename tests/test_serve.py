@@ -39,6 +39,10 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SERVER_START_S = 120  # importing torch and gradio, then loading the models, on a busy 2-core CI machine
 JOB_S = 120
+# Ctrl-C to exit with a long job running: Gradio closes its HTTP server (waiting up to 5 s for it), the job stops
+# at its next U-Net evaluation (a fraction of a second on the small demo weights), torch and Gradio shut down;
+# some 10 s on an idle 2-core CPU. Uncancelled, the job would run for minutes (or crash the exit).
+STOP_S = 30
 
 
 def free_port() -> int:
@@ -98,14 +102,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                  SERVER_START_S, "the server to come up with its models loaded", server.log)
         assert process.poll() is None, f"the server exited with {process.returncode}\n{server.log()}"
         yield server
+        start_long_job(server)  # stopping must not wait for it
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl-C: the way a user stops it, so its own clean-up runs
+        start = time.monotonic()
         try:
-            process.wait(30)
+            process.wait(STOP_S)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    stopped_s = time.monotonic() - start
     assert process.returncode == 0, f"the server did not stop cleanly on Ctrl-C\n{server.log()}"
+    assert stopped_s < STOP_S, f"stopping took {stopped_s:.1f} s"
+
+
+def start_long_job(server: Server) -> None:
+    """Submit a 1000-step job (minutes) and wait until it is sampling."""
+    job = Client(server.url, verbose=False).submit("a lighthouse", None, 3.0, 1000, "ddim", 0, 1, 2.55,
+                                                   api_name="/generate")
+    wait_for(lambda: any(u.desc == "sampling" for u in job.status().progress_data or []), JOB_S,
+             "the long job to start sampling", server.log)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ latency of each stage with the images. Every bad input is answered in the page; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,8 @@ MAX_UPLOAD_PIXELS = 20_000_000
 MAX_UPLOAD_BYTES = 100 * 2**20  # a 20 MP PNG with little to compress stays well below this
 # Formats a browser would upload. Others that PIL opens (EPS runs Ghostscript, for one) are refused.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Ctrl-C waits at most this long for a running job to reach its next U-Net evaluation (where it is cancelled)
+STOP_WAIT_S = 60.0
 DEMO_WARNING = ("⚠ RANDOM DEMO WEIGHTS — these models were written by <code>ccld-trt demo-weights</code>: "
                 "images will be noise-like patterns, not paintings.")
 
@@ -58,6 +61,8 @@ class ModelLoader:
         self._session: Session | None = None
         self._error = ""
         self._seconds = 0.0
+        self._stopping = threading.Event()
+        self._running = threading.Lock()  # held while a job runs (the queue runs one at a time)
 
     def start(self) -> None:
         # Not a daemon: the interpreter exiting while torch is still loading would abort the process.
@@ -91,6 +96,27 @@ class ModelLoader:
         if self._session is None:
             raise UserError(f"the models failed to load, so nothing can be generated: {self._error}")
         return self._session
+
+    @contextlib.contextmanager
+    def job(self) -> Iterator[None]:
+        """Held around a running job, so that ``stop`` can wait for it; UserError once stopping."""
+        with self._running:
+            self.check_running()
+            yield
+
+    def check_running(self) -> None:
+        """UserError once the server is stopping: a job calls it at each U-Net evaluation and stage."""
+        if self._stopping.is_set():
+            raise UserError("the server is stopping: this job was cancelled")
+
+    def stop(self, timeout: float) -> bool:
+        """Cancel the running job at its next U-Net evaluation and refuse new ones; wait up to ``timeout`` s
+        for it to end. Whether it did (else the interpreter's exit ends it)."""
+        self._stopping.set()
+        if not self._running.acquire(timeout=timeout):
+            return False
+        self._running.release()
+        return True
 
     def status_markdown(self) -> str:
         if not self._done.is_set():
@@ -259,13 +285,16 @@ def generate_for_page(loader: ModelLoader, work_dir: Path, prompts: Any, image: 
 
     def evaluated() -> None:
         nonlocal done
+        loader.check_running()  # a stopping server cancels the job here, so Ctrl-C waits one evaluation at most
         done += 1
         report((done, total), desc="sampling", unit="U-Net evaluations")
 
     def started(stage: str) -> None:
+        loader.check_running()
         report(0.0 if stage == "conditioning" else done / total, desc=stage)
 
-    paths, timings = run_job(session, job, _job_dir(work_dir), started, evaluated)
+    with loader.job():
+        paths, timings = run_job(session, job, _job_dir(work_dir), started, evaluated)
     images = [str(p) for p in paths]
     request = job.request
     summary = (f"{timings.markdown()}  \n{request.n} image(s), seed {request.seed}, {request.steps} steps "
@@ -379,4 +408,8 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
         except OSError as e:
             raise UserError(f"cannot serve on {host}:{port}: {e}") from e
         loader.start()  # once the port is ours, so that a refused start loads nothing
-        app.block_thread()
+        try:
+            app.block_thread()  # until Ctrl-C, which closes the HTTP server
+        finally:
+            if not loader.stop(STOP_WAIT_S):
+                print(f"ccld-trt serve: the running job did not stop within {STOP_WAIT_S:g} s", file=sys.stderr)

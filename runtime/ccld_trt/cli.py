@@ -46,11 +46,22 @@ def _sampler_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": FAST_STEPS, "method": FAST_METHOD} if args.fast else {"steps": args.steps, "method": args.method}
 
 
+def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents: str | None) -> None:
+    """UserError unless --output-dir (and --save-latents) can take n images' results (check_output_dir)."""
+    from ccld_trt.outputs import check_new_file, check_output_dir, png_bytes_bound
+
+    h, w = latent_size
+    check_output_dir(out_dir, "--output-dir", n * png_bytes_bound(64 * h * w))
+    if latents:
+        check_new_file(Path(latents), "--save-latents", n * 4 * h * w * 4 + 128)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
-    from ccld_trt.outputs import check_new_file, save_images, save_latents
+    from ccld_trt.limits import autoencoder_scale_problem
+    from ccld_trt.outputs import save_images, save_latents
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest, Request, generate, load_image_prompts
     from ccld_trt.runner import open_session
 
@@ -63,11 +74,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         request.validate()
     except InvalidRequest as e:
         raise UserError(f"{_REQUEST_FLAGS.get(e.field, e.field)} {e.problem}") from e
+    if isinstance(args.autoencoder_scale, float) and (problem := autoencoder_scale_problem(args.autoencoder_scale)):
+        raise UserError(f"--autoencoder-scale {problem}")
+    # where the results go is checked before the work too: made, written to and cleaned up again
     out_dir = Path(args.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--output-dir {out_dir} is not a directory")
-    if args.save_latents:
-        check_new_file(Path(args.save_latents), "--save-latents")
+    _check_outputs(request.n, request.latent_size, out_dir, args.save_latents)
     models = model_source(args)
     # read every input before the (slow) model loading, so that a bad one fails at once
     image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(models.files.cloob_config)))
@@ -78,6 +89,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
         DEFAULT_AUTOENCODER_SCALE if args.autoencoder_scale is None else args.autoencoder_scale)
+    if args.autoencoder_scale == "checkpoint" and (problem := autoencoder_scale_problem(scale)):
+        raise UserError(f"--autoencoder-scale checkpoint: the U-Net checkpoint's scale {problem}")
     with tqdm(total=request.evaluations, desc="sampling", unit="eval", disable=None) as bar:
         result = generate(session.backend, request, image_prompts, scale, on_evaluation=lambda: bar.update())
     if args.save_latents:

@@ -11,6 +11,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from ccld_trt import limits
 from ccld_trt.backends.base import Backend
 from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import load_image_prompt
@@ -63,8 +64,31 @@ class Request:
             raise InvalidRequest("eta", f"must be in [0, 1], got {self.eta}")
         if not 0 <= self.seed < 2**63:
             raise InvalidRequest("seed", f"must be in [0, 2**63), got {self.seed}")
+        self._check_limits()
         if any(s < 1 for s in self.latent_size):
             raise InvalidRequest("latent_size", f"must be positive, got {self.latent_size}")
+
+    def _check_limits(self) -> None:
+        """InvalidRequest past the limits of every front end (``limits``: sizes this machine can hold, weights
+        that keep the CFG sum finite), checked before anything that costs time or memory."""
+        for name, value, most in (("n", self.n, limits.MAX_IMAGES), ("steps", self.steps, limits.MAX_STEPS)):
+            if value > most:
+                raise InvalidRequest(name, limits.out_of_range(value, 1, most))
+        if problem := limits.prompt_count_problem(len(self.prompts) + len(self.image_prompts)):
+            raise InvalidRequest("the number of prompts", problem)
+        for i, (text, _) in enumerate(self.prompts):
+            if problem := limits.prompt_text_problem(text):
+                raise InvalidRequest(f"prompts[{i}]", problem)
+        for kind, items in (("prompts", self.prompts), ("image_prompts", self.image_prompts)):
+            for i, (_, weight) in enumerate(items):
+                if problem := limits.weight_problem(weight):
+                    raise InvalidRequest(f"{kind}[{i}].weight", problem)
+        if problem := limits.latent_size_problem(self.latent_size):
+            raise InvalidRequest("latent_size", problem)
+        rows = limits.unet_rows_problem(min(self.batch_size or self.n, self.n),
+                                        1 + len(self.prompts) + len(self.image_prompts), self.latent_size)
+        if rows:
+            raise InvalidRequest("batch_size", rows)
 
     @property
     def evaluations(self) -> int:

@@ -11,6 +11,7 @@ from ccld_trt.backends.base import Backend
 from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.models import ModelFiles, Networks, checkpoint_autoencoder_scale, load_networks
+from ccld_trt.limits import unet_shape_problem
 
 DEFAULT_ENGINE_DIR = Path("build/engines")
 
@@ -64,6 +65,11 @@ class ModelSource:
     files: ModelFiles
     base_channels: int | None = None
     channel_multipliers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # a U-Net wider than this machine can hold is refused here, before any file is read
+        if problem := unet_shape_problem(self.base_channels, self.channel_multipliers):
+            raise UserError(f"U-Net {problem}")
 
     def load(self) -> Networks:
         """The fp32 torch networks on the CPU (see export.models.load_networks)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ccld_trt import limits
 from ccld_trt.access import Keys, check_exposure, page_login
 from ccld_trt.access import check_host as check_host  # the --listen half of the host rule (re-exported)
 from ccld_trt.export.errors import UserError
@@ -39,10 +40,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-MAX_STEPS = 1000
-MAX_IMAGES = 16
-MAX_UPLOAD_PIXELS = 20_000_000
-MAX_UPLOAD_BYTES = 100 * 2**20  # a 20 MP PNG with little to compress stays well below this
+# the limits are every front end's, stated once in ccld_trt.limits
+MAX_STEPS, MAX_IMAGES, MAX_UPLOAD_BYTES = limits.MAX_STEPS, limits.MAX_IMAGES, limits.MAX_UPLOAD_BYTES
+MAX_UPLOAD_PIXELS = limits.MAX_IMAGE_PIXELS
 # Formats a browser would upload. Others that PIL opens (EPS runs Ghostscript, for one) are refused.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # Ctrl-C waits at most this long for a running job to reach its next U-Net evaluation (where it is cancelled)
@@ -230,8 +230,8 @@ def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: A
     if n > MAX_IMAGES:
         raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, got {n}")
     scale = _real(autoencoder_scale, "the autoencoder scale")
-    if scale <= 0:
-        raise UserError(f"the autoencoder scale must be positive, got {scale}")
+    if problem := limits.autoencoder_scale_problem(scale):
+        raise UserError(f"the autoencoder scale {problem}")
     request = Request(prompts=text_prompts, image_prompts=image_prompts, n=n, seed=_whole(seed, "the seed"),
                       steps=steps, method=method)
     try:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, first_line
 from ccld_trt.image_prompt import load_image_prompt, parse_prompt
+from ccld_trt.limits import MAX_BODY_BYTES
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest, Request
 from ccld_trt.serve import MAX_IMAGES, MAX_STEPS, MAX_UPLOAD_BYTES, check_image_upload
 
@@ -114,10 +115,12 @@ def parse_generate(raw: bytes, image_size: int) -> Job:
 
     ``image_size``: the CLOOB image encoder's input side (image prompts are preprocessed to it).
     """
+    if len(raw) > MAX_BODY_BYTES:
+        raise BadRequest(f"the body is {len(raw) / 2**20:.0f} MiB; the limit is {MAX_BODY_BYTES / 2**20:.0f} MiB")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # not JSON, nested too deep, an integer of too many digits
+        raise BadRequest(f"the body is not valid JSON: {first_line(e)}") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - set(FIELDS))

@@ -79,6 +79,9 @@ def add_backend_args(p: argparse.ArgumentParser, *, variants: bool = False) -> N
                         "tensorrt: fp32 or fp16 engines (default fp16)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay each U-Net evaluation from a CUDA graph (torch and tensorrt on CUDA)")
+    g.add_argument("--compile", dest="compiled", action="store_true",
+                   help="torch backend: torch.compile (Inductor) the networks, once per input shape (the first "
+                        "call of each takes seconds to minutes; cached on disk between runs)")
     g.add_argument("--engines", default=str(DEFAULT_ENGINE_DIR),
                    help=f"TensorRT engine directory (default {DEFAULT_ENGINE_DIR})")
     g.add_argument("--trt-flavor", default="auto", choices=FLAVOR_CHOICES,
@@ -101,7 +104,8 @@ def backend_options(args: argparse.Namespace) -> BackendOptions:
                           cuda_graph=given.get("cuda_graph", defaults.cuda_graph),
                           engine_dir=Path(given.get("engines", defaults.engine_dir)),
                           onnx_dir=Path(onnx_dir) if onnx_dir else None,
-                          trt_flavor=given.get("trt_flavor", defaults.trt_flavor))
+                          trt_flavor=given.get("trt_flavor", defaults.trt_flavor),
+                          compiled=given.get("compiled", defaults.compiled))
 
 
 def triple(value: str) -> tuple[int, int, int]:

@@ -131,6 +131,21 @@ def _backend(name: str, device: str) -> Check:
     return Check(f"backend {name} on {device}", True, "can run")
 
 
+def _compile(device: str) -> Check:
+    """Whether ``--backend torch --compile`` runs on ``device``: Inductor needs a C++ compiler on the CPU, Triton
+    on CUDA."""
+    from ccld_trt.backends.compiled import compile_problem, compile_toolchain, inductor_cache_dir
+
+    name = f"backend torch --compile on {device}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return Check(name, False, f"no GPU: {cuda_unavailable_reason()}")
+    problem = compile_problem(device)
+    if problem is not None:
+        return Check(name, False, problem)
+    return Check(name, True, f"can run ({compile_toolchain(device)}; compiled kernels cached in "
+                             f"{inductor_cache_dir()})")
+
+
 def _guarded(name: str, probe: Callable[[], Check]) -> Check:
     try:
         return probe()
@@ -145,6 +160,7 @@ def doctor_report() -> list[Check]:
         ("openvino", _openvino), ("tensorrt", _tensorrt), ("tensorrt-rtx", _tensorrt_rtx),
         ("cuda-python", _cuda_python)]
     probes += [(f"backend {b} on {d}", functools.partial(_backend, b, d)) for b, d in BACKEND_DEVICES]
+    probes += [(f"backend torch --compile on {d}", functools.partial(_compile, d)) for d in ("cpu", "cuda")]
     return [_guarded(name, probe) for name, probe in probes]
 
 

@@ -26,6 +26,7 @@ class BackendOptions:
     CPU has bf16 instructions, else fp32; tensorrt fp16 engines). cuda_graph: replay the U-Net/CFG evaluation
     from CUDA graphs (torch and tensorrt on CUDA). engine_dir: the TensorRT engines. onnx_dir: where the
     onnxruntime and openvino backends keep the exported graphs (None: build/onnx/<hash of the model paths>).
+    compiled: torch.compile (Inductor) of the torch backend's networks (backends/compiled.py).
     """
 
     backend: str = "torch"
@@ -35,6 +36,7 @@ class BackendOptions:
     engine_dir: Path = DEFAULT_ENGINE_DIR
     onnx_dir: Path | None = None
     trt_flavor: str = "auto"  # tensorrt: auto (the engines' own), tensorrt or rtx
+    compiled: bool = False
 
     def resolved(self) -> BackendOptions:
         """These options with the backend and device names normalised, once the combination can run here;
@@ -44,6 +46,13 @@ class BackendOptions:
             raise UserError("CUDA-graph replay is for the torch and tensorrt backends")
         if self.cuda_graph and not device.startswith("cuda"):
             raise UserError("CUDA-graph replay needs a CUDA device")
+        if self.compiled:
+            from ccld_trt.backends.compiled import require_compile
+
+            if backend != "torch":
+                raise UserError(f"--compile is for the torch backend (torch.compile), not {backend}: its graphs "
+                                "are compiled by the backend itself")
+            require_compile(device)  # Inductor's C++ compiler (CPU) or Triton (CUDA)
         precision = check_precision(backend, self.precision or default_precision(backend, device))
         if backend == "openvino":
             from ccld_trt.backends.openvino_backend import check_precision as check_cpu
@@ -52,9 +61,11 @@ class BackendOptions:
         return dataclasses.replace(self, backend=backend, device=device, precision=precision)
 
     def describe(self) -> str:
-        """e.g. "torch fp32 on cpu", "onnxruntime fp16 on cuda:0" (resolved options name their precision)."""
+        """e.g. "torch fp32 on cpu", "torch fp32 compiled on cpu", "onnxruntime fp16 on cuda:0" (resolved options
+        name their precision)."""
         precision = f" {self.precision}" if self.precision else ""
-        return f"{self.backend}{precision} on {self.device}"
+        compiled = " compiled" if self.compiled else ""
+        return f"{self.backend}{precision}{compiled} on {self.device}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,7 @@ def open_session(options: BackendOptions, models: ModelSource) -> Session:
     if options.backend == "torch":
         from ccld_trt.backends.torch_backend import TorchBackend
 
-        backend: Backend = TorchBackend(networks, options.device, precision, options.cuda_graph)
+        backend: Backend = TorchBackend(networks, options.device, precision, options.cuda_graph, options.compiled)
     elif options.backend == "onnxruntime":
         from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
         from ccld_trt.export.graph_specs import BACKEND_GRAPHS

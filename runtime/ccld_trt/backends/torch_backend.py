@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ccld_trt.backend_select import check_cpu_precision, check_precision
+from ccld_trt.backends.compiled import CompiledSet, compile_calls
 from ccld_trt.backends.cuda_graph import GraphedCall
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.guided_unet import GuidedUNet
@@ -37,12 +38,13 @@ class TorchBackend:
     """Eager torch. ``precision`` fp16/bf16 runs the U-Net under autocast (the original uses fp16 autocast on
     CUDA); the encoders and the decoder stay fp32 as in the original. ``cuda_graph`` (CUDA only) replays each
     U-Net/CFG evaluation from a CUDA graph captured per input shape: the strongest torch baseline on a GPU.
-    fp32 on CUDA is IEEE fp32 (TF32 off), so it meets the goldens' fp32 tolerances as on the CPU."""
+    fp32 on CUDA is IEEE fp32 (TF32 off), so it meets the goldens' fp32 tolerances as on the CPU. ``compiled``
+    runs every network call through torch.compile (Inductor), static shapes per call (backends/compiled.py)."""
 
     name = "torch"
 
     def __init__(self, networks: Networks, device: str = "cpu", precision: str = "fp32",
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, compiled: bool = False) -> None:
         self.device = torch.device(device)
         if cuda_graph and self.device.type != "cuda":
             raise UserError("CUDA-graph replay needs a CUDA device")
@@ -54,11 +56,17 @@ class TorchBackend:
         self._math: Callable[[], contextlib.AbstractContextManager[None]] = (
             ieee_fp32 if exact else contextlib.nullcontext)
         self._guided = GuidedUNet(networks.unet).to(self.device)
-        self._guided_call = GraphedCall(self._guided_autocast) if cuda_graph else self._guided_autocast
+        self._guided_call: Callable[..., torch.Tensor] = self._guided_autocast
+        self._rows_call: Callable[..., torch.Tensor] = self._rows_autocast
         self._decoder = networks.decoder.to(self.device)
         self._encoder = networks.encoder.to(self.device)
         self._text = networks.text_encoder.to(self.device)
         self._image = networks.image_encoder.to(self.device)
+        self.compilation: CompiledSet | None = None  # torch.compile of every network call (backends/compiled.py)
+        if compiled:
+            self.compilation = compile_calls(self, device)
+        if cuda_graph:  # replays the compiled U-Net too: Triton kernels capture like eager ones
+            self._guided_call = GraphedCall(self._guided_call)
 
     def _guided_autocast(self, x: torch.Tensor, t: torch.Tensor, conds: torch.Tensor,
                          weights: torch.Tensor) -> torch.Tensor:
@@ -86,12 +94,15 @@ class TorchBackend:
     @torch.inference_mode()
     def unet_rows(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """The plain U-Net, one condition per row: x [B, 4, h, w], t [B], embed [B, 512] -> v float32 [B, 4, h, w]
-        (eager, at this backend's precision), for callers that weigh CFG rows themselves (the cluster)."""
+        (at this backend's precision), for callers that weigh CFG rows themselves (the cluster)."""
         with self._math():
-            if self._autocast_dtype is None:
-                return self._guided.unet(x, t, embed)
-            with torch.autocast(self.device.type, dtype=self._autocast_dtype, cache_enabled=False):
-                return self._guided.unet(x, t, embed).float()
+            return self._rows_call(x, t, embed)
+
+    def _rows_autocast(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        if self._autocast_dtype is None:
+            return self._guided.unet(x, t, embed)
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype, cache_enabled=False):
+            return self._guided.unet(x, t, embed).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ccld_trt.backends.base import GraphBackend
 from ccld_trt.backends.tensorrt_backend import engines_flavor
 from ccld_trt.engines import engine as engine_module
 from ccld_trt.engines import flavor as flavor_module
+from ccld_trt.engines import runtime_cache as runtime_cache_module
 from ccld_trt.engines import sidecar as sidecar_module
 from ccld_trt.engines.build import (
     BuildOptions,
@@ -51,6 +52,7 @@ from ccld_trt.engines.profiles import (
     graph_profile,
     outside_profile,
 )
+from ccld_trt.engines.runtime_cache import RuntimeCacheFile
 from ccld_trt.engines.sidecar import (
     REBUILD_HINT,
     Sidecar,
@@ -192,6 +194,9 @@ class FakeContext:
         self.addresses[name] = address
         return True
 
+    def set_device_memory(self, address: int, size: int) -> None:
+        self.scratch = (address, size)
+
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         n, _, h, w = self.inputs["latents"]
         return (n, 3, 8 * h, 8 * w)
@@ -264,9 +269,13 @@ class FakeContextMaker:
         self.launches: list = []
         self.contexts: list[FakeContext] = []
 
-    def create_execution_context(self) -> FakeContext:
-        self.contexts.append(FakeContext(self.launches))
-        return self.contexts[-1]
+    device_memory_size_v2 = 4096  # scratch bytes a context needs
+
+    def create_execution_context(self, strategy: str = "static") -> FakeContext:
+        context = FakeContext(self.launches)
+        context.strategy = strategy  # type: ignore[attr-defined]
+        self.contexts.append(context)
+        return context
 
 
 def _graphed_engine(monkeypatch: pytest.MonkeyPatch) -> tuple[Engine, FakeContextMaker, list[tuple[int, ...]]]:
@@ -276,6 +285,8 @@ def _graphed_engine(monkeypatch: pytest.MonkeyPatch) -> tuple[Engine, FakeContex
     engine.profile = graph_profile("decoder", ProfileParams(batch=(1, 2, 8)))
     captured: list[tuple[int, ...]] = []
     monkeypatch.setattr(engine, "_capture", lambda context, stream: FakeGraph(context, captured))
+    strategies = types.SimpleNamespace(USER_MANAGED="user-managed")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(ExecutionContextAllocationStrategy=strategies))
     return engine, maker, captured
 
 
@@ -298,9 +309,12 @@ def test_alternating_shapes_replay_their_own_cuda_graphs(monkeypatch: pytest.Mon
     assert eager == [(4, 4, 32, 32), (2, 4, 32, 32)]  # the one eager launch before each capture
     replays = [launch[1][0] for launch in maker.launches if launch[0] == "replay"]
     assert replays == [4, 2] * 6
-    # each context was set to its own shape once, with its own buffers' addresses
+    # each context was set to its own shape once, with its own buffers' addresses, and one scratch for all
+    assert engine._scratch is not None
     for context, n in zip(maker.contexts, (4, 2), strict=True):
         assert context.shape_calls == 1 and context.addresses["images"] == buffers[n]["images"].data_ptr()
+        assert context.strategy == "user-managed"  # type: ignore[attr-defined]
+        assert context.scratch == (engine._scratch.data_ptr(), 4096)  # type: ignore[attr-defined]
 
 
 def test_cuda_graphs_are_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,27 +356,32 @@ def _rtx_engine(path: Path) -> tuple[Engine, FakeContext, FakeRuntimeCache]:
     engine, context = _fake_engine(flavor="tensorrt-rtx")
     engine.path = path
     cache = FakeRuntimeCache(context)
-    engine._runtime_cache = cache
+    engine.runtime_cache = RuntimeCacheFile(runtime_cache_file(path), cache)
     return engine, context, cache
+
+
+def _written(engine: Engine) -> None:
+    assert engine.runtime_cache is not None
+    if engine.runtime_cache.pending is not None:
+        engine.runtime_cache.pending.result()
 
 
 def test_rtx_runtime_cache_written_when_it_changed_off_the_hot_path_and_at_close(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine, _, cache = _rtx_engine(tmp_path / "decoder.engine")
     writes: list[tuple[bytes, str]] = []
-    real_write = engine_module.write_atomic
+    real_write = runtime_cache_module.write_atomic
 
     def write(path: Path, data: memoryview) -> None:
         writes.append((bytes(data), threading.current_thread().name))
         real_write(path, data)
 
-    monkeypatch.setattr(engine_module, "write_atomic", write)
-    monkeypatch.setattr(engine_module, "CACHE_SAVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(runtime_cache_module, "write_atomic", write)
+    monkeypatch.setattr(runtime_cache_module, "CACHE_SAVE_INTERVAL_S", 0.0)
     for _ in range(15):  # 15 split steps: 4 + 2 rows each
         for n in (4, 2):
             _step(engine, n)
-    if engine._pending is not None:
-        engine._pending.result()
+    _written(engine)
     # written once per new content (not on each of the 30 shape changes), on the writer thread
     assert len(writes) == 2 and all(name.startswith("ccld-trt-runtime-cache") for _, name in writes)
     cache.late.append("kernel compiled lazily after its shape's first launch")
@@ -387,15 +406,14 @@ def test_read_only_engine_directory_is_one_warning(tmp_path: Path, monkeypatch: 
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     engine, context, cache = _rtx_engine(blocker / "decoder.engine")  # every write there fails (OSError)
-    monkeypatch.setattr(engine_module, "CACHE_SAVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(runtime_cache_module, "CACHE_SAVE_INTERVAL_S", 0.0)
     with caplog.at_level(logging.WARNING):
         for n in (1, 2, 3, 1, 2):
             _step(engine, n)
-            if engine._pending is not None:
-                engine._pending.result()
+            _written(engine)
         cache.late.append("more")
         engine.close()
-        engine.save_runtime_cache()
+        engine.close()
     warnings = [r for r in caplog.records if "cannot save the TensorRT-RTX runtime cache" in r.getMessage()]
     assert len(warnings) == 1 and [launch[0] for launch in context.launches] == [1, 2, 3, 1, 2]
 
@@ -787,7 +805,9 @@ def test_build_and_run_a_tiny_text_encoder(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("embed", TensorProto.FLOAT, ["batch", 512])],
         [numpy_helper.from_array(weight.numpy(), "w")])
     onnx_path = tmp_path / "text_encoder.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), onnx_path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"ccld_trt.source_sha256": json.dumps({"cloob": "12" * 32})})  # a build needs it
+    onnx.save(model, onnx_path)
     engine_path = engine_file(tmp_path, "text_encoder", "fp32")
     profile = graph_profile("text_encoder", ProfileParams(conds_max=5))
     cache = tmp_path / "timing.cache"

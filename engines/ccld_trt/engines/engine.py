@@ -5,8 +5,7 @@ Regular TensorRT: the launch is captured into a torch CUDA graph by hand, one gr
 with its own execution context and buffers (a few, least recently used dropped first), so alternating shapes
 (a batch split 4 + 2) replay instead of capturing again. TensorRT-RTX: its own CUDA-graph strategy does that,
 and its just-in-time kernel specialisations are kept in a runtime cache file beside the engine, so the next
-start skips them; the cache is saved when it changed, at most every CACHE_SAVE_INTERVAL_S, on a writer thread,
-and at close; a cache that cannot be written is one warning.
+start skips them (engines.runtime_cache: saved when it changed, off the inference path, and at close).
 
 TensorRT is imported lazily: importing this module never needs it.
 """
@@ -15,23 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import math
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ccld_trt.engines.flavor import Flavor, require_flavor, require_tensorrt, rtx_logger, trt_logger
+from ccld_trt.engines.flavor import MODULES, Flavor, require_flavor, require_tensorrt, rtx_logger, trt_logger
 from ccld_trt.engines.profiles import Shape, ShapeRange, outside_profile
+from ccld_trt.engines.runtime_cache import RuntimeCacheFile, runtime_cache_file
 from ccld_trt.engines.sidecar import REBUILD_HINT
-from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GraphSpec
 from ccld_trt.export.shapes import bind_dims, resolve_dim
@@ -47,7 +44,6 @@ __all__ = ["Engine", "engine_file", "plan_buffers", "require_tensorrt", "runtime
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 4  # regular TensorRT with CUDA graphs: shape sets kept captured, each with its own context
-CACHE_SAVE_INTERVAL_S = 30.0  # TensorRT-RTX: how often a launch may check whether the runtime cache grew
 
 # TensorRT DataType name -> the dtype name graph_specs uses. An explicit table: trt.nptype raises TypeError for
 # BF16, FP8 and INT4, which numpy does not have.
@@ -66,11 +62,6 @@ def engine_file(engine_dir: Path, graph: str, precision: str) -> Path:
     """Where the engine of ``graph`` lives: ``<dir>/<graph>.fp16.engine`` (fp16) or ``<dir>/<graph>.engine``,
     mirroring the ONNX names ``<graph>.fp16.onnx`` / ``<graph>.onnx``."""
     return Path(engine_dir) / (f"{graph}.fp16.engine" if precision == "fp16" else f"{graph}.engine")
-
-
-def runtime_cache_file(engine_path: Path) -> Path:
-    """TensorRT-RTX's runtime cache of an engine: ``<engine>.runtime-cache``."""
-    return engine_path.with_name(engine_path.name + ".runtime-cache")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -166,14 +157,8 @@ class Engine:
         self._engine: CudaEngine | None = None
         self._context: Context | None = None
         self._runtime_config: Any = None  # TensorRT-RTX's IRuntimeConfig: must outlive the context made from it
-        self._runtime_cache: Any = None  # TensorRT-RTX's IRuntimeCache
-        self._cache_dirty = False  # a new shape ran since the cache last proved unchanged
-        self._cache_digest = ""  # SHA-256 of the cache bytes last saved (or read)
-        self._cache_checked = time.monotonic()
-        self._cache_broken = False  # could not be written: warned once, not tried again
-        self._cache_lock = threading.Lock()
-        self._writer: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self.runtime_cache: RuntimeCacheFile | None = None  # TensorRT-RTX's, saved to <engine>.runtime-cache
+        self._scratch: torch.Tensor | None = None  # device memory shared by the per-shape contexts
         self._storage: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, Shape] = {}
@@ -268,19 +253,13 @@ class Engine:
 
         config = engine.create_runtime_config()
         cache = config.create_runtime_cache()
-        path = runtime_cache_file(self.path)
-        if path.is_file():
-            data = path.read_bytes()
-            if cache.deserialize(data):
-                self._cache_digest = hashlib.sha256(data).hexdigest()
-            else:
-                log.warning("runtime cache %s does not fit this GPU or TensorRT-RTX: starting a new one", path)
-                cache.reset()
+        self.runtime_cache = RuntimeCacheFile(runtime_cache_file(self.path), cache)
+        self.runtime_cache.load()
         config.set_runtime_cache(cache)
         if self.cuda_graph:
             config.cuda_graph_strategy = trtx.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         # NVIDIA's own samples keep the runtime config (and its cache) alive as long as the context
-        self._runtime_config, self._runtime_cache = config, cache
+        self._runtime_config = config
         context = engine.create_execution_context(config)
         if context is None:
             raise UserError(f"{self.flavor} could not create an execution context for {self.path} "
@@ -313,7 +292,8 @@ class Engine:
         buffers = {name: self._storage[name][: math.prod(shape)].view(shape) for name, (shape, _) in plan.items()}
         self._bind(context, shapes, buffers, plan)
         self._buffers, self._shapes = buffers, shapes
-        self._cache_dirty = self._cache_dirty or self._runtime_cache is not None  # TensorRT-RTX specialises anew
+        if self.runtime_cache is not None:  # TensorRT-RTX specialises kernels for it
+            self.runtime_cache.new_shape()
         return buffers
 
     def _plan(self, shapes: dict[str, Shape]) -> dict[str, tuple[Shape, torch.dtype]]:
@@ -336,6 +316,24 @@ class Engine:
                 raise RuntimeError(f"{self.path.name}: output {t.name} is {list(got)}, graph_specs says "
                                    f"{list(plan[t.name][0])}")
 
+    def _slot_context(self) -> Any:
+        """A context for a new slot. The slots' contexts share one scratch allocation (TensorRT >= 10.1): they
+        run one at a time on one stream, and scratch holds nothing from one launch to the next."""
+        engine = self._engine
+        assert engine is not None
+        if not hasattr(engine, "device_memory_size_v2"):
+            return self._new_context()
+        size = int(engine.device_memory_size_v2)
+        if self._scratch is None or self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=torch.uint8, device=self.device)  # 512-byte aligned
+        strategy = importlib.import_module(MODULES[self.flavor]).ExecutionContextAllocationStrategy.USER_MANAGED
+        with self._device_scope():
+            context = engine.create_execution_context(strategy)
+        if context is None:
+            raise UserError(f"{self.flavor} could not create an execution context for {self.path}")
+        context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
+        return context
+
     def _slot_for(self, shapes: dict[str, Shape]) -> _Slot:
         """The slot of this shape set (made when new, the least recently used one dropped beyond MAX_GRAPHS)."""
         key = tuple(sorted(shapes.items()))
@@ -344,7 +342,7 @@ class Engine:
             if self._engine is None:
                 self.load()
             plan = self._plan(shapes)
-            context = self._new_context()
+            context = self._slot_context()
             buffers = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, (shape, dtype) in
                        plan.items()}
             self._bind(context, shapes, buffers, plan)
@@ -373,15 +371,15 @@ class Engine:
 
     def launch(self, stream: torch.cuda.Stream) -> None:
         """One launch on the allocated buffers: from a CUDA graph when asked for (regular TensorRT: the graph of
-        the current shape set, captured on its first launch); TensorRT-RTX: the runtime cache checked for new
-        kernels now and then (see maybe_save_runtime_cache)."""
+        the current shape set, captured on its first launch); TensorRT-RTX: the runtime cache looked at now and
+        then (RuntimeCacheFile.after_launch)."""
         if self.graphs_by_hand:
             self._replay(stream)
         else:
             assert self._context is not None
             self._execute(self._context, stream)
-        if self._cache_dirty:
-            self.maybe_save_runtime_cache()
+        if self.runtime_cache is not None:
+            self.runtime_cache.after_launch()
 
     def _execute(self, context: Any, stream: torch.cuda.Stream) -> None:
         if not context.execute_async_v3(stream.cuda_stream):
@@ -401,57 +399,7 @@ class Engine:
             self._execute(context, stream)
         return graph
 
-    def maybe_save_runtime_cache(self, interval_s: float | None = None) -> None:
-        """After a launch: when a new shape ran and ``interval_s`` (default CACHE_SAVE_INTERVAL_S) has passed
-        since the last look, serialize the runtime cache and, if it changed, write it on the writer thread.
-        Kernels compiled lazily after a shape's first launch are caught by a later look, or at close."""
-        interval = CACHE_SAVE_INTERVAL_S if interval_s is None else interval_s
-        if time.monotonic() - self._cache_checked < interval:
-            return
-        self._cache_checked = time.monotonic()
-        self._save_if_changed(background=True)
-
     def close(self) -> None:
-        """Save the runtime cache if it changed (waiting for the writer thread), then stop the writer."""
-        if self._runtime_cache is not None:
-            self._save_if_changed(background=False)
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
-
-    def save_runtime_cache(self) -> None:
-        """Write TensorRT-RTX's runtime cache to ``<engine>.runtime-cache`` now if it changed (nothing for
-        regular TensorRT); a cache that cannot be written is a warning, once."""
-        if self._runtime_cache is not None:
-            self._save_if_changed(background=False)
-
-    def _save_if_changed(self, background: bool) -> None:
-        if self._cache_broken:
-            self._cache_dirty = False
-            return
-        data = bytes(memoryview(self._runtime_cache.serialize()))
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == self._cache_digest:
-            self._cache_dirty = False  # nothing new since the last save: stop looking until the next new shape
-            return
-        self._cache_digest = digest
-        if background:
-            if self._writer is None:
-                self._writer = ThreadPoolExecutor(1, thread_name_prefix="ccld-trt-runtime-cache")
-            self._pending = self._writer.submit(self._write_cache, data)
-        else:
-            if self._pending is not None:
-                self._pending.result()
-            self._write_cache(data)
-
-    def _write_cache(self, data: bytes) -> None:
-        path = runtime_cache_file(self.path)
-        with self._cache_lock:
-            if self._cache_broken:
-                return
-            try:
-                write_atomic(path, memoryview(data))
-            except OSError as e:
-                self._cache_broken = True
-                log.warning("cannot save the TensorRT-RTX runtime cache %s (%s): inference goes on, but the next "
-                            "start compiles its kernels again", path, e)
+        """Save TensorRT-RTX's runtime cache if it changed, and stop its writer thread."""
+        if self.runtime_cache is not None:
+            self.runtime_cache.close()

@@ -55,6 +55,9 @@ class _Recorder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.inner.decode(latents)
 
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_latents(images)
+
 
 def calibration_description(scale: float, prompts: Sequence[tuple[str, float, int]] = CALIBRATION_PROMPTS,
                             steps: int = CALIBRATION_STEPS) -> dict[str, Any]:

@@ -15,13 +15,15 @@ from ccld_trt import limits
 from ccld_trt.backends.base import Backend
 from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import load_image_prompt
+from ccld_trt.init_image import encode_init, load_init_image, noised_start
 from ccld_trt.samplers import METHODS, evaluations, needs_step_noise, sample
-from ccld_trt.schedule import sampling_timesteps
+from ccld_trt.schedule import method_timesteps, start_timesteps
 from ccld_trt.tokenizer import tokenize
 
 LATENT_CHANNELS = 4
 T = TypeVar("T")
 DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores
+DEFAULT_STRENGTH = 0.9  # image-to-image's starting timestep: the original cfg_sample.py's default
 
 
 class InvalidRequest(UserError):
@@ -47,6 +49,8 @@ class Request:
     method: str = "plms"
     eta: float = 0.0
     latent_size: tuple[int, int] = (32, 32)
+    init: Path | None = None  # image-to-image: the init image (None: text-to-image, from pure noise)
+    strength: float = DEFAULT_STRENGTH  # image-to-image: the starting timestep in (0, 1]; 1 is all noise
 
     def validate(self) -> None:
         """InvalidRequest naming the first invalid field."""
@@ -67,6 +71,13 @@ class Request:
         self._check_limits()
         if any(s < 1 for s in self.latent_size):
             raise InvalidRequest("latent_size", f"must be positive, got {self.latent_size}")
+        if self.init is not None:
+            if not 0.0 < self.strength <= 1.0:
+                raise InvalidRequest("strength", f"must be in (0, 1], got {self.strength}")
+            if not len(self.timesteps()):
+                smallest = float(method_timesteps(self.method, self.steps).min())
+                raise InvalidRequest("strength", f"{self.strength} is below every one of the {self.steps} timesteps "
+                                     f"(the last is {smallest:.3f}): raise it or the steps")
 
     def _check_limits(self) -> None:
         """InvalidRequest past the limits of every front end (``limits``: sizes this machine can hold, weights
@@ -90,11 +101,17 @@ class Request:
         if rows:
             raise InvalidRequest("batch_size", rows)
 
+    def timesteps(self) -> torch.Tensor:
+        """The sampler's timesteps, float32 [k] on the CPU: the method's ``steps`` timesteps, and with an init
+        image only those below ``strength`` (the original's ``--starting-timestep``), so k <= steps."""
+        t = method_timesteps(self.method, self.steps)
+        return start_timesteps(t, self.strength) if self.init is not None else t
+
     @property
     def evaluations(self) -> int:
         """U-Net/CFG evaluations over the whole job (one per batch per sampler evaluation)."""
         batches = -(-self.n // (self.batch_size or self.n))
-        return batches * evaluations(self.method, self.steps)
+        return batches * evaluations(self.method, len(self.timesteps()))
 
 
 def load_image_prompts(request: Request, image_size: int) -> list[tuple[torch.Tensor, float]]:
@@ -133,16 +150,23 @@ def draw_noise(request: Request) -> Noise:
     gen = torch.Generator().manual_seed(request.seed)
     shape = [request.n, LATENT_CHANNELS, *request.latent_size]
     x = torch.randn(shape, generator=gen)
-    step_noise = ([torch.randn(shape, generator=gen) for _ in range(request.steps - 1)]
+    step_noise = ([torch.randn(shape, generator=gen) for _ in range(len(request.timesteps()) - 1)]
                   if needs_step_noise(request.method, request.eta) else [])
     return Noise(x, step_noise)
 
 
 def sample_latents(backend: Backend, request: Request, conds: torch.Tensor, weights: torch.Tensor,
-                   on_evaluation: Callable[[], object] | None = None) -> torch.Tensor:
-    """Run the sampler over all n images in batches; latents float32 [n, 4, h, w] on the CPU (unscaled)."""
+                   on_evaluation: Callable[[], object] | None = None,
+                   init_latent: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the sampler over all n images in batches; latents float32 [n, 4, h, w] on the CPU (unscaled).
+
+    ``init_latent`` [1, 4, h, w] (``init_image.encode_init``; image-to-image): the start is it noised to the
+    first of ``request.timesteps()`` with the same first noise draw, as the original."""
     noise = draw_noise(request)
-    steps = sampling_timesteps(request.steps).to(backend.device)
+    timesteps = request.timesteps()
+    if init_latent is not None:
+        noise.x = noised_start(init_latent, noise.x, timesteps[0])
+    steps = timesteps.to(backend.device)
     batch = request.batch_size or request.n
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -192,9 +216,13 @@ def synchronize(device: torch.device) -> None:
 
 def generate(backend: Backend, request: Request, image_prompts: list[tuple[torch.Tensor, float]], scale: float,
              on_evaluation: Callable[[], object] | None = None,
-             on_stage: Callable[[str], None] | None = None) -> Generation:
+             on_stage: Callable[[str], None] | None = None, init_pixels: torch.Tensor | None = None) -> Generation:
     """The whole job: conditions, sampling in batches, decoding. ``image_prompts`` from ``load_image_prompts``;
-    ``on_stage`` is called with each stage's name as it starts, ``on_evaluation`` after each U-Net evaluation."""
+    ``on_stage`` is called with each stage's name as it starts, ``on_evaluation`` after each U-Net evaluation.
+    ``init_pixels``: ``request.init`` read by ``init_image.load_init_image`` (read here when not given); it is
+    encoded in the conditioning stage."""
+    if request.init is not None and init_pixels is None:
+        init_pixels = load_init_image(request.init, request.latent_size)
     seconds: dict[str, float] = {}
 
     def timed(name: str, work: Callable[[], T]) -> T:
@@ -206,7 +234,11 @@ def generate(backend: Backend, request: Request, image_prompts: list[tuple[torch
         seconds[name] = time.perf_counter() - start
         return out
 
-    conds, weights = timed("conditioning", lambda: conditions(backend, request, image_prompts))
-    latents = timed("sampling", lambda: sample_latents(backend, request, conds, weights, on_evaluation))
+    def condition() -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        init = None if init_pixels is None else encode_init(backend, init_pixels, scale)
+        return conditions(backend, request, image_prompts), init
+
+    (conds, weights), init = timed("conditioning", condition)
+    latents = timed("sampling", lambda: sample_latents(backend, request, conds, weights, on_evaluation, init))
     pixels = timed("decoding", lambda: decode(backend, latents, scale, request.batch_size))
     return Generation(latents, pixels, seconds)

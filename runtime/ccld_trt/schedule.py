@@ -70,3 +70,8 @@ def method_timesteps(method: str, steps: int, device: torch.device | str = "cpu"
         return log_snr_timesteps(steps, FAST_FINAL_LOG_SNR, device)
     return sampling_timesteps(steps, device)
 
+
+def start_timesteps(timesteps: torch.Tensor, start: float) -> torch.Tensor:
+    """Image-to-image's timesteps, as the original ``cfg_sample.py --init --starting-timestep``: those of
+    ``timesteps`` (any method's, after the schedule) below ``start``; the sampler starts at the first one."""
+    return timesteps[timesteps < start]

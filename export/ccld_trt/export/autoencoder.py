@@ -207,8 +207,9 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-            if hasattr(level, "downsample"):  # every level but the lowest resolution
-                h = level.downsample(h)
+            downsample = getattr(level, "downsample", None)  # every level but the lowest resolution has one
+            if downsample is not None:
+                h = downsample(h)
         h = self.mid(h)
         return self.conv_out(swish(self.norm_out(h)))
 

@@ -83,6 +83,7 @@ class _BatchedBackend:
     def __init__(self, serial: SerialBackend, batcher: StepBatcher[UNetCall, torch.Tensor], deadline: float) -> None:
         self.name, self.device = serial.name, serial.device
         self.encode_text, self.encode_image, self.decode = serial.encode_text, serial.encode_image, serial.decode
+        self.encode_latents = serial.encode_latents
         self._batcher = batcher
         self._deadline = deadline
 
@@ -159,7 +160,8 @@ class Replica:
 
         with self._in_flight():
             try:
-                result = generate(backend, job.request, job.image_pixels, job.autoencoder_scale, on_stage=on_stage)
+                result = generate(backend, job.request, job.image_pixels, job.autoencoder_scale, on_stage=on_stage,
+                                  init_pixels=job.init_pixels)
             finally:
                 if entered:
                     sampling.__exit__(None, None, None)

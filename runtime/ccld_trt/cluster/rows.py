@@ -99,3 +99,7 @@ class SerialBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self.lock:
             return self.inner.decode(latents)
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            return self.inner.encode_latents(images)

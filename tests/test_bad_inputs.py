@@ -268,9 +268,13 @@ def test_limits_at_their_bounds_are_accepted() -> None:
 def test_image_sizes_are_checked_from_the_header(images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from ccld_trt.image_prompt import load_image_prompt
 
-    decoded = []
+    decoded: list[tuple[int, int]] = []
     real_convert = Image.Image.convert
-    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(1) or real_convert(self, *a, **k))
+
+    def convert(self: Image.Image, *args: Any, **kwargs: Any) -> Image.Image:
+        decoded.append(self.size)
+        return real_convert(self, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "convert", convert)
     for name, words in (("line", "is 1x1000000; its long side may be at most 50 times"),
                         ("bomb", "is too large; the limit is 20 megapixels")):
         with pytest.raises(UserError, match=words):
@@ -336,7 +340,7 @@ def test_tokenizer_work_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.warns(UserWarning, match="truncated"):
         tokenizer.tokenize([huge, "painting " * 50_000])
     assert time.perf_counter() - start < 1.0  # was 3 s on an idle 2-core CPU for the first one alone
-    assert 0 < max(seen) and sum(seen) <= 2 * tokenizer.USEFUL_CHARS
+    assert max(seen) > 0 and sum(seen) <= 2 * tokenizer.USEFUL_CHARS
 
 
 def test_longest_vocabulary_token() -> None:
@@ -409,7 +413,7 @@ def test_full_disk_keeps_what_was_written_and_leaves_no_partial_file(tmp_path: P
 
     monkeypatch.setattr("ccld_trt.export.atomic.open", _FillingDisk(1000), raising=False)
     latents = np.ones((4, 4, 32, 32), np.float32)
-    with pytest.raises(UserError, match="writing latents file .* failed: No space left on device"):
+    with pytest.raises(UserError, match=r"writing latents file .* failed: No space left on device"):
         save_latents(latents, tmp_path / "latents.npy")
     assert not (tmp_path / "latents.npy").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_00000.png", "out_00001.png", "out_00002.png"]
@@ -443,3 +447,58 @@ def test_exclusive_atomic_write_never_replaces(tmp_path: Path) -> None:
     assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["taken"]
     write_atomic(tmp_path / "new", b"data", exclusive=True)
     assert (tmp_path / "new").read_bytes() == b"data"
+
+
+# ------------------------------------------------------------------------------------------------- the page
+
+
+@pytest.fixture(scope="module")
+def page_loader(seed3_dir: Path) -> Any:
+    from ccld_trt.export.models import ModelFiles
+    from ccld_trt.runner import BackendOptions, ModelSource, open_session
+    from ccld_trt.serve import ModelLoader
+
+    loader = ModelLoader(lambda: open_session(BackendOptions(), ModelSource(ModelFiles.resolve(seed3_dir))),
+                         "torch on cpu")
+    loader.start()
+    deadline = time.monotonic() + 300
+    while not loader.finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    loader.session()  # loaded, or the reason why not
+    return loader
+
+
+PAGE_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "huge prompt": ({"prompts": "a" * 100_000}, "100000 characters"),
+    "weights overflow": ({"prompts": "a:3e38\nb:3e38"}, "weight must be from -100 to 100, got 3e+38"),
+    "absurd weight": ({"prompts": "x:-1e30"}, "got -1e+30"),
+    "many prompts": ({"prompts": "\n".join(f"p{i}" for i in range(5000))}, "at most 8"),
+    "n": ({"n": 100_000}, "number of images must be from 1 to 16"),
+    "steps": ({"steps": 2_000_000, "method": "ddpm"}, "steps must be from 1 to 1000"),
+    "scale 0": ({"scale": 0}, "autoencoder scale must be positive and at most 100"),
+    "scale nan": ({"scale": math.nan}, "autoencoder scale"),
+    "image weight": ({"image": "wide", "image_weight": 1e30}, "weight"),
+    "line image": ({"image": "line"}, "at most 50 times"),
+    "bomb image": ({"image": "bomb"}, "20 megapixels"),
+}
+
+
+@pytest.mark.parametrize("case", PAGE_CASES)
+def test_page_refuses_fast_and_serves_on(case: str, page_loader: Any, images: dict[str, Path],
+                                         tmp_path: Path) -> None:
+    from ccld_trt.serve import generate_for_page
+
+    given, words = PAGE_CASES[case]
+    values: dict[str, Any] = {"prompts": "a lighthouse", "image": None, "image_weight": 3.0, "steps": 1,
+                              "method": "ddim", "seed": 0, "n": 1, "scale": 2.55, **given}
+    if isinstance(values["image"], str):
+        values["image"] = {"path": str(images[values["image"]])}
+    start = time.perf_counter()
+    with pytest.raises(UserError) as raised:
+        generate_for_page(page_loader, tmp_path, values["prompts"], values["image"], values["image_weight"],
+                          values["steps"], values["method"], values["seed"], values["n"], values["scale"])
+    assert time.perf_counter() - start < FAST_S
+    assert words in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
+    if case == "bomb image":  # the last case: the page still makes images
+        gallery, _, _ = generate_for_page(page_loader, tmp_path, "a lighthouse", None, 3.0, 1, "ddim", 0, 1, 2.55)
+        assert len(gallery) == 1

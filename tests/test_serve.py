@@ -336,7 +336,7 @@ def test_cli_refuses_remote_host_without_listen(capsys: pytest.CaptureFixture[st
 
 
 def test_parse_job_reads_the_page_values() -> None:
-    job = parse_job("a red house:2\n\n blue sky \n", None, 3.0, 10.0, "plms", "12", 2.0, 1.5)
+    job = parse_job("a red house:2\n\n blue sky \n", None, 3.0, 10.0, "plms", "12", 2.0, 1.5, image_size=32)
     request = job.request
     assert request.prompts == [("a red house", 2.0), ("blue sky", 3.0)]
     assert (request.steps, request.seed, request.n, request.method) == (10, 12, 2, "plms")
@@ -368,7 +368,7 @@ def test_page_handler_runs_without_gradio(seed3_dir: Path, tmp_path: Path) -> No
     gallery, files, summary = generate_for_page(loader, tmp_path, "a red house\n", None, 3.0, 3, "prk", 5, 2, 2.55,
                                                 progress=Tracker())
     assert gallery == files and len(files) == 2
-    job = parse_job("a red house", None, 3.0, 3, "prk", 5, 2, 2.55)
+    job = parse_job("a red house", None, 3.0, 3, "prk", 5, 2, 2.55, image_size=loader.session().image_size)
     solo = pipeline_generate(loader.session().backend, job.request, [], 2.55)
     for path, pixels in zip(files, solo.pixels, strict=True):
         assert np.array_equal(np.asarray(Image.open(path)), pixels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,8 +36,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 # How `sample` names the fields of a pipeline Request
-_REQUEST_FLAGS = {"n": "-n", "batch_size": "--batch-size", "steps": "--steps",
-                  "method": "--method", "eta": "--eta", "seed": "--seed"}
+_REQUEST_FLAGS = {"n": "-n", "batch_size": "--batch-size", "steps": "--steps", "method": "--method", "eta": "--eta",
+                  "seed": "--seed", "autoencoder_scale": "--autoencoder-scale", "init": "--init",
+                  "strength": "--strength"}
+
+
+def _init_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``--init`` / ``--strength`` as assemble's keywords; UserError for a strength without an init image."""
+    if args.init is None:
+        if args.strength is not None:
+            raise UserError("--strength is for image-to-image: give the image to start from with --init IMAGE")
+        return {}
+    return {"init": Path(args.init), **({} if args.strength is None else {"strength": args.strength})}
 
 
 def _sampler_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,45 +68,40 @@ def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
+    from ccld_trt.api import Pipeline
     from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
+    from ccld_trt.jobs import assemble
     from ccld_trt.limits import autoencoder_scale_problem
-    from ccld_trt.outputs import save_images, save_latents
-    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest, Request, generate, load_image_prompts
-    from ccld_trt.runner import open_session
+    from ccld_trt.outputs import save_latents
+    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 
-    request = Request(
-        prompts=[weighted(p, "prompt") for p in args.prompts],
-        image_prompts=[(Path(p), w) for p, w in (weighted(v, "image path") for v in args.images)],
-        n=args.n, batch_size=args.batch_size, seed=args.seed, eta=args.eta, **_sampler_fields(args),
-    )
+    models = model_source(args)
+    scale = args.autoencoder_scale
     try:
-        request.validate()
+        # every input is read here, before the (slow) model loading, so that a bad one fails at once
+        job = assemble([weighted(p, "prompt") for p in args.prompts],
+                       [(Path(p), w) for p, w in (weighted(v, "image path") for v in args.images)],
+                       image_size=cloob_image_size(load_cloob_config(models.files.cloob_config)),
+                       autoencoder_scale=DEFAULT_AUTOENCODER_SCALE if scale in (None, "checkpoint") else scale,
+                       n=args.n, batch_size=args.batch_size, seed=args.seed, eta=args.eta,
+                       **_sampler_fields(args), **_init_fields(args))
     except InvalidRequest as e:
         raise UserError(f"{_REQUEST_FLAGS.get(e.field, e.field)} {e.problem}") from e
-    if isinstance(args.autoencoder_scale, float) and (problem := autoencoder_scale_problem(args.autoencoder_scale)):
-        raise UserError(f"--autoencoder-scale {problem}")
     # where the results go is checked before the work too: made, written to and cleaned up again
     out_dir = Path(args.output_dir)
-    _check_outputs(request.n, request.latent_size, out_dir, args.save_latents)
-    models = model_source(args)
-    # read every input before the (slow) model loading, so that a bad one fails at once
-    image_prompts = load_image_prompts(request, cloob_image_size(load_cloob_config(models.files.cloob_config)))
-    options = backend_options(args).resolved()
-    session = open_session(options, models)
-    print(f"backend: {options.describe()}", file=sys.stderr)  # which backend and precision make these images
-    if session.demo:
+    _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
+    pipe = Pipeline.open(backend_options(args), models)
+    print(f"backend: {pipe.backend}", file=sys.stderr)  # which backend and precision make these images
+    if pipe.demo_weights:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
-    scale = session.checkpoint_autoencoder_scale if args.autoencoder_scale == "checkpoint" else (
-        DEFAULT_AUTOENCODER_SCALE if args.autoencoder_scale is None else args.autoencoder_scale)
-    if args.autoencoder_scale == "checkpoint" and (problem := autoencoder_scale_problem(scale)):
-        raise UserError(f"--autoencoder-scale checkpoint: the U-Net checkpoint's scale {problem}")
-    with tqdm(total=request.evaluations, desc="sampling", unit="eval", disable=None) as bar:
-        result = generate(session.backend, request, image_prompts, scale, on_evaluation=lambda: bar.update())
+    if scale == "checkpoint":
+        job = dataclasses.replace(job, autoencoder_scale=pipe.session.checkpoint_autoencoder_scale)
+        if problem := autoencoder_scale_problem(job.autoencoder_scale):
+            raise UserError(f"--autoencoder-scale checkpoint: the U-Net checkpoint's scale {problem}")
+    result = pipe.run(job)
     if args.save_latents:
         save_latents(result.latents.numpy(), Path(args.save_latents))
-    for path in save_images(result.pixels, out_dir):
+    for path in result.save(out_dir):
         print(path)
 
 
@@ -208,10 +214,11 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                           if limit is not None else default_client_limit(args.replicas * args.max_ongoing))
     spec = ClusterSpec(replicas=args.replicas, max_queue=args.max_queue, settings=settings, access=access)
     run_cluster(backend_options(args), model_source(args), spec, args.address, args.host, args.port,
-                listen=args.listen, insecure=args.insecure)
+                listen=args.listen, insecure=args.insecure, key_file=args.api_key_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ccld_trt.pipeline import DEFAULT_STRENGTH
     from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, METHODS
 
     parser = _Parser(prog="ccld-trt", description=__doc__)
@@ -230,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the fast preset: --method {FAST_METHOD} --steps {FAST_STEPS} ({FAST_STEPS} U-Net evaluations "
                    "instead of plms/50's 59; overrides --method and --steps; docs/solvers.md)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
+    p.add_argument("--init", metavar="IMAGE", help="image-to-image: start from this image (resized and "
+                   "centre-cropped to the output size) instead of pure noise")
+    p.add_argument("--strength", "--starting-timestep", dest="strength", type=float, metavar="S",
+                   help="with --init: the timestep to start at, in (0, 1]: how far the image is noised before "
+                   f"sampling; lower keeps more of it (default {DEFAULT_STRENGTH}, as the original's "
+                   "--starting-timestep; only the steps below it run)")
     p.add_argument("--autoencoder-scale", type=scale, metavar="F|checkpoint",
                    help="latent scale before decoding (default 2.55, as the published demo)")
     p.add_argument("--output-dir", default="outputs", help="where out_NNNNN.png go (default outputs/)")

@@ -21,15 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ccld_trt import limits
+from ccld_trt import jobs
 from ccld_trt.access import Keys, check_exposure, page_login
 from ccld_trt.access import check_host as check_host  # the --listen half of the host rule (re-exported)
 from ccld_trt.export.errors import UserError
-from ccld_trt.image_prompt import parse_prompt
+from ccld_trt.jobs import (  # noqa: F401 (MAX_UPLOAD_PIXELS, check_image_upload: the page's limits, re-exported)
+    MAX_IMAGES,
+    MAX_STEPS,
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_PIXELS,
+    Job,
+    check_image_upload,
+)
 from ccld_trt.outputs import save_images
-from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest, Request, generate, load_image_prompts
+from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, DEFAULT_STRENGTH, InvalidRequest
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 from ccld_trt.samplers import METHODS
 
@@ -40,11 +47,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-# the limits are every front end's, stated once in ccld_trt.limits
-MAX_STEPS, MAX_IMAGES, MAX_UPLOAD_BYTES = limits.MAX_STEPS, limits.MAX_IMAGES, limits.MAX_UPLOAD_BYTES
-MAX_UPLOAD_PIXELS = limits.MAX_IMAGE_PIXELS
-# Formats a browser would upload. Others that PIL opens (EPS runs Ghostscript, for one) are refused.
-UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # Ctrl-C waits at most this long for a running job to reach its next U-Net evaluation (where it is cancelled)
 STOP_WAIT_S = 60.0
 DEMO_WARNING = ("⚠ RANDOM DEMO WEIGHTS — these models were written by <code>ccld-trt demo-weights</code>: "
@@ -127,14 +129,6 @@ class ModelLoader:
 
 
 @dataclass(frozen=True)
-class Job:
-    """A validated request from the page, and the latent scale to decode it with."""
-
-    request: Request
-    autoencoder_scale: float
-
-
-@dataclass(frozen=True)
 class Timings:
     """Seconds per stage of one job (each measured after the device has finished its work)."""
 
@@ -175,72 +169,49 @@ def _real(value: Any, name: str) -> float:
     return number
 
 
-def check_image_upload(path: Path) -> None:
-    """UserError unless ``path`` is an image in a browser format of at most MAX_UPLOAD_PIXELS.
-
-    Only the header is read, so an oversized upload costs no memory; a file that is cut short after its header
-    is reported when the job loads it.
-    """
-    limit = f"the limit is {MAX_UPLOAD_PIXELS / 1e6:g} megapixels"
-    try:
-        with Image.open(path, formats=UPLOAD_FORMATS) as image:
-            width, height = image.size
-            if width * height > MAX_UPLOAD_PIXELS:
-                raise UserError(f"the image prompt is {width}x{height} ({width * height / 1e6:.1f} megapixels); "
-                                f"{limit}")
-    except Image.DecompressionBombError:  # over twice MAX_IMAGE_PIXELS: PIL refuses it in open()
-        raise UserError(f"the image prompt is too large; {limit}") from None
-    except UnidentifiedImageError:
-        raise UserError(f"the image prompt is not an image in a supported format ({', '.join(UPLOAD_FORMATS)})"
-                        ) from None
-
-
 # How the page names the fields of a pipeline Request
-_PAGE_NAMES = {"n": "the number of images", "seed": "the seed", "method": "the sampler"}
+_PAGE_NAMES = {"n": "the number of images", "seed": "the seed", "method": "the sampler",
+               "autoencoder_scale": "the autoencoder scale", "image_prompts[0].weight": "the image prompt weight",
+               "strength": "the strength"}
 
 
 def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: Any, seed: Any, n: Any,
-              autoencoder_scale: Any) -> Job:
-    """The page's raw input values -> a Job, or UserError naming the first bad value.
+              autoencoder_scale: Any, *, image_size: int, init: Any = None, strength: Any = None) -> Job:
+    """The page's raw input values -> a Job (the shared assembly's), or UserError naming the first bad value.
 
     ``prompts`` holds one TEXT[:WEIGHT] per line (blank lines ignored); ``image`` is Gradio's upload record
-    (a dict with the uploaded file's ``path``) or None.
+    (a dict with the uploaded file's ``path``) or None; ``image_size``: the CLOOB image encoder's input side.
+    ``init`` (image-to-image) is an upload record like ``image``, ``strength`` its starting timestep.
     """
     if prompts is not None and not isinstance(prompts, str):
         raise UserError(f"prompts must be text, got {prompts!r}")
-    text_prompts = []
-    for number, line in enumerate((prompts or "").splitlines(), 1):
-        if not line.strip():
-            continue
-        text, weight = parse_prompt(line.strip())
-        if not text:
-            raise UserError(f"prompt line {number} has no text: {line!r}")
-        text_prompts.append((text, weight))
+    numbered = [(number, line.strip()) for number, line in enumerate((prompts or "").splitlines(), 1)
+                if line.strip()]
     image_prompts = []
     if image is not None:
         path = image.get("path") if isinstance(image, dict) else None
         if not path:
             raise UserError("the image prompt upload was not received; upload it again")
-        check_image_upload(Path(path))
         image_prompts.append((Path(path), _real(image_weight, "the image prompt weight")))
-    steps = _whole(steps, "steps")
-    if steps > MAX_STEPS:
-        raise UserError(f"steps must be from 1 to {MAX_STEPS}, got {steps}")
-    n = _whole(n, "the number of images")
-    if n > MAX_IMAGES:
-        raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, got {n}")
-    scale = _real(autoencoder_scale, "the autoencoder scale")
-    if problem := limits.autoencoder_scale_problem(scale):
-        raise UserError(f"the autoencoder scale {problem}")
-    request = Request(prompts=text_prompts, image_prompts=image_prompts, n=n, seed=_whole(seed, "the seed"),
-                      steps=steps, method=method)
+    init_fields: dict[str, Any] = {}
+    if init is not None:
+        init_path = init.get("path") if isinstance(init, dict) else None
+        if not init_path:
+            raise UserError("the init image upload was not received; upload it again")
+        init_fields = {"init": Path(init_path), "strength": _real(strength, "the strength")}
     try:
-        request.validate()  # the lower bounds, the seed's range and the sampler's name
+        return jobs.assemble([line for _, line in numbered], image_prompts, image_size=image_size, untrusted=True,
+                             autoencoder_scale=_real(autoencoder_scale, "the autoencoder scale"),
+                             steps=_whole(steps, "steps"), n=_whole(n, "the number of images"),
+                             seed=_whole(seed, "the seed"), method=method, **init_fields)
     except InvalidRequest as e:
         if e.field == "prompts":
             raise UserError("enter a prompt or upload an image prompt") from e
+        if e.field.startswith("prompts["):  # "prompts[i]": the i-th non-blank line
+            index, part = e.field[len("prompts["):].split("]", 1)
+            what = f"prompt line {numbered[int(index)][0]}" + (f" {part.lstrip('.')}" if part else "")  # its weight
+            raise UserError(f"{what} {e.problem}") from e
         raise UserError(f"{_PAGE_NAMES.get(e.field, e.field)} {e.problem}") from e
-    return Job(request, scale)
 
 
 def run_job(session: Session, job: Job, out_dir: Path, on_stage: Callable[[str], None] | None = None,
@@ -250,8 +221,7 @@ def run_job(session: Session, job: Job, out_dir: Path, on_stage: Callable[[str],
     ``on_stage`` is called with "conditioning", "sampling" and "decoding" as each stage starts,
     ``on_evaluation`` after each U-Net evaluation.
     """
-    image_prompts = load_image_prompts(job.request, session.image_size)
-    result = generate(session.backend, job.request, image_prompts, job.autoencoder_scale, on_evaluation, on_stage)
+    result = jobs.run(session.backend, job, on_evaluation, on_stage)
     timings = Timings(result.seconds["conditioning"], result.seconds["sampling"], result.seconds["decoding"],
                       job.request.evaluations)
     return save_images(result.pixels, out_dir), timings
@@ -270,7 +240,8 @@ def _job_dir(root: Path) -> Path:
 
 def generate_for_page(loader: ModelLoader, work_dir: Path, prompts: Any, image: Any, image_weight: Any, steps: Any,
                       method: Any, seed: Any, n: Any, autoencoder_scale: Any,
-                      progress: Callable[..., object] | None = None) -> tuple[list[str], list[str], str]:
+                      progress: Callable[..., object] | None = None, *, init: Any = None,
+                      strength: Any = None) -> tuple[list[str], list[str], str]:
     """What the page's Generate button does with its raw values (see parse_job): the job's PNGs, written into a
     fresh directory under ``work_dir``, as (gallery paths, download paths, summary Markdown). UserError for bad
     input, or while the models are loading or after they failed to.
@@ -278,8 +249,9 @@ def generate_for_page(loader: ModelLoader, work_dir: Path, prompts: Any, image: 
     ``progress`` is called as Gradio's progress tracker is: ``progress((done, total), desc=..., unit=...)`` per
     U-Net evaluation and ``progress(fraction, desc=stage)`` as each stage starts.
     """
-    job = parse_job(prompts, image, image_weight, steps, method, seed, n, autoencoder_scale)
     session = loader.session()
+    job = parse_job(prompts, image, image_weight, steps, method, seed, n, autoencoder_scale,
+                    image_size=session.image_size, init=init, strength=strength)
     done, total = 0, job.request.evaluations
     report = progress if progress is not None else (lambda *args, **kwargs: None)  # gr.Progress is falsy
 
@@ -315,12 +287,12 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
     import gradio as gr
 
     def on_generate(prompts: Any, image: Any, image_weight: Any, steps: Any, method: Any, seed: Any, n: Any,
-                    autoencoder_scale: Any,
+                    autoencoder_scale: Any, init: Any = None, strength: Any = None,
                     progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio asks to inject a tracker)
                     ) -> tuple[list[str], list[str], str]:
         try:
             return generate_for_page(loader, work_dir, prompts, image, image_weight, steps, method, seed, n,
-                                     autoencoder_scale, progress)
+                                     autoencoder_scale, progress, init=init, strength=strength)
         except UserError as e:
             raise gr.Error(str(e), duration=None, print_exception=False) from e
         except Exception as e:  # the page must get an answer; the traceback goes to the server log
@@ -354,6 +326,12 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
                     n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="n")
                     scale = gr.Number(DEFAULT_AUTOENCODER_SCALE, label="Autoencoder scale", elem_id="scale",
                                       info="latents × this before decoding (2.55, as the published demo)")
+                with gr.Row():
+                    init = gr.Image(label="Init image (optional: image to image)", type="filepath", image_mode=None,
+                                    sources=["upload", "clipboard"], elem_id="init-image")
+                    strength = gr.Slider(0.01, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Strength",
+                                         elem_id="strength", info="with an init image: the timestep to start at; "
+                                         "lower keeps more of the image")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png", elem_id="gallery",
@@ -362,7 +340,7 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
                 timings = gr.Markdown(elem_id="timings")
         # Raw inputs (preprocess=False): Gradio's image preprocessing would open the upload before the size
         # and format checks of parse_job, and its errors reach the page only as a bare "Error".
-        button.click(on_generate, inputs=[prompts, image, image_weight, steps, method, seed, n, scale],
+        button.click(on_generate, inputs=[prompts, image, image_weight, steps, method, seed, n, scale, init, strength],
                      outputs=[gallery, files, timings], api_name="generate", preprocess=False,
                      concurrency_limit=1, concurrency_id="device")
         timer = gr.Timer(1.0, active=not loader.finished)

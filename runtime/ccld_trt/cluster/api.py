@@ -1,33 +1,33 @@
-"""The cluster's HTTP JSON: a /v1/generate body -> a validated pipeline Request, and images -> the response.
+"""The cluster's HTTP JSON: a /v1/generate body -> a validated Job, and images -> the response.
 
-Validation is the library's (``parse_prompt``, ``Request.validate``, the page's image and size limits) plus
-JSON types; every problem is one line naming the JSON field.
+The body's JSON types are checked here; the rest is the shared assembly's (``jobs.assemble``: prompts, weights,
+``Request.validate``, the limits on requests from other people, image checks). Every problem is one line naming
+the JSON field.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ccld_trt import jobs
 from ccld_trt.export.errors import UserError, first_line
-from ccld_trt.image_prompt import load_image_prompt, parse_prompt
+from ccld_trt.jobs import MAX_UPLOAD_BYTES
 from ccld_trt.limits import MAX_BODY_BYTES
-from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest, Request
-from ccld_trt.serve import MAX_IMAGES, MAX_STEPS, MAX_UPLOAD_BYTES, check_image_upload
+from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 
 FIELDS = ("prompts", "image_prompts", "seed", "steps", "method", "eta", "n", "batch_size", "autoencoder_scale",
-          "timeout_s", "return_latents")
+          "timeout_s", "return_latents", "init_image", "strength")
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -36,20 +36,18 @@ class BadRequest(UserError):
 
 
 @dataclass(frozen=True)
-class Job:
-    """A validated /v1/generate body. ``image_pixels``: each image prompt as CLOOB input [1, 3, S, S] in [0, 1]
-    with its weight (the Request's image prompt paths are only their names in the body)."""
+class Job(jobs.Job):
+    """A validated /v1/generate body: the shared assembly's Job (request, image prompt pixels with their
+    weights, autoencoder scale) and the API's own settings."""
 
-    request: Request
-    image_pixels: list[tuple[torch.Tensor, float]]
-    autoencoder_scale: float
-    timeout_s: float
+    timeout_s: float = DEFAULT_TIMEOUT_S
     return_latents: bool = False  # also answer the final latents (float32, before the autoencoder scale)
 
 
 def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    """body[name] as an int (``default`` when absent); null only where the default is null."""
     value = body.get(name, default)
-    if value is None:
+    if value is None and default is None:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -66,23 +64,14 @@ def _number(body: dict[str, Any], name: str, default: float, label: str | None =
     return float(value)
 
 
-def _text_prompts(value: Any) -> list[tuple[str, float]]:
+def _text_prompts(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise BadRequest(f"prompts must be a list of \"text:weight\" strings, got {value!r}")
-    prompts = []
-    for i, prompt in enumerate(value):
-        try:
-            text, weight = parse_prompt(prompt)
-        except UserError as e:
-            raise BadRequest(f"prompts[{i}]: {e}") from None
-        if not text:
-            raise BadRequest(f"prompts[{i}] has no text: {prompt!r}")
-        prompts.append((text, weight))
-    return prompts
+    return value
 
 
-def _image_prompts(value: Any, image_size: int) -> list[tuple[torch.Tensor, float]]:
-    """[{"image": base64 PNG/JPEG, "weight": w}, ...] -> CLOOB input pixels with weights."""
+def _image_prompts(value: Any) -> list[tuple[bytes, float]]:
+    """[{"image": base64 PNG/JPEG, "weight": w}, ...] -> (encoded image, weight) for the shared assembly."""
     if not isinstance(value, list):
         raise BadRequest(f"image_prompts must be a list of {{\"image\": base64, \"weight\": number}}, got {value!r}")
     out = []
@@ -90,24 +79,33 @@ def _image_prompts(value: Any, image_size: int) -> list[tuple[torch.Tensor, floa
         name = f"image_prompts[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("image"), str) or set(item) - {"image", "weight"}:
             raise BadRequest(f"{name} must be {{\"image\": base64 PNG/JPEG, \"weight\": number}}")
-        weight = _number(item, "weight", 3.0, f"{name}.weight")
-        if len(item["image"]) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
-            raise BadRequest(f"{name} is over {MAX_UPLOAD_BYTES // 2**20} MiB")
-        try:
-            data = base64.b64decode(item["image"], validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequest(f"{name}.image is not valid base64") from None
-        # the image goes through the same checks and preprocessing as a file given to `sample` or the page
-        with tempfile.TemporaryDirectory(prefix="ccld-trt-prompt-") as tmp:
-            path = Path(tmp) / "image"
-            path.write_bytes(data)
-            try:
-                check_image_upload(path)
-                pixels = load_image_prompt(path, image_size)
-            except UserError as e:
-                raise BadRequest(f"{name}: {str(e).replace(str(path), 'the image')}") from None
-        out.append((pixels, weight))
+        weight = _number(item, "weight", jobs.DEFAULT_WEIGHT, f"{name}.weight")
+        out.append((_image_bytes(item["image"], name, f"{name}.image"), weight))
     return out
+
+
+def _image_bytes(value: str, name: str, field: str) -> bytes:
+    """A base64 image of the body -> its bytes, within MAX_UPLOAD_BYTES; BadRequest naming ``field``."""
+    if len(value) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+        raise BadRequest(f"{name} is over {MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{field} is not valid base64") from None
+
+
+def _init_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``init_image`` (base64 PNG/JPEG) and ``strength`` -> the shared assembly's ``init`` / ``strength``."""
+    if body.get("init_image") is None:
+        if "strength" in body:
+            raise BadRequest("strength is for image-to-image: give the image to start from as init_image")
+        return {}
+    if not isinstance(body["init_image"], str):
+        raise BadRequest("init_image must be a base64 PNG/JPEG string")
+    fields: dict[str, Any] = {"init": _image_bytes(body["init_image"], "init_image", "init_image")}
+    if "strength" in body:
+        fields["strength"] = _number(body, "strength", 0.0)
+    return fields
 
 
 def parse_generate(raw: bytes, image_size: int) -> Job:
@@ -126,37 +124,33 @@ def parse_generate(raw: bytes, image_size: int) -> Job:
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
-    prompts = _text_prompts(body.get("prompts", []))
-    images = _image_prompts(body.get("image_prompts", []), image_size)
     method = body.get("method", "plms")
     if not isinstance(method, str):
         raise BadRequest(f"method must be a string, got {method!r}")
     steps, n = _integer(body, "steps", 50), _integer(body, "n", 1)
-    assert steps is not None and n is not None  # they have defaults
-    if steps > MAX_STEPS:
-        raise BadRequest(f"steps must be <= {MAX_STEPS}, got {steps}")
-    if n > MAX_IMAGES:
-        raise BadRequest(f"n must be <= {MAX_IMAGES}, got {n}")
-    scale = _number(body, "autoencoder_scale", DEFAULT_AUTOENCODER_SCALE)
-    if scale <= 0:
-        raise BadRequest(f"autoencoder_scale must be positive, got {scale}")
     timeout = _number(body, "timeout_s", DEFAULT_TIMEOUT_S)
     if timeout <= 0:
         raise BadRequest(f"timeout_s must be positive, got {timeout}")
-    request = Request(prompts=prompts, image_prompts=[(Path(f"image_prompts[{i}]"), w) for i, (_, w) in
-                                                      enumerate(images)],
-                      n=n, batch_size=_integer(body, "batch_size", None), seed=_integer(body, "seed", 0) or 0,
-                      steps=steps, method=method, eta=_number(body, "eta", 0.0))
+    latents = body.get("return_latents", False)
+    if not isinstance(latents, bool):
+        raise BadRequest(f"return_latents must be true or false, got {latents!r}")
     try:
-        request.validate()
+        job = jobs.assemble(
+            _text_prompts(body.get("prompts", [])), _image_prompts(body.get("image_prompts", [])),
+            image_size=image_size, untrusted=True,
+            autoencoder_scale=_number(body, "autoencoder_scale", DEFAULT_AUTOENCODER_SCALE),
+            n=n, batch_size=_integer(body, "batch_size", None), seed=_integer(body, "seed", 0), steps=steps,
+            method=method, eta=_number(body, "eta", 0.0), **_init_fields(body))
     except InvalidRequest as e:
         if e.field == "prompts":
             raise BadRequest("prompts and image_prompts are both empty: give a text or an image prompt") from e
         raise BadRequest(str(e)) from e
-    latents = body.get("return_latents", False)
-    if not isinstance(latents, bool):
-        raise BadRequest(f"return_latents must be true or false, got {latents!r}")
-    return Job(request, images, scale, timeout, latents)
+    except BadRequest:
+        raise
+    except UserError as e:  # a prompt that does not parse, an image that does not load
+        raise BadRequest(str(e)) from e
+    shared = {f.name: getattr(job, f.name) for f in dataclasses.fields(jobs.Job)}
+    return Job(**shared, timeout_s=timeout, return_latents=latents)
 
 
 def png_base64(pixels: np.ndarray) -> list[str]:

@@ -12,6 +12,9 @@ from ccld_trt.cli_args import add_backend_args, backend_options
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.solver_oracle or args.steps_to_quality:
+        _cmd_solvers(args)
+        return
     from ccld_trt.benchmarks.suite import BenchConfig, run_bench
 
     config = BenchConfig.preset(
@@ -23,6 +26,26 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(paths.markdown.read_text())
     for path in (paths.json, paths.markdown, paths.plot):
         print(path)
+
+
+def _cmd_solvers(args: argparse.Namespace) -> None:
+    """--solver-oracle (the mixture-of-Gaussians table of docs/solvers.md) and/or --steps-to-quality."""
+    if args.solver_oracle:
+        from ccld_trt.benchmarks.solver_oracle import oracle_rows, oracle_table
+
+        print(oracle_table(oracle_rows()))
+    if args.steps_to_quality:
+        from ccld_trt.benchmarks.steps_to_quality import QualityConfig, run_steps_to_quality
+
+        defaults = QualityConfig()
+        config = QualityConfig(methods=args.methods or defaults.methods, step_counts=args.step_counts or
+                               defaults.step_counts, reference_steps=args.reference_steps or defaults.reference_steps)
+        _, paths = run_steps_to_quality((args.backends or ("torch",))[0], args.device,
+                                        Path(args.models) if args.models else None, args.demo_size,
+                                        Path(args.output), config)
+        print(paths[1].read_text())
+        for path in paths:
+            print(path)
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> None:
@@ -84,6 +107,18 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--engine-builds", action="store_true",
                    help="also build the four fp16 TensorRT engines (TensorRT-RTX on a machine without a GPU) "
                         "and report their build time and size")
+    s = p.add_argument_group("samplers (issue 24)")
+    s.add_argument("--steps-to-quality", action="store_true",
+                   help="instead of the suite: per sampler and step count, U-Net evaluations, end-to-end seconds on "
+                        "the first of --backends (default torch) and PSNR against a converged reference")
+    s.add_argument("--methods", type=lambda v: tuple(m for m in v.split(",") if m), metavar="LIST",
+                   help="--steps-to-quality samplers (default plms,iplms,dpmpp-2m,dpmpp-3m)")
+    s.add_argument("--step-counts", type=_int_list, metavar="K,...",
+                   help="--steps-to-quality step counts (default 5,8,10,15,20,25,50)")
+    s.add_argument("--reference-steps", type=int, metavar="N",
+                   help="--steps-to-quality: steps of the converged reference (default 400)")
+    s.add_argument("--solver-oracle", action="store_true",
+                   help="instead of the suite: the samplers on a mixture-of-Gaussians oracle (seconds, no network)")
     p.set_defaults(func=cmd_bench)
     bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare,cluster}", parser_class=type(p))
     c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")

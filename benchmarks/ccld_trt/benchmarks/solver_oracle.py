@@ -24,6 +24,7 @@ LATENT_SHAPE = (4, 32, 32)
 STEP_COUNTS = (5, 8, 10, 15, 20, 25, 50)
 ORACLE_METHODS = ("ddim", "plms", "iplms", "dpmpp-2m", "dpmpp-3m")
 REFERENCE_STEPS = 2000
+REFERENCE_FINAL_LOG_SNR = 20.0  # where a converged run stops before its jump to t = 0 (jump error ~1e-9 there)
 
 
 def _bcast(a: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ def start_noise(n: int = 4, shape: tuple[int, ...] = LATENT_SHAPE, seed: int = 1
 def converged_endpoint(model: ModelFn, x: torch.Tensor, steps: int = REFERENCE_STEPS) -> torch.Tensor:
     """The ODE's endpoint at t = 0 from x at the first timestep: DPM-Solver++(3M) with ``steps`` float64 steps
     uniform in log-SNR down to log-SNR 20 (the final jump's error there is ~1e-9 of the signal)."""
-    return sample(model, x.double(), log_snr_timesteps(steps, 20.0).double(), "dpmpp-3m")
+    return sample(model, x.double(), log_snr_timesteps(steps, REFERENCE_FINAL_LOG_SNR).double(), "dpmpp-3m")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:

@@ -21,8 +21,8 @@ from ccld_trt.benchmarks.solver_oracle import (
 )
 from ccld_trt.samplers import (
     FAST_METHOD,
+    FAST_METHODS,
     FAST_STEPS,
-    LOG_SNR_METHODS,
     METHODS,
     ddim_sample,
     dpmpp_sample,
@@ -54,8 +54,8 @@ def counting(model):
     return counted, calls
 
 
-def test_original_six_keep_the_original_timesteps_and_fast_ones_step_in_log_snr():
-    for method in ("ddpm", "ddim", "prk", "plms", "pie", "plms2"):
+def test_original_six_and_iplms_keep_the_original_timesteps_and_dpm_solver_pp_steps_in_log_snr():
+    for method in ("ddpm", "ddim", "prk", "plms", "pie", "plms2", "iplms"):
         assert torch.equal(method_timesteps(method, 17), sampling_timesteps(17))
     t = method_timesteps("dpmpp-2m", 8).double()
     alpha, sigma = t_to_alpha_sigma(t)
@@ -66,7 +66,7 @@ def test_original_six_keep_the_original_timesteps_and_fast_ones_step_in_log_snr(
     assert torch.allclose(log_snr_to_t(log_snr), t, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", LOG_SNR_METHODS)
+@pytest.mark.parametrize("method", FAST_METHODS)
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_one_evaluation_per_step(method, steps):
     model, calls = counting(gaussian_model(torch.zeros([1, 4, 4, 4], dtype=torch.float64), 0.5))
@@ -134,7 +134,7 @@ def test_log_snr_spacing_beats_the_original_timesteps_for_dpm_solver_pp(mixture_
     assert log_snr >= 45 and log_snr - original >= 10
 
 
-@pytest.mark.parametrize("method", LOG_SNR_METHODS)
+@pytest.mark.parametrize("method", FAST_METHODS)
 def test_mixture_distance_falls_with_steps(mixture_oracle, method):
     model, x, reference = mixture_oracle
     db = [psnr(run(model, x, method, method_timesteps(method, k)), reference) for k in (5, 12, 25)]

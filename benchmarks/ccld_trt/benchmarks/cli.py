@@ -31,9 +31,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def _cmd_solvers(args: argparse.Namespace) -> None:
     """--solver-oracle (the mixture-of-Gaussians table of docs/solvers.md) and/or --steps-to-quality."""
     if args.solver_oracle:
-        from ccld_trt.benchmarks.solver_oracle import oracle_rows, oracle_table
+        from ccld_trt.benchmarks.solver_oracle import oracle_rows, oracle_table, spacing_table
 
         print(oracle_table(oracle_rows()))
+        print(spacing_table())
     if args.steps_to_quality:
         from ccld_trt.benchmarks.steps_to_quality import QualityConfig, run_steps_to_quality
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ccld_trt.samplers import ModelFn, evaluations, sample
-from ccld_trt.schedule import log_snr_timesteps, method_timesteps, t_to_alpha_sigma
+from ccld_trt.samplers import FAST_METHODS, ModelFn, evaluations, sample
+from ccld_trt.schedule import log_snr_timesteps, method_timesteps, sampling_timesteps, t_to_alpha_sigma
 
 LATENT_SHAPE = (4, 32, 32)
 STEP_COUNTS = (5, 8, 10, 15, 20, 25, 50)
@@ -134,4 +134,26 @@ def oracle_table(rows: list[dict[str, object]]) -> str:
     lines = ["| method | " + " | ".join(f"{k} steps" for k in counts) + " |",
              "| --- |" + " --- |" * len(counts)]
     lines += [f"| {m} | " + " | ".join(cell[(m, k)] for k in counts) + " |" for m in methods]
+    return "\n".join(lines) + "\n"
+
+
+SPACINGS = ("original", 4.0, 5.0, 6.0, 7.0, 8.0)  # the original's timesteps, or log-SNR-uniform down to this
+
+
+def spacing_table(mixture: Mixture | None = None, x: torch.Tensor | None = None,
+                  step_counts: tuple[int, ...] = STEP_COUNTS) -> str:
+    """Markdown: latent PSNR (dB) of each fast method per spacing (rows) and step count (columns): the measurement
+    behind schedule.method_timesteps."""
+    mixture = mixture or make_mixture()
+    x = start_noise() if x is None else x
+    model = mixture_model(mixture)
+    reference = converged_endpoint(model, x)
+    lines = ["| method | timesteps | " + " | ".join(f"{k}" for k in step_counts) + " |",
+             "| --- | --- |" + " ---: |" * len(step_counts)]
+    for method in FAST_METHODS:
+        for spacing in SPACINGS:
+            name = "original (time-uniform)" if spacing == "original" else f"log-SNR uniform to {spacing:g}"
+            cells = [psnr(run(model, x, method, sampling_timesteps(k) if spacing == "original"
+                              else log_snr_timesteps(k, float(spacing))), reference) for k in step_counts]
+            lines.append(f"| {method} | {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -173,3 +173,13 @@ def test_fast_flag_selects_the_preset():
     assert _sampler_fields(fast) == {"steps": FAST_STEPS, "method": FAST_METHOD}
     default = build_parser().parse_args(["sample", "a cat"])
     assert _sampler_fields(default) == {"steps": 50, "method": "plms"}
+
+
+def test_cluster_api_fast_selects_the_preset():
+    from ccld_trt.cluster.api import BadRequest, parse_generate
+
+    job = parse_generate(b'{"prompts": ["a cat"], "fast": true, "steps": 50}', 224)
+    assert (job.request.method, job.request.steps) == (FAST_METHOD, FAST_STEPS)
+    assert parse_generate(b'{"prompts": ["a cat"]}', 224).request.method == "plms"
+    with pytest.raises(BadRequest, match="fast must be true or false"):
+        parse_generate(b'{"prompts": ["a cat"], "fast": 1}', 224)

@@ -27,7 +27,7 @@ from ccld_trt.limits import MAX_BODY_BYTES
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 
 FIELDS = ("prompts", "image_prompts", "seed", "steps", "method", "eta", "n", "batch_size", "autoencoder_scale",
-          "timeout_s", "return_latents", "init_image", "strength")
+          "timeout_s", "return_latents", "init_image", "strength", "fast")
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -128,6 +128,13 @@ def parse_generate(raw: bytes, image_size: int) -> Job:
     if not isinstance(method, str):
         raise BadRequest(f"method must be a string, got {method!r}")
     steps, n = _integer(body, "steps", 50), _integer(body, "n", 1)
+    fast = body.get("fast", False)
+    if not isinstance(fast, bool):
+        raise BadRequest(f"fast must be true or false, got {fast!r}")
+    if fast:  # the fast preset, as `ccld-trt sample --fast`: it overrides method and steps
+        from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+
+        method, steps = FAST_METHOD, FAST_STEPS
     timeout = _number(body, "timeout_s", DEFAULT_TIMEOUT_S)
     if timeout <= 0:
         raise BadRequest(f"timeout_s must be positive, got {timeout}")

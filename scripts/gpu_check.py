@@ -8,11 +8,15 @@ Each step runs in its own process (the shell script gives each its own timeout) 
   again at the end so that CUDA graphs return to an earlier captured shape. fp32: latents rel <= 1e-3 and pixels
   within 2 of the goldens; fp16: pixel PSNR >= 35 dB; CUDA-graph modes also match their eager mode.
 - ``latency``: the full-size student U-Net/CFG step and the decoder, median of N timed calls after warm-up.
+- ``compiled``: eager vs CUDA graph vs torch.compile (``--compile``) and compiled + graph, fp32 and fp16: the
+  full-size U-Net/CFG and decoder at batch 1 and a 50-step PLMS image end to end, with PSNR and latents against
+  fp32 eager in the same run; fp32-compiled within the fp32 bounds, fp16 modes >= 35 dB, graph = its eager mode.
 - ``report``: merges the parts and the pytest JUnit XML into ``ROOT/<gpu-slug>/gpu-check-<time>.json`` and
   ``.md``, prints one summary line per check; exit status 0 if every check passed, 1 if one failed.
 
 ``--cpu-dry-run`` runs the same code on the CPU with one short case and tiny networks (bf16 for fp16, whose
-CPU autocast is very slow; no CUDA-graph modes), to catch mistakes before the GPU minutes are spent.
+CPU autocast is very slow; no CUDA-graph modes; compiled: fp32 and fp32-compiled only), to catch mistakes before
+the GPU minutes are spent.
 Only torch, numpy, pillow and pyyaml are needed: without ftfy/instant-clip-tokenizer the cases' prompts are
 tokenized from the ids below (a CPU test checks them against the tokenizer).
 """
@@ -226,7 +230,7 @@ def e2e_mode(name: str, precision: str, cuda_graph: bool, allow_tf32: bool | Non
     if cuda_graph:
         rel_eager = [r["rel_to_eager"] for r in rows if "rel_to_eager" in r]
         worst += f", max rel to eager {max(rel_eager):.2e}" if rel_eager else ", no eager run to compare"
-        worst += f", {backend._guided_call.captures} graphs"  # type: ignore[union-attr]
+        worst += f", {backend._guided_call.captures} graphs"  # type: ignore[attr-defined]
     summary = f"{worst}; {'; '.join(failures)}" if failures else worst
     return check(f"e2e {name}", "FAIL" if failures else "PASS", summary, precision=precision, cuda_graph=cuda_graph,
                  tf32=allow_tf32, cases=rows)
@@ -269,15 +273,17 @@ def step_e2e(dry_run: bool, case_names: list[str] | None, modes: list[str]) -> t
     return checks, {"device": device, "order": order}
 
 
-def latency_networks(size: str, device: str) -> Any:
-    """The demo-weights U-Net and decoder of ``size`` (seed 0: the values ``ccld-trt demo-weights`` writes),
-    built on ``device`` without writing checkpoints; the CLOOB encoders are left out (identity)."""
+def latency_networks(size: str, device: str, tmp: Path) -> Any:
+    """Networks with the demo-weights U-Net and decoder of ``size`` (seed 0: the values ``ccld-trt demo-weights``
+    writes), built on ``device`` without writing their checkpoints, and the small seed-3 demo CLOOB encoders
+    (written to ``tmp``): full-size CLOOB checkpoints would take minutes to write for a few ms of conditioning."""
+    import dataclasses
+
     import torch
-    from torch import nn
 
     from ccld_trt.export.autoencoder import AutoencoderDecoder
-    from ccld_trt.export.demo_weights import SIZES, init_tensor
-    from ccld_trt.export.models import Networks
+    from ccld_trt.export.demo_weights import SIZES, init_tensor, write_demo_weights
+    from ccld_trt.export.models import ModelFiles, load_networks
     from ccld_trt.export.unet import DiffusionModel
 
     base, multipliers, ddconfig = SIZES[size]
@@ -289,7 +295,8 @@ def latency_networks(size: str, device: str) -> Any:
         model.load_state_dict({k: torch.from_numpy(init_tensor(k, tuple(v.shape), 0))
                                for k, v in model.state_dict().items()})
         built.append(model.eval().requires_grad_(False))
-    return Networks(built[0], built[1], nn.Identity(), nn.Identity(), {}, 2.55)
+    write_demo_weights(tmp, "small", seed=3)
+    return dataclasses.replace(load_networks(ModelFiles.resolve(tmp)), unet=built[0], decoder=built[1])
 
 
 def time_ms(call: Callable[[], Any], device: Any, warmup: int, repeats: int) -> dict[str, float]:
@@ -319,7 +326,8 @@ def step_latency(dry_run: bool, modes: list[str]) -> tuple[list[Check], dict[str
     device = torch.device("cpu" if dry_run else "cuda")
     # the dry run: small networks on 8x8 latents (64x64 images), to stay quick on a CPU
     size, side, batches, warmup, repeats = ("small", 8, (1,), 1, 2) if dry_run else ("full", 32, (1, 4), 5, 30)
-    networks = latency_networks(size, str(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        networks = latency_networks(size, str(device), Path(tmp))
     gen = torch.Generator().manual_seed(0)
     conds = torch.cat([torch.zeros(1, 512), torch.randn(1, 512, generator=gen)]).to(device)  # 1 prompt + uncond
     weights = torch.tensor([-2.0, 3.0], device=device)
@@ -382,10 +390,111 @@ def step_latency(dry_run: bool, modes: list[str]) -> tuple[list[Check], dict[str
     return [check("latency", "FAIL" if errors or not rows else "PASS", summary)], info
 
 
+# compiled step: mode -> (precision, cuda_graph, compiled); the first mode is the reference of the others
+COMPARE_MODES: dict[str, tuple[str, bool, bool]] = {
+    "fp32": ("fp32", False, False), "fp32-compiled": ("fp32", False, True), "fp16": ("fp16", False, False),
+    "fp16-graph": ("fp16", True, False), "fp16-compiled": ("fp16", False, True),
+    "fp16-compiled-graph": ("fp16", True, True)}
+PLMS50_PROMPT = ("A peaceful meadow, pastel crayons", 3.0)
+
+
+def compare_mode(name: str, backend: Any, side: int, warmup: int, repeats: int, ref: dict[str, Any]) -> dict[str, Any]:
+    """One backend: U-Net/CFG and decoder latency at batch 1, then a 50-step PLMS image end to end (the first
+    run warms up and compiles, the second is timed) with its figures against ``ref`` (the reference mode's
+    latents and pixels, filled in by the first mode)."""
+    import torch
+
+    from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request, generate
+
+    gen = torch.Generator().manual_seed(0)
+    conds = torch.cat([torch.zeros(1, 512), torch.randn(1, 512, generator=gen)]).to(backend.device)
+    weights = torch.tensor([-2.0, 3.0], device=backend.device)
+    x = torch.randn(1, 4, side, side, generator=gen).to(backend.device)
+    t = torch.full([1], 0.5, device=backend.device)
+    row: dict[str, Any] = {"mode": name}
+    row["unet_cfg"] = time_ms(functools.partial(backend.unet, x, t, conds, weights), backend.device, warmup, repeats)
+    row["decoder"] = time_ms(functools.partial(backend.decode, x), backend.device, warmup, repeats)
+    request = Request(prompts=[PLMS50_PROMPT], n=1, seed=0, steps=50, method="plms", latent_size=(side, side))
+    for _ in range(2):
+        result = generate(backend, request, [], DEFAULT_AUTOENCODER_SCALE)
+    row["plms50"] = {stage: seconds * 1e3 for stage, seconds in result.seconds.items()}
+    row["plms50"]["total"] = sum(result.seconds.values()) * 1e3
+    latents = result.latents.numpy()
+    if not ref:
+        ref.update(mode=name, latents=latents, pixels=result.pixels)
+    row.update(figures(latents, result.pixels, ref["latents"], ref["pixels"]))
+    row["latents"] = latents
+    if backend.compilation is not None:
+        row["compilations"] = backend.compilation.compilations
+        row["compile_s"] = backend.compilation.compile_seconds
+        row["compiled"] = backend.compilation.summary()
+    return row
+
+
+def step_compiled(dry_run: bool, modes: list[str]) -> tuple[list[Check], dict[str, Any]]:
+    """Eager vs CUDA graph vs torch.compile (and compiled + graph): U-Net/CFG, decoder, a 50-step PLMS image end to
+    end, with PSNR against the first mode (fp32 eager) in the same run. Dry run: small networks on 8x8 latents,
+    fp32 and fp32-compiled only (compiling bf16 too would double minutes of CPU compile)."""
+    import numpy as np
+    import torch
+
+    from ccld_trt.backends.compiled import compile_problem, inductor_cache_dir
+    from ccld_trt.backends.torch_backend import TorchBackend
+
+    if not dry_run and not torch.cuda.is_available():
+        return [check("compiled", "FAIL", "torch sees no CUDA GPU")], {}
+    device = "cpu" if dry_run else "cuda"
+    size, side, warmup, repeats = ("small", 8, 1, 3) if dry_run else ("full", 32, 5, 30)
+    with tempfile.TemporaryDirectory() as tmp:
+        networks = latency_networks(size, device, Path(tmp))
+    problem = compile_problem(device)
+    rows: list[dict[str, Any]] = []
+    checks: list[Check] = []
+    ref: dict[str, Any] = {}
+    for mode in modes:
+        precision, cuda_graph, compiled = COMPARE_MODES[mode]
+        name = label(mode, dry_run)
+        if dry_run and (cuda_graph or precision != "fp32"):
+            continue
+        if compiled and problem is not None:
+            checks.append(check(f"compiled {name}", "FAIL", problem))
+            continue
+        try:
+            with tf32(False):
+                row = compare_mode(name, TorchBackend(networks, device, precision_here(precision, dry_run),
+                                                      cuda_graph, compiled), side, warmup, repeats, ref)
+        except Exception as e:
+            traceback.print_exc()
+            checks.append(check(f"compiled {name}", "FAIL", f"{type(e).__name__}: {e}"))
+            continue
+        eager = next((r for r in rows if r["mode"] == name.removesuffix("-graph")), None) if cuda_graph else None
+        if eager is not None:
+            row["rel_to_eager"] = float(np.linalg.norm(row["latents"] - eager["latents"]) /
+                                        np.linalg.norm(eager["latents"]))
+        bad = []
+        if precision == "fp32" and (row["latents_rel"] > FP32_LATENTS_REL or row["pixels_max_diff"] > FP32_PIXELS_DIFF):
+            bad.append(f"vs {ref['mode']}: latents rel {row['latents_rel']:.2e}, pixel diff {row['pixels_max_diff']}")
+        if precision != "fp32" and row["psnr_db"] < FP16_PSNR_DB:
+            bad.append(f"PSNR {row['psnr_db']:.1f} dB < {FP16_PSNR_DB:g}")
+        if row.get("rel_to_eager", 0.0) > GRAPH_VS_EAGER_REL[precision_here(precision, dry_run)]:
+            bad.append(f"rel to {name.removesuffix('-graph')} {row['rel_to_eager']:.2e}")
+        summary = (f"unet_cfg {row['unet_cfg']['median_ms']:.2f} ms, decoder {row['decoder']['median_ms']:.2f} ms, "
+                   f"50-step PLMS {row['plms50']['total']:.0f} ms, PSNR {row['psnr_db']:.1f} dB vs {ref['mode']}"
+                   + (f"; {row['compiled']}" if "compiled" in row else ""))
+        print(f"  compiled {name}: {summary}", flush=True)
+        checks.append(check(f"compiled {name}", "FAIL" if bad else "PASS", "; ".join([summary, *bad])))
+        rows.append(row)
+    for row in rows:
+        del row["latents"]
+    info = {"size": size, "latent": [side, side], "warmup": warmup, "repeats": repeats, "rows": rows,
+            "inductor_cache": inductor_cache_dir(), "reference": ref.get("mode")}
+    return checks, info
+
+
 def pytest_check(xml_path: Path, rc: int | None, dry_run: bool) -> Check:
     """Summarise ``pytest -m gpu``'s JUnit XML (rc None: pytest was not run)."""
     if rc is None:
-        return check("pytest -m gpu", "SKIP", "not run (pytest is not installed; see the log)")
+        return check("pytest -m gpu", "SKIP", "not run (not asked for, or pytest is not installed; see the log)")
     if not xml_path.is_file():
         return check("pytest -m gpu", "FAIL", f"no JUnit XML (exit status {rc}{', timed out' if rc == 124 else ''})")
     suites = ET.parse(xml_path).getroot()
@@ -431,6 +540,25 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{r['peak_mb']:.0f}" if "peak_mb" in r else ""] for r in latency["rows"]])
         lines += ["", f"Estimated 50-step PLMS ({latency['plms50_evaluations']} U-Net/CFG evaluations + decoder "
                       "fp32), ms: " + ", ".join(f"{k} {v:.0f}" for k, v in latency["plms50_ms_estimate"].items())]
+    compared = result.get("compiled", {})
+    if compared.get("rows"):
+        side = "x".join(map(str, compared["latent"]))
+        lines += ["", f"## Eager, CUDA graph, torch.compile ({compared['size']} U-Net and decoder, {side} latents, "
+                      f"batch 1, 2 CFG conditions; median of {compared['repeats']} after {compared['warmup']} "
+                      "warm-up calls; the 50-step PLMS image is the second run, conditioning + sampling + decoding)",
+                  ""]
+        plms = []
+        for r in compared["rows"]:
+            stages = " + ".join(f"{ms:.0f}" for stage, ms in r["plms50"].items() if stage != "total")
+            plms.append(f"{r['plms50']['total']:.0f} ({stages})")
+        lines += table(["mode", "unet_cfg ms", "decoder ms", "PLMS-50 image ms", f"PSNR dB vs {compared['reference']}",
+                        "latents rel", "rel to eager", "compilations", "compile s"],
+                       [[r["mode"], f"{r['unet_cfg']['median_ms']:.2f}", f"{r['decoder']['median_ms']:.2f}", image,
+                         f"{r['psnr_db']:.1f}", f"{r['latents_rel']:.2e}",
+                         f"{r['rel_to_eager']:.2e}" if "rel_to_eager" in r else "", r.get("compilations", ""),
+                         f"{r['compile_s']:.1f}" if "compile_s" in r else ""]
+                        for r, image in zip(compared["rows"], plms, strict=True)])
+        lines += ["", f"Inductor cache: {compared['inductor_cache']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -439,12 +567,14 @@ def step_report(parts: Path, root: Path, rcs: dict[str, int], pytest_ran: bool, 
 
     result: dict[str, Any] = {"kind": "gpu-check", "dry_run": dry_run, "checks": [],
                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for step in ("env", "pytest", "e2e", "latency"):
+    for step in ("env", "pytest", "e2e", "latency", "compiled"):
         if step == "pytest":
             result["checks"].append(pytest_check(parts / "pytest.xml", rcs.get("pytest") if pytest_ran else None,
                                                  dry_run))
             continue
         path = parts / f"{step}.json"
+        if step != "env" and step not in rcs and not path.is_file():
+            continue  # not asked for (gpu_check.sh --only)
         if path.is_file():
             part = json.loads(path.read_text())
             result["checks"] += part["checks"]
@@ -469,11 +599,12 @@ def step_report(parts: Path, root: Path, rcs: dict[str, int], pytest_ran: bool, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("step", choices=["env", "e2e", "latency", "report"])
+    p.add_argument("step", choices=["env", "e2e", "latency", "compiled", "report"])
     p.add_argument("--parts", type=Path, required=True, help="directory of the steps' JSON (and pytest.xml)")
     p.add_argument("--cpu-dry-run", action="store_true", help="run on the CPU, small and short")
     p.add_argument("--cases", help="comma-separated e2e cases (default: all; dry run: e2e_ddpm)")
-    p.add_argument("--modes", help=f"comma-separated modes (default: all of {', '.join(E2E_MODES)})")
+    p.add_argument("--modes", help="comma-separated modes of the step (default: all of its modes; e2e: "
+                                   f"{', '.join(E2E_MODES)}; compiled: {', '.join(COMPARE_MODES)})")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results",
                    help="report: results root; files go to OUTPUT/<gpu-slug>/")
     p.add_argument("--rc", action="append", default=[], metavar="STEP=N", help="report: a step's exit status")
@@ -492,9 +623,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.step == "e2e":
             checks, info = step_e2e(args.cpu_dry_run, args.cases.split(",") if args.cases else None,
                                     [m for m in (modes or E2E_MODES) if m in E2E_MODES])
-        else:
+        elif args.step == "latency":
             checks, info = step_latency(args.cpu_dry_run,
                                         [m for m in (modes or LATENCY_MODES) if m in LATENCY_MODES])
+        else:
+            checks, info = step_compiled(args.cpu_dry_run,
+                                         [m for m in (modes or COMPARE_MODES) if m in COMPARE_MODES])
     except Exception as e:  # reported as this step's failure; the other steps run in their own processes
         traceback.print_exc()
         checks, info = [check(args.step, "FAIL", f"{type(e).__name__}: {e}")], {}

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One GPU check of the torch CUDA paths, for a machine with torch + CUDA (no TensorRT needed, no network, no venv):
 # `pytest -m gpu`, the golden end-to-end cases in fp32 / fp16 autocast / --cuda-graph against the CPU fp32
-# goldens, and the latency of the full-size U-Net/CFG step and decoder. Each step has its own timeout (together
-# under 8 minutes; about 2 minutes expected on an H100/H200) and a failing step does not stop the others.
+# goldens, the latency of the full-size U-Net/CFG step and decoder, and eager vs CUDA graph vs torch.compile
+# (U-Net, decoder, a 50-step PLMS image, PSNR against fp32 eager in the same run). Each step has its own timeout
+# and a failing step does not stop the others. All steps: up to 12 minutes (about 2 minutes without the compiled
+# step on an H100/H200; its first compiles are not measured yet); --only runs some (env and report always run).
 #
-#   bash scripts/gpu_check.sh                # on the GPU machine, from any directory
-#   bash scripts/gpu_check.sh --cpu-dry-run  # the same code on the CPU, small and short (results in /tmp)
+#   bash scripts/gpu_check.sh                       # on the GPU machine, from any directory
+#   bash scripts/gpu_check.sh --only compiled       # steps of pytest,e2e,latency,compiled
+#   bash scripts/gpu_check.sh --cpu-dry-run         # the same code on the CPU, small and short (results in /tmp)
 #
 # Results: $OUT/<gpu-slug>/gpu-check-<time>.{json,md} when $OUT is set (a device tool returns what is under $OUT,
 # two folders deep at most), else benchmarks/results/<gpu-slug>/; the log goes to $OUT/gpu_check.log too.
@@ -14,7 +17,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DRY=()
-[ "${1:-}" = "--cpu-dry-run" ] && DRY=(--cpu-dry-run)
+ONLY=pytest,e2e,latency,compiled
+while [ $# -gt 0 ]; do
+  case $1 in
+    --cpu-dry-run) DRY=(--cpu-dry-run) ;;
+    --only) ONLY=$2; shift ;;
+    *) echo "usage: $0 [--cpu-dry-run] [--only STEP,...]" >&2; exit 2 ;;
+  esac
+  shift
+done
+wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
 export PYTHONPATH="export:engines:runtime:benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ -n "${OUT:-}" ]; then
   ROOT=$OUT
@@ -44,7 +56,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, record its exit st
 step env 40 "$PY" scripts/gpu_check.py env --parts "$PARTS" "${DRY[@]}"
 PYTEST_RAN=()
 mapfile -t GPU_TESTS < <(grep -l "mark\.gpu" tests/test_*.py)
-if [ ${#GPU_TESTS[@]} -eq 0 ]; then
+if ! wanted pytest; then
+  echo "== pytest: not asked for"
+elif [ ${#GPU_TESTS[@]} -eq 0 ]; then
   echo "== pytest: no test file has a GPU test"
 elif "$PY" -c "import pytest" 2>/dev/null; then
   PYTEST_RAN=(--pytest-ran)
@@ -54,8 +68,11 @@ elif "$PY" -c "import pytest" 2>/dev/null; then
 else
   echo "== pytest: not installed; skipped (the e2e step's --cuda-graph modes cover the shape checks)"
 fi
-step e2e 150 "$PY" scripts/gpu_check.py e2e --parts "$PARTS" "${DRY[@]}"
-step latency 110 "$PY" scripts/gpu_check.py latency --parts "$PARTS" "${DRY[@]}"
+wanted e2e && step e2e 150 "$PY" scripts/gpu_check.py e2e --parts "$PARTS" "${DRY[@]}"
+wanted latency && step latency 110 "$PY" scripts/gpu_check.py latency --parts "$PARTS" "${DRY[@]}"
+# a CPU compiles for minutes (more on a shared one), a GPU host's 16 cores in far less
+wanted compiled && step compiled "$([ ${#DRY[@]} -gt 0 ] && echo 900 || echo 270)" "$PY" scripts/gpu_check.py compiled \
+  --parts "$PARTS" "${DRY[@]}"
 step report 30 "$PY" scripts/gpu_check.py report --parts "$PARTS" --output "$ROOT" "${RCS[@]}" "${PYTEST_RAN[@]}" \
   "${DRY[@]}"
 RC=${RCS[-1]#*=}

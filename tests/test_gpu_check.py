@@ -50,6 +50,8 @@ def test_cpu_dry_run_reproduces_a_golden_case_and_reports(gpu_check, tmp_path, c
     dry = ["--parts", str(parts), "--cpu-dry-run"]
     assert gpu_check.main(["e2e", *dry, "--cases", "e2e_ddpm", "--modes", "fp32,fp32-graph"]) == 0
     assert gpu_check.main(["latency", *dry, "--modes", "fp32"]) == 0
+    # eager only: compiling takes CPU minutes (the compiled path has its own tests in test_compiled.py)
+    assert gpu_check.main(["compiled", *dry, "--modes", "fp32,fp16-graph"]) == 0
     # the env step is left out: the report must say so, and fail
     assert gpu_check.main(["report", *dry, "--output", str(out), "--rc", "env=124"]) == 1
     printed = capsys.readouterr().out
@@ -59,7 +61,7 @@ def test_cpu_dry_run_reproduces_a_golden_case_and_reports(gpu_check, tmp_path, c
     result = json.loads(json_path.read_text())
     checks = {c["check"]: c for c in result["checks"]}
     assert [c["check"] for c in result["checks"]] == ["env", "pytest -m gpu", "e2e fp32", "e2e fp32-graph",
-                                                      "latency"]
+                                                      "latency", "compiled fp32"]
     [case] = checks["e2e fp32"]["cases"]
     assert checks["e2e fp32"]["status"] == "PASS" and case["case"] == "e2e_ddpm"
     assert case["latents_rel"] < 1e-5 and case["pixels_max_diff"] <= 1  # the CPU fp32 run is the golden run
@@ -67,5 +69,10 @@ def test_cpu_dry_run_reproduces_a_golden_case_and_reports(gpu_check, tmp_path, c
     rows = {(r["stage"], r["mode"]): r for r in result["latency"]["rows"]}
     assert set(rows) == {("unet_cfg", "fp32"), ("decoder", "fp32"), ("decoder", "bf16")}
     assert all(0 < r["min_ms"] <= r["median_ms"] for r in rows.values())
+    assert checks["compiled fp32"]["status"] == "PASS"
+    [row] = result["compiled"]["rows"]  # the reference mode: its own figures are exact
+    assert row["mode"] == "fp32" and row["latents_rel"] == 0 and row["psnr_db"] == float("inf")
+    assert set(row["plms50"]) == {"conditioning", "sampling", "decoding", "total"}
     md = json_path.with_suffix(".md").read_text()
     assert "| e2e fp32 | PASS |" in md and "| unet_cfg | fp32 | 1 |" in md
+    assert "## Eager, CUDA graph, torch.compile" in md and "| fp32 | " in md

@@ -47,7 +47,8 @@ def _init_fields(args: argparse.Namespace) -> dict[str, Any]:
         if args.strength is not None:
             raise UserError("--strength is for image-to-image: give the image to start from with --init IMAGE")
         return {}
-    return {"init": Path(args.init), **({} if args.strength is None else {"strength": args.strength})}
+    # the string as given: a Path would fold "https://" into "https:/", hiding that it is a URL
+    return {"init": args.init, **({} if args.strength is None else {"strength": args.strength})}
 
 
 def _sampler_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -402,10 +402,10 @@ def test_engine_build_rows_time_and_size_each_engine(seed3_dir, tmp_path, monkey
     assert skip is None
     assert [r["graph"] for r in rows] == list(BACKEND_GRAPHS)
     assert [r["engine_mib"] for r in rows] == [sizes[g] / 2**20 for g in BACKEND_GRAPHS]
-    assert all(r["onnx_mib"] == 0.5 and r["build_s"] >= 0 and r["targets"] == ["8.0", "8.6", "8.9", "12.0"]
+    assert all(r["onnx_mib"] == 0.5 and r["build_s"] >= 0 and r["targets"] == ["8.6", "8.9", "12.0"]
                for r in rows)
     text = "\n".join(engine_builds.markdown(rows))
-    assert "## Engine builds" in text and "tensorrt-rtx 1.7.1 for 8.0, 8.6, 8.9, 12.0" in text
+    assert "## Engine builds" in text and "tensorrt-rtx 1.7.1 for 8.6, 8.9, 12.0" in text
     assert f"| {BACKEND_GRAPHS[0]} |" in text
 
 

@@ -86,6 +86,7 @@ def measure(backend: Backend, config: QualityConfig,
         out = generate(backend, config.request(method, steps), [], config.scale)
         seconds = time.perf_counter() - start
         row = {"method": method, "steps": steps, "evaluations": evaluations(method, steps), "seconds": seconds,
+               "sampling_seconds": out.seconds["sampling"], "decoding_seconds": out.seconds["decoding"],
                "latent_psnr_db": psnr(out.latents, ref_latents),
                "pixel_psnr_db": psnr(torch.from_numpy(out.pixels), torch.from_numpy(ref_pixels), 255.0)}
         log(json.dumps(row))
@@ -93,8 +94,8 @@ def measure(backend: Backend, config: QualityConfig,
     return rows, ref_seconds
 
 
-def _speed(rows: Sequence[dict[str, Any]], method: str, steps: int) -> float | None:
-    found = [r["seconds"] for r in rows if (r["method"], r["steps"]) == (method, steps)]
+def _speed(rows: Sequence[dict[str, Any]], method: str, steps: int, key: str = "seconds") -> float | None:
+    found = [r.get(key) for r in rows if (r["method"], r["steps"]) == (method, steps)]
     return found[0] if found else None
 
 
@@ -115,6 +116,11 @@ def markdown(result: dict[str, Any]) -> str:
     if fast and default:
         lines += ["", f"Fast preset ({FAST_METHOD}/{FAST_STEPS}) against the default (plms/50): "
                       f"{default / fast:.2f}x faster end to end ({fast:.2f} s against {default:.2f} s)."]
+        sampling = _speed(rows, FAST_METHOD, FAST_STEPS, "sampling_seconds"), _speed(rows, "plms", 50,
+                                                                                  "sampling_seconds")
+        if sampling[0] and sampling[1]:
+            lines[-1] += (f" Sampling alone: {sampling[1] / sampling[0]:.2f}x ({sampling[0]:.2f} s against "
+                          f"{sampling[1]:.2f} s); the rest is mostly the decoder, the same for both.")
     if setup.get("demo"):
         lines += ["", "Random demo weights are a weak proxy: their latents are far from a trained model's; "
                       "re-measure trained weights with the same command (`--models`)."]

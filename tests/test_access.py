@@ -19,6 +19,7 @@ from ccld_trt import access
 from ccld_trt.access import (
     AccessPolicy,
     InFlightLimiter,
+    KeyFileWatcher,
     Keys,
     Refusal,
     access_line,
@@ -72,6 +73,25 @@ def test_unreadable_key_file(tmp_path: Path) -> None:
         load_keys(tmp_path / "missing", environ={})
     with pytest.raises(UserError, match="cannot read it"):
         load_keys(tmp_path, environ={})  # a directory
+
+
+def test_key_file_watcher_sees_a_revoked_line(tmp_path: Path) -> None:
+    import os
+
+    path = _write(tmp_path / "keys", f"{KEY_A}\n{KEY_B}\n")
+    watcher = KeyFileWatcher(path)
+    assert watcher.poll() is None  # unchanged
+    _write(path, f"{KEY_A}\n# {KEY_B} revoked\n")
+    os.utime(path, ns=(1, 1))  # a different time even where the clock's resolution is coarse
+    keys = watcher.poll()
+    assert keys is not None and keys.ids == (key_id(KEY_A),) and keys.identify(KEY_B) is None
+    assert watcher.poll() is None
+    _write(path, "# nobody\n")
+    with pytest.raises(UserError, match="holds no key"):
+        watcher.poll()
+    path.unlink()
+    with pytest.raises(UserError, match="cannot read it"):
+        watcher.poll()
 
 
 def test_key_from_the_environment() -> None:
@@ -321,3 +341,45 @@ def test_ingress_gives_the_slot_back_when_a_replica_fails() -> None:
         status, payload, _ = asyncio.run(ingress.respond("POST", "/v1/generate", {}, None, "127.0.0.1", BODY))
         assert status == 503 and "RuntimeError" in payload["error"]  # not 429: the first one's slot came back
     assert ingress.limiter.snapshot()["127.0.0.1"]["failed"] == 2
+
+
+class FakeBoard:
+    """The access actor as the ingress reads it (``ray.get_actor(...).get.remote()``)."""
+
+    def __init__(self, policy: AccessPolicy) -> None:
+        self.config = {"policy": policy.config()}
+        self.get = self
+
+    async def remote(self) -> dict[str, Any]:
+        return self.config
+
+
+def test_ingress_follows_the_policy_board(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key deleted from the board is refused at the next read; without a readable board nothing is served."""
+    ray = pytest.importorskip("ray")
+    import ccld_trt.cluster.ingress as ingress_module
+
+    board = FakeBoard(AccessPolicy(Keys.of([KEY_A, KEY_B])))
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: board)
+    monkeypatch.setattr(ingress_module, "POLICY_POLL_S", 0.0)
+    replicas = FakeReplicas()
+    replicas.release.set()
+    ingress = Ingress(replicas, ("ccld-trt-access", "ccld-trt"))
+
+    def status(key: str) -> int:
+        return asyncio.run(ingress.respond("POST", "/v1/generate", {}, f"Bearer {key}", "10.0.0.1", BODY))[0]
+
+    assert status(KEY_B) == 200
+    board.config = {"policy": AccessPolicy(Keys.of([KEY_A])).config()}  # B's line deleted
+    assert status(KEY_B) == 401 and status(KEY_A) == 200
+
+    def unreadable(name: str, namespace: str) -> Any:
+        raise ValueError(f"Failed to look up actor with name '{name}'")
+
+    monkeypatch.setattr(ray, "get_actor", unreadable)
+    assert status(KEY_A) == 200 and status(KEY_B) == 401  # the last policy read stays
+    fresh = Ingress(replicas, ("ccld-trt-access", "ccld-trt"))
+    before = len(replicas.generated)
+    assert asyncio.run(fresh.respond("POST", "/v1/generate", {}, f"Bearer {KEY_A}", "10.0.0.1", BODY))[0] == 503
+    assert asyncio.run(fresh.respond("GET", "/v1/health", {}, None, "10.0.0.1", b""))[0] == 200
+    assert len(replicas.generated) == before  # fail closed: nothing ran

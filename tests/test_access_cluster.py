@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from ccld_trt.access import AccessPolicy, key_id, load_keys
+from ccld_trt.access import AccessPolicy, Keys, key_id, load_keys
 from ccld_trt.cli import run as cli_run
 from ccld_trt.cluster.api import decode_png, latents_from_json
-from ccld_trt.cluster.app import ClusterSpec, Deployed, deploy, shutdown, start_ray
+from ccld_trt.cluster.app import ClusterSpec, Deployed, deploy, shutdown, start_ray, update_access
 from ccld_trt.cluster.replica import ReplicaSettings
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.runner import BackendOptions, ModelSource
@@ -112,7 +112,13 @@ def _stats(cluster: Deployed) -> dict[str, Any]:
     return stats
 
 
-def test_only_the_right_bearer_key_runs(cluster: Deployed, models: Any, tmp_path: Path) -> None:
+def access_log(ray_dir: str) -> list[str]:
+    """The ingress's access lines so far (Serve's log file of the ingress replica)."""
+    return [line for path in Path(ray_dir).glob("session_*/logs/serve/replica_ccld-trt_ingress_*.log")
+            for line in path.read_text(errors="replace").splitlines() if " client=" in line]
+
+
+def test_only_the_right_bearer_key_runs(cluster: Deployed, models: Any, ray_dir: str, tmp_path: Path) -> None:
     url = f"{cluster.url}/v1/generate"
     body = {"prompts": ["a red house:3"], "seed": 11, "steps": 4, "method": "plms", "return_latents": True}
     status, health, _ = call(f"{cluster.url}/v1/health")  # open to load balancers
@@ -135,6 +141,8 @@ def test_only_the_right_bearer_key_runs(cluster: Deployed, models: Any, tmp_path
     check_solo(answer, solo(models, body, tmp_path), tmp_path)
     clients = _stats(cluster)["clients"]
     assert clients[key_id(KEY_A)]["finished"] >= 1 and KEY_A not in json.dumps(clients)
+    lines = access_log(ray_dir)  # refused clients by the address the ingress saw through Serve's proxy
+    assert sum("client=127.0.0.1 POST /v1/generate status=401 images=0" in line for line in lines) >= 6
 
 
 def test_a_flooding_client_cannot_starve_another(cluster: Deployed, models: Any, ray_dir: str,
@@ -180,8 +188,27 @@ def test_a_flooding_client_cannot_starve_another(cluster: Deployed, models: Any,
         answer = b_answer[1] if i == 12 else a_answers[i][1]
         check_solo(answer, solo(models, body, tmp_path / str(i)), tmp_path / str(i))
     # the access log: a line per request, the client by key id, no prompt text
-    lines = [line for path in Path(ray_dir).glob("session_*/logs/serve/replica_ccld-trt_ingress_*.log")
-             for line in path.read_text(errors="replace").splitlines() if " client=" in line]
+    lines = access_log(ray_dir)
     assert sum(f"client={key_id(KEY_A)} POST /v1/generate status=429 images=0" in line for line in lines) >= 9
     assert any(f"client={key_id(KEY_B)} POST /v1/generate status=200 images=1" in line for line in lines)
     assert not any("flood" in line or KEY_A in line for line in lines)
+
+
+def test_a_revoked_key_is_refused_without_restarting_anything(cluster: Deployed) -> None:
+    """What ``ccld-trt cluster`` does when a line leaves the key file: the ingress takes the new keys in place."""
+    url = f"{cluster.url}/v1/generate"
+    body = {"prompts": ["x"], "steps": 1, "method": "ddim"}
+    before = _stats(cluster)
+    accepted = before["clients"].get(key_id(KEY_A), {}).get("accepted", 0)
+    try:
+        update_access(cluster, AccessPolicy(Keys.of([KEY_A]), max_in_flight=LIMIT))
+        time.sleep(1.5)  # the ingress reads the policy at most every second
+        assert call(url, body, KEY_B)[0] == 401
+        assert call(url, body, KEY_A)[0] == 200
+        status, stats, _ = call(f"{cluster.url}/v1/stats", key=KEY_A)
+        assert status == 200 and set(stats["replicas"]) == set(before["replicas"])  # the same model replicas
+        assert stats["clients"][key_id(KEY_A)]["accepted"] == accepted + 1  # the same ingress: counts kept
+    finally:
+        update_access(cluster, cluster.spec.access)
+    time.sleep(1.5)
+    assert call(url, body, KEY_B)[0] == 200

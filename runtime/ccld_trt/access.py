@@ -105,6 +105,31 @@ def load_keys(path: str | Path | None, environ: Mapping[str, str] = os.environ) 
     return Keys.of(keys)
 
 
+class KeyFileWatcher:
+    """Notices when a key file changes (its modification time, size or inode), so that a running server can
+    take the new keys: deleting a client's line revokes it without a restart."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def poll(self) -> Keys | None:
+        """The file's keys if it changed since the last poll, else None; UserError if it changed into a file
+        without a valid key (the caller keeps the keys it has)."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        return load_keys(self.path)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
     if host == "localhost":
@@ -160,7 +185,7 @@ class AccessPolicy:
         return self
 
     def config(self) -> dict[str, Any]:
-        """As JSON data (a Serve user_config, changeable in place: digests and ids only, never a key)."""
+        """As JSON data (what the cluster's access actor holds: digests and ids only, never a key)."""
         return {"digests": list(self.keys.digests), "ids": list(self.keys.ids), "max_in_flight": self.max_in_flight,
                 "log_prompts": self.log_prompts}
 

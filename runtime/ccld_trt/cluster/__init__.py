@@ -4,5 +4,6 @@ batcher   a thread-safe merger of U-Net evaluations (no Ray, no torch networks)
 rows      merged evaluations as one per-row U-Net call, each request's CFG sum taken apart again
 api       the HTTP JSON <-> pipeline Request, validated with the library's checks
 replica   one replica's models, batcher and request handling (no Ray)
+ingress   the HTTP front: keys, a fair share per client, the access log (no Ray)
 app       Ray and Ray Serve: start or join a cluster, deploy the replicas, run until interrupted
 """

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccld_trt.access import AccessPolicy, check_exposure
+from ccld_trt.access import AccessPolicy, KeyFileWatcher, check_exposure
 from ccld_trt.cluster import ingress
 from ccld_trt.cluster.replica import Replica, ReplicaSettings, combine_stats
 from ccld_trt.export.errors import UserError
@@ -30,7 +30,9 @@ from ccld_trt.runner import BackendOptions, ModelSource
 APP_NAME = "ccld-trt"
 NAMESPACE = "ccld-trt"
 STATS_ACTOR = "ccld-trt-stats"
+ACCESS_ACTOR = "ccld-trt-access"  # holds the access policy (digests only) that the ingress follows
 DEFAULT_PORT = 8000
+KEY_POLL_S = 5.0  # how often a running cluster looks at its key file
 INSTALL_HINT = "pip install 'ccld-trt[cluster]' (Ray Serve)"
 _local_ray = False  # whether start_ray started the Ray this process is connected to (shutdown stops it then)
 
@@ -81,11 +83,12 @@ def deployment_options(device: str, spec: ClusterSpec) -> dict[str, Any]:
             "health_check_period_s": 2.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 5.0}
 
 
-def ingress_options(spec: ClusterSpec) -> dict[str, Any]:
+def ingress_options() -> dict[str, Any]:
     """Serve options of the ingress: one replica (it must see every request to count each client's), no CPU
-    reserved (it only forwards), and the access policy as a user_config (digests only; changeable in place)."""
+    reserved (it only forwards). Its access policy comes from the ACCESS_ACTOR: a Serve redeploy (even of a
+    user_config alone, through ``serve.run``) would restart every replica, models included."""
     return {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": ingress.MAX_ONGOING,
-            "user_config": spec.access.config(), "graceful_shutdown_timeout_s": 5.0}
+            "graceful_shutdown_timeout_s": 5.0}
 
 
 class StatsBoard:
@@ -138,8 +141,8 @@ def application(options: BackendOptions, models: ModelSource, spec: ClusterSpec)
     from ray import serve
 
     deployment = serve.deployment(name="generate", **deployment_options(options.device, spec))(ClusterReplica)
-    front = serve.deployment(name="ingress", **ingress_options(spec))(ingress.Ingress)
-    return front.bind(deployment.bind(options, models, spec.settings))
+    front = serve.deployment(name="ingress", **ingress_options())(ingress.Ingress)
+    return front.bind(deployment.bind(options, models, spec.settings), (ACCESS_ACTOR, NAMESPACE))
 
 
 def start_ray(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None) -> None:
@@ -181,18 +184,31 @@ def deploy(options: BackendOptions, models: ModelSource, spec: ClusterSpec, host
     # detached: a named actor whose handle goes out of scope would die; shutdown() removes it
     ray.remote(StatsBoard).options(name=STATS_ACTOR, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                                    num_cpus=0).remote()
+    access = ray.remote(StatsBoard).options(name=ACCESS_ACTOR, namespace=NAMESPACE, get_if_exists=True,
+                                            lifetime="detached", num_cpus=0).remote()
+    ray.get(access.put.remote("policy", spec.access.config()))  # before the ingress can answer anything
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(options, models, spec), name=APP_NAME, route_prefix="/")
     return Deployed(f"http://{host}:{port}", options, models, spec)
 
 
 def reconfigure(deployed: Deployed, settings: ReplicaSettings) -> Deployed:
-    """Apply new batching settings to the running replicas in place: only the user_config (batching,
-    max_batch) may differ, so Serve keeps the replicas and their loaded models."""
+    """Apply new batching settings (the user_config: batching, max_batch) by redeploying. Note that ``serve.run``
+    gives every deployment a new random code version, so Serve replaces the replicas and they load their models
+    again (seen in tests/test_access_cluster.py's replica names); access changes use ``update_access`` instead."""
     from ray import serve
 
     spec = dataclasses.replace(deployed.spec, settings=settings.validate())
     serve.run(application(deployed.options, deployed.models, spec), name=APP_NAME, route_prefix="/")
+    return dataclasses.replace(deployed, spec=spec)
+
+
+def update_access(deployed: Deployed, access: AccessPolicy) -> Deployed:
+    """New keys or limits for the running cluster: the ingress takes them within ``ingress.POLICY_POLL_S``,
+    in place (no replica restarts; requests in flight and counts are kept)."""
+    ray = _ray()
+    spec = dataclasses.replace(deployed.spec, access=access.validate())
+    ray.get(ray.get_actor(ACCESS_ACTOR, namespace=NAMESPACE).put.remote("policy", access.config()))
     return dataclasses.replace(deployed, spec=spec)
 
 
@@ -223,7 +239,7 @@ def prepare_models(options: BackendOptions, models: ModelSource) -> tuple[Backen
 
 def shutdown() -> None:
     """Remove what ``deploy`` made and disconnect: a local Ray started by ``start_ray`` stops with Serve (freeing
-    its processes and ports); on a joined cluster only this application and its stats actor go."""
+    its processes and ports); on a joined cluster only this application and its two actors go."""
     global _local_ray
     ray = _ray()
     from ray import serve
@@ -235,8 +251,9 @@ def shutdown() -> None:
             serve.shutdown()
         else:
             serve.delete(APP_NAME)
-            with contextlib.suppress(ValueError):
-                ray.kill(ray.get_actor(STATS_ACTOR, namespace=NAMESPACE))
+            for name in (STATS_ACTOR, ACCESS_ACTOR):
+                with contextlib.suppress(ValueError):
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE))
     finally:
         _local_ray = False
         ray.shutdown()
@@ -244,9 +261,9 @@ def shutdown() -> None:
 
 def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec, address: str | None,
                 host: str, port: int, say: Callable[[str], None] = print, listen: bool = False,
-                insecure: bool = False) -> None:
+                insecure: bool = False, key_file: str | Path | None = None) -> None:
     """``ccld-trt cluster``: check the host rule (access.check_exposure), start or join Ray, deploy, say the URL,
-    serve until interrupted, then clean up."""
+    serve until interrupted (taking ``key_file``'s keys again whenever it changes), then clean up."""
     warning = check_exposure(host, listen, spec.access.keys, insecure)
     if warning:
         say(warning)
@@ -256,15 +273,25 @@ def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec,
     start = time.perf_counter()
     start_ray(address, num_cpus=max(os.cpu_count() or 1, spec.replicas) if not address else None)
     try:
-        url = deploy(options, models, spec, host, port).url
+        deployed = deploy(options, models, spec, host, port)
+        url = deployed.url
         say(f"ccld-trt cluster: {spec.replicas} replica(s) of {options.describe()} ready in "
             f"{time.perf_counter() - start:.1f} s at {url}/v1/generate (stats: {url}/v1/stats)")
         access = spec.access
         say(f"ccld-trt cluster: {len(access.keys.ids) or 'no'} key(s) {' '.join(access.keys.ids)}; at most "
             f"{access.max_in_flight or 'unlimited'} request(s) in flight per client; access log: the ingress "
             f"replica's file under {_serve_logs()}" + (" (with prompts)" if access.log_prompts else ""))
+        watcher = KeyFileWatcher(key_file) if key_file else None
         while True:
-            time.sleep(3600)
+            time.sleep(KEY_POLL_S if watcher else 3600)
+            try:
+                keys = watcher.poll() if watcher else None
+            except UserError as e:
+                say(f"ccld-trt cluster: the key file changed but cannot be used, the previous keys stay: {e}")
+                continue
+            if keys is not None:
+                deployed = update_access(deployed, dataclasses.replace(deployed.spec.access, keys=keys))
+                say(f"ccld-trt cluster: keys reloaded: {' '.join(keys.ids)}")
     finally:
         shutdown()
 

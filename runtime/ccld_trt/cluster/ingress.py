@@ -9,7 +9,10 @@ when a model replica dies mid-request (the forwarding ``await`` raises, and ``fi
 The ingress does no model work (no CPU reserved, thousands of requests at once), so it is not the bottleneck;
 if it dies, Serve starts another, whose counts begin at zero along with its requests.
 
-No Ray here: the handle is any object whose ``run_request.remote(method, path, body)`` is awaitable.
+The access policy (keys as digests, the limit) lives in a named actor that ``ccld-trt cluster`` updates when
+its key file changes; the ingress reads it before its first answer and then at most every POLICY_POLL_S, and
+refuses everything (503) while it has never read one. No Ray imports here otherwise: the handle is any object
+whose ``run_request.remote(method, path, body)`` is awaitable (tests set the policy with ``reconfigure``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ logger = logging.getLogger("ray.serve")
 OPEN_PATHS = ("/v1/health",)  # answered without a key: load balancers' health checks
 LIMITED_PATHS = ("/v1/generate",)  # count toward the per-client limit
 MAX_ONGOING = 4096  # requests the ingress holds at once (waiting on replicas, or refused at once)
+POLICY_POLL_S = 1.0  # a revoked key may still be accepted this long
 
 
 def _back_pressure() -> type[Exception] | tuple[()]:
@@ -50,16 +54,34 @@ class Ingress:
     """The Serve ingress (decorated in ``app.application``): ``__call__`` takes Starlette requests; the work
     is in ``respond``, which tests drive without Ray."""
 
-    def __init__(self, replicas: Any) -> None:
+    def __init__(self, replicas: Any, board: tuple[str, str] | None = None) -> None:
+        """``board``: the (name, namespace) of the actor holding the policy; None: ``reconfigure`` sets it."""
         self.replicas = replicas
+        self.board = board
         self.policy = AccessPolicy()
+        self._read_at: float | None = None  # when the board's policy was last read
         self.limiter = InFlightLimiter(None)
         self.unauthorized = 0
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
-        """Serve's user_config: the AccessPolicy's config (keys change in place; counts are kept)."""
+        """Take an AccessPolicy's config (keys change in place; counts are kept)."""
         self.policy = AccessPolicy.from_config(config)
         self.limiter.limit = self.policy.max_in_flight
+
+    async def _refresh(self) -> bool:
+        """Read the board's policy if it is due; whether there is a policy to apply (fail closed)."""
+        now = time.monotonic()
+        if self.board is None or (self._read_at is not None and now - self._read_at < POLICY_POLL_S):
+            return True
+        try:
+            import ray
+
+            board = ray.get_actor(self.board[0], namespace=self.board[1])
+            self.reconfigure((await board.get.remote())["policy"])
+            self._read_at = now
+        except Exception as e:  # keep the last policy; without one, nothing is served
+            logger.warning("cannot read the access policy: %s", f"{type(e).__name__}: {e}".splitlines()[0])
+        return self._read_at is not None
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -79,7 +101,10 @@ class Ingress:
         prompts = None
         try:
             if path in OPEN_PATHS:
-                status, payload = await self.replicas.run_request.remote(method, path, b"")
+                status, payload = await self._forward(method, path, b"")
+                return status, payload, headers
+            if not await self._refresh():
+                status, payload = 503, {"error": "the access policy cannot be read yet; retry"}
                 return status, payload, headers
             who = authenticate(self.policy.keys, authorization, query, address)
             if isinstance(who, Refusal):

@@ -102,7 +102,7 @@ def _order(method: str) -> float:
     return math.log2(errors[0] / errors[1])
 
 
-@pytest.mark.parametrize(("method", "order"), [("ddim", 1), ("dpmpp-2m", 2), ("dpmpp-3m", 3)])
+@pytest.mark.parametrize(("method", "order"), [("ddim", 1), ("dpmpp-2m", 2), ("dpmpp-3m", 3), ("unipc", 3)])
 def test_order_of_convergence_on_gaussian_data(method, order):
     assert _order(method) == pytest.approx(order, abs=0.25)
 

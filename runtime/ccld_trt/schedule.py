@@ -9,11 +9,11 @@ import torch
 # Where the DDPM and cosine schedules are spliced (v-diffusion-pytorch's constants).
 _DDPM_CROSSOVER = 0.48536712
 _COSINE_CROSSOVER = 0.80074257
-# DPM-Solver++ (samplers.py) steps uniformly in log-SNR = log(alpha^2 / sigma^2) down to FAST_FINAL_LOG_SNR, then
-# jumps to t = 0: 6 measured best on the mixture-of-Gaussians oracle at 8-25 steps, and the original's time-uniform
-# timesteps cost it 10-20 dB there at 8-15 steps (docs/solvers.md). iplms keeps the original timesteps: better there
-# from 15 steps up, where it is used (at 50 steps 83 dB against 60).
-LOG_SNR_METHODS = ("dpmpp-2m", "dpmpp-3m")
+# DPM-Solver++ and UniPC (samplers.py) step uniformly in log-SNR = log(alpha^2 / sigma^2) down to
+# FAST_FINAL_LOG_SNR, then jump to t = 0: 6 measured best on the mixture-of-Gaussians oracle at 8-25 steps, and the
+# original's time-uniform timesteps cost them 10-25 dB there at 7-15 steps (docs/solvers.md). iplms keeps the
+# original timesteps: better there from 15 steps up, where it is used (at 50 steps 83 dB against 60).
+LOG_SNR_METHODS = ("dpmpp-2m", "dpmpp-3m", "unipc")
 FAST_FINAL_LOG_SNR = 6.0
 
 
@@ -64,7 +64,7 @@ def log_snr_timesteps(steps: int, final_log_snr: float, device: torch.device | s
 def method_timesteps(method: str, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The timesteps ``method`` samples over, float32 [steps]; the samplers end with a jump to t = 0.
 
-    The original six and iplms keep the original's timesteps (their images, the goldens); DPM-Solver++ steps
+    The original six and iplms keep the original's timesteps (their images, the goldens); DPM-Solver++ and UniPC step
     uniformly in log-SNR down to log-SNR FAST_FINAL_LOG_SNR (chosen on the mixture-of-Gaussians oracle,
     docs/solvers.md).
     """

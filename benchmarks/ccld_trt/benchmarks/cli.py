@@ -113,9 +113,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
                    help="instead of the suite: per sampler and step count, U-Net evaluations, end-to-end seconds on "
                         "the first of --backends (default torch) and PSNR against a converged reference")
     s.add_argument("--methods", type=lambda v: tuple(m for m in v.split(",") if m), metavar="LIST",
-                   help="--steps-to-quality samplers (default plms,iplms,dpmpp-2m,dpmpp-3m)")
+                   help="--steps-to-quality samplers (default plms,iplms,dpmpp-2m,dpmpp-3m,unipc)")
     s.add_argument("--step-counts", type=_int_list, metavar="K,...",
-                   help="--steps-to-quality step counts (default 5,8,10,15,20,25,50)")
+                   help="--steps-to-quality step counts (default 5,7,8,10,15,20,25,50)")
     s.add_argument("--reference-steps", type=int, metavar="N",
                    help="--steps-to-quality: steps of the converged reference (default 400)")
     s.add_argument("--solver-oracle", action="store_true",

@@ -21,8 +21,8 @@ from ccld_trt.samplers import FAST_METHODS, ModelFn, evaluations, sample
 from ccld_trt.schedule import log_snr_timesteps, method_timesteps, sampling_timesteps, t_to_alpha_sigma
 
 LATENT_SHAPE = (4, 32, 32)
-STEP_COUNTS = (5, 8, 10, 15, 20, 25, 50)
-ORACLE_METHODS = ("ddim", "plms", "iplms", "dpmpp-2m", "dpmpp-3m")
+STEP_COUNTS = (5, 7, 8, 10, 15, 20, 25, 50)
+ORACLE_METHODS = ("ddim", "plms", "iplms", "dpmpp-2m", "dpmpp-3m", "unipc")
 REFERENCE_STEPS = 2000
 REFERENCE_FINAL_LOG_SNR = 20.0  # where a converged run stops before its jump to t = 0 (jump error ~1e-9 there)
 

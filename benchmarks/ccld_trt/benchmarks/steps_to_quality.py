@@ -27,8 +27,8 @@ from ccld_trt.pipeline import Request, conditions, decode, draw_noise, generate,
 from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, evaluations, sample
 from ccld_trt.schedule import log_snr_timesteps
 
-METHODS = ("plms", "iplms", "dpmpp-2m", "dpmpp-3m")
-STEP_COUNTS = (5, 8, 10, 15, 20, 25, 50)
+METHODS = ("plms", "iplms", "dpmpp-2m", "dpmpp-3m", "unipc")
+STEP_COUNTS = (5, 7, 8, 10, 15, 20, 25, 50)
 REFERENCE_STEPS = 400
 REFERENCE_METHOD = "dpmpp-3m"
 

@@ -6,6 +6,7 @@ profile, and bad init images as one line."""
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 from pathlib import Path
 
@@ -271,3 +272,25 @@ def test_page_takes_an_init_image(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="the strength must be in"):
         parse_job("a cat", None, 3.0, 10, "plms", 0, 1, 2.55, image_size=64, init={"path": str(tmp_path / "init.png")},
                   strength=0)
+
+
+def test_page_handler_makes_the_pipelines_images_from_an_init(networks: Networks, torch_backend: TorchBackend,
+                                                               tmp_path: Path) -> None:
+    """The Generate button with an init image: its PNGs equal the pipeline's on the same job, and the summary
+    says how many steps ran from the init."""
+    from ccld_trt.runner import Session
+    from ccld_trt.serve import ModelLoader, generate_for_page, parse_job
+
+    loader = ModelLoader(lambda: Session(torch_backend, networks.image_size, 2.55, True), "torch on cpu")
+    loader.start()
+    for _ in range(600):
+        if loader.finished:
+            break
+        time.sleep(0.1)
+    values = ("a cat", None, 3.0, 4, "ddim", 0, 1, 2.55)
+    init = {"path": str(INIT)}
+    _, files, summary = generate_for_page(loader, tmp_path, *values, init=init, strength=0.7)
+    job = parse_job(*values, image_size=networks.image_size, init=init, strength=0.7)
+    solo = generate(torch_backend, job.request, [], 2.55, init_pixels=job.init_pixels)
+    assert len(files) == 1 and np.array_equal(np.asarray(Image.open(files[0])), solo.pixels[0])
+    assert "from the init image at strength 0.7 (2 steps)" in summary

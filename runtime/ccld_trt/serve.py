@@ -271,6 +271,8 @@ def generate_for_page(loader: ModelLoader, work_dir: Path, prompts: Any, image: 
     request = job.request
     summary = (f"{timings.markdown()}  \n{request.n} image(s), seed {request.seed}, {request.steps} steps "
                f"of {request.method}, {loader.description}")
+    if request.init is not None:  # only the steps below the strength ran
+        summary += f"  \nfrom the init image at strength {request.strength:g} ({len(request.timesteps())} steps)"
     if session.demo:
         summary += "  \n**Random demo weights: these images are noise by design.**"
     return images, images, summary

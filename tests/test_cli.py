@@ -38,6 +38,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     (["--seed", "abc"], "--seed"),
     (["--eta", "2"], "--eta"),
     (["--autoencoder-scale", "big"], "--autoencoder-scale"),
+    (["--autoencoder-scale", "-1"], "--autoencoder-scale must be positive"),  # assembled as every front end's
 ])
 def test_bad_arguments(args, needle, seed3_dir, tmp_path):
     result = cli("sample", "a cat", "--models", str(seed3_dir), "--output-dir", str(tmp_path), *args)

@@ -4,7 +4,9 @@ small demo weights, concurrent requests each equal to its solo ``ccld-trt sample
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import io
 import json
 import os
 import signal
@@ -28,6 +30,15 @@ from ccld_trt.cluster.replica import ReplicaSettings
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.runner import BackendOptions, ModelSource
 
+
+def _png_base64(size: tuple[int, int], color: tuple[int, int, int]) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 # Different prompts, seeds, steps and samplers (n and eta too); each is also run solo through the CLI.
 REQUESTS: list[dict[str, Any]] = [
     {"prompts": ["a red house:3"], "seed": 1, "steps": 8, "method": "plms"},
@@ -38,6 +49,10 @@ REQUESTS: list[dict[str, Any]] = [
     {"prompts": ["city:2", "rain:2", "neon:1"], "seed": 6, "steps": 7, "method": "plms2"},
     {"prompts": ["a portrait"], "seed": 7, "steps": 6, "method": "ddim", "eta": 0.5},
     {"prompts": ["flowers:3"], "seed": 8, "steps": 8, "method": "plms", "n": 2},
+    # issue 26: text and image prompts with weights other than 3 (one negative), n > 1 in batches
+    {"prompts": ["a red square:3", "fog:-1"], "seed": 24, "steps": 4, "method": "plms", "n": 2, "batch_size": 1,
+     "image_prompts": [{"image": _png_base64((64, 64), (200, 30, 30)), "weight": 2},
+                       {"image": _png_base64((80, 48), (20, 130, 230)), "weight": -0.5}]},
 ]
 
 
@@ -98,6 +113,12 @@ def solo(models: tuple[BackendOptions, ModelSource], seed3_dir: Path,
                 "--method", body["method"], "--eta", str(body.get("eta", 0.0)), "-n", str(body.get("n", 1)),
                 "--models", str(seed3_dir), "--backend", "onnxruntime", "--onnx-dir", str(options.onnx_dir),
                 "--output-dir", str(directory / "png"), "--save-latents", str(directory / "latents.npy")]
+        if "batch_size" in body:
+            argv += ["--batch-size", str(body["batch_size"])]
+        for i, prompt in enumerate(body.get("image_prompts", [])):
+            path = directory / f"image{i}.png"
+            path.write_bytes(base64.b64decode(prompt["image"]))
+            argv += ["--images", f"{path}:{prompt['weight']}"]
         assert cli_run(argv) == 0
         pixels = np.stack([np.asarray(Image.open(p).convert("RGB"))
                            for p in sorted((directory / "png").glob("out_*.png"))])
@@ -133,7 +154,9 @@ def test_concurrent_requests_equal_their_solo_runs_and_merge(cluster: Deployed, 
     assert status == 200 and total["requests_done"] >= len(REQUESTS)
     # iteration-level batching happened: calls that served several requests' rows at once
     assert total["merged_calls"] >= 1 and total["requests_per_call_max"] >= 2
-    assert total["rows_per_call_max"] > max(r.get("n", 1) * (1 + len(r["prompts"])) for r in REQUESTS)
+    assert total["rows_per_call_max"] > max(min(r.get("batch_size") or r.get("n", 1), r.get("n", 1))
+                                            * (1 + len(r["prompts"]) + len(r.get("image_prompts", [])))
+                                            for r in REQUESTS)
     assert total["unet_calls"] < total["evaluations"]
     assert {"queue_depth", "rows_per_call_mean", "requests_per_call_mean"} <= set(total)
 
@@ -146,6 +169,11 @@ def test_concurrent_requests_equal_their_solo_runs_and_merge(cluster: Deployed, 
     ({"prompts": ["style: oil"]}, "is not a number"),
     ({"prompts": []}, "give a text or an image prompt"),
     ({"prompts": ["x"], "image_prompts": [{"image": "%%%", "weight": 1}]}, "not valid base64"),
+    # issue 21 over real HTTP: refused before any work (tests/test_bad_inputs_cluster.py has the load test)
+    ({"prompts": ["a" * 100_000]}, "100000 characters"),
+    ({"prompts": ["a:3e38", "b:3e38"]}, "weight must be from -100 to 100"),
+    ({"prompts": ["x"], "n": 100_000}, "n must be from 1 to 16"),
+    (b"[" * 100_000, "not valid JSON"),
 ])
 def test_bad_input_gets_400_and_the_cluster_serves_on(cluster: Deployed, body: Any, words: str) -> None:
     status, answer = post(f"{cluster.url}/v1/generate", body)

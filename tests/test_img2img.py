@@ -294,3 +294,33 @@ def test_page_handler_makes_the_pipelines_images_from_an_init(networks: Networks
     solo = generate(torch_backend, job.request, [], 2.55, init_pixels=job.init_pixels)
     assert len(files) == 1 and np.array_equal(np.asarray(Image.open(files[0])), solo.pixels[0])
     assert "from the init image at strength 0.7 (2 steps)" in summary
+
+
+def test_cluster_replica_runs_init_requests_merged_with_others(seed3_dir: Path, torch_backend: TorchBackend) -> None:
+    """An image-to-image request and a text one at the same time on one replica (their U-Net evaluations
+    merged, at different timesteps): each answer equals the pipeline's images for its own job."""
+    import base64
+    import concurrent.futures
+    import json
+
+    from ccld_trt.cluster.api import decode_png, latents_from_json, parse_generate
+    from ccld_trt.cluster.replica import Replica, ReplicaSettings
+    from ccld_trt.runner import BackendOptions, ModelSource
+
+    bodies = [json.dumps({"prompts": ["a cat"], "steps": 6, "method": "ddim", "seed": 1, "n": 2,
+                          "return_latents": True, **extra}).encode()
+              for extra in ({"init_image": base64.b64encode(INIT.read_bytes()).decode(), "strength": 0.8}, {})]
+    replica = Replica(BackendOptions("torch"), ModelSource(ModelFiles.resolve(seed3_dir)), ReplicaSettings())
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda b: replica.handle("POST", "/v1/generate", b), bodies))
+        assert replica.stats()["merged_calls"] > 0
+    finally:
+        replica.close()
+    for raw, (status, answer) in zip(bodies, answers, strict=True):
+        assert status == 200, answer
+        job = parse_generate(raw, 64)
+        solo = generate(torch_backend, job.request, [], job.autoencoder_scale, init_pixels=job.init_pixels)
+        assert rel_error(latents_from_json(answer["latents"]), solo.latents.numpy()) <= 1e-5
+        pixels = np.stack([decode_png(image) for image in answer["images"]])
+        assert np.abs(pixels.astype(int) - solo.pixels.astype(int)).max() <= 1

@@ -321,8 +321,8 @@ def add_access_args(parser: argparse.ArgumentParser, cluster: bool) -> None:
                         help="allow a --host other machines can reach (then a key is needed, or --insecure)")
     parser.add_argument("--api-key-file", metavar="FILE",
                         help=f"the accepted keys, one per line (blank and # lines ignored; default ${KEY_ENV}); "
-                             "clients send 'Authorization: Bearer KEY'"
-                             + ("" if cluster else ", the page asks for one as the password (any user name)"))
+                             + ("clients send 'Authorization: Bearer KEY'" if cluster
+                                else "the page asks for one as the password (any user name)"))
     parser.add_argument("--insecure", action="store_true",
                         help="with --listen, serve without a key anyone who can reach the port (logs a warning)")
     if cluster:

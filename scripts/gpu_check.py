@@ -398,8 +398,9 @@ COMPARE_MODES: dict[str, tuple[str, bool, bool]] = {
 PLMS50_PROMPT = ("A peaceful meadow, pastel crayons", 3.0)
 
 
-def compare_mode(name: str, backend: Any, side: int, warmup: int, repeats: int, ref: dict[str, Any]) -> dict[str, Any]:
-    """One backend: U-Net/CFG and decoder latency at batch 1, then a 50-step PLMS image end to end (the first
+def compare_mode(name: str, backend: Any, side: int, warmup: int, repeats: int, steps: int,
+                 ref: dict[str, Any]) -> dict[str, Any]:
+    """One backend: U-Net/CFG and decoder latency at batch 1, then a ``steps``-step PLMS image end to end (the first
     run warms up and compiles, the second is timed) with its figures against ``ref`` (the reference mode's
     latents and pixels, filled in by the first mode)."""
     import torch
@@ -414,11 +415,11 @@ def compare_mode(name: str, backend: Any, side: int, warmup: int, repeats: int, 
     row: dict[str, Any] = {"mode": name}
     row["unet_cfg"] = time_ms(functools.partial(backend.unet, x, t, conds, weights), backend.device, warmup, repeats)
     row["decoder"] = time_ms(functools.partial(backend.decode, x), backend.device, warmup, repeats)
-    request = Request(prompts=[PLMS50_PROMPT], n=1, seed=0, steps=50, method="plms", latent_size=(side, side))
+    request = Request(prompts=[PLMS50_PROMPT], n=1, seed=0, steps=steps, method="plms", latent_size=(side, side))
     for _ in range(2):
         result = generate(backend, request, [], DEFAULT_AUTOENCODER_SCALE)
-    row["plms50"] = {stage: seconds * 1e3 for stage, seconds in result.seconds.items()}
-    row["plms50"]["total"] = sum(result.seconds.values()) * 1e3
+    row["plms"] = {stage: seconds * 1e3 for stage, seconds in result.seconds.items()}
+    row["plms"]["total"] = sum(result.seconds.values()) * 1e3
     latents = result.latents.numpy()
     if not ref:
         ref.update(mode=name, latents=latents, pixels=result.pixels)
@@ -434,7 +435,7 @@ def compare_mode(name: str, backend: Any, side: int, warmup: int, repeats: int, 
 def step_compiled(dry_run: bool, modes: list[str]) -> tuple[list[Check], dict[str, Any]]:
     """Eager vs CUDA graph vs torch.compile (and compiled + graph): U-Net/CFG, decoder, a 50-step PLMS image end to
     end, with PSNR against the first mode (fp32 eager) in the same run. Dry run: small networks on 8x8 latents,
-    fp32 and fp32-compiled only (compiling bf16 too would double minutes of CPU compile)."""
+    10 PLMS steps, fp32 and fp32-compiled only (compiling bf16 too would double minutes of CPU compile)."""
     import numpy as np
     import torch
 
@@ -444,7 +445,7 @@ def step_compiled(dry_run: bool, modes: list[str]) -> tuple[list[Check], dict[st
     if not dry_run and not torch.cuda.is_available():
         return [check("compiled", "FAIL", "torch sees no CUDA GPU")], {}
     device = "cpu" if dry_run else "cuda"
-    size, side, warmup, repeats = ("small", 8, 1, 3) if dry_run else ("full", 32, 5, 30)
+    size, side, warmup, repeats, steps = ("small", 8, 1, 3, 10) if dry_run else ("full", 32, 5, 30, 50)
     with tempfile.TemporaryDirectory() as tmp:
         networks = latency_networks(size, device, Path(tmp))
     problem = compile_problem(device)
@@ -462,7 +463,7 @@ def step_compiled(dry_run: bool, modes: list[str]) -> tuple[list[Check], dict[st
         try:
             with tf32(False):
                 row = compare_mode(name, TorchBackend(networks, device, precision_here(precision, dry_run),
-                                                      cuda_graph, compiled), side, warmup, repeats, ref)
+                                                      cuda_graph, compiled), side, warmup, repeats, steps, ref)
         except Exception as e:
             traceback.print_exc()
             checks.append(check(f"compiled {name}", "FAIL", f"{type(e).__name__}: {e}"))
@@ -479,14 +480,14 @@ def step_compiled(dry_run: bool, modes: list[str]) -> tuple[list[Check], dict[st
         if row.get("rel_to_eager", 0.0) > GRAPH_VS_EAGER_REL[precision_here(precision, dry_run)]:
             bad.append(f"rel to {name.removesuffix('-graph')} {row['rel_to_eager']:.2e}")
         summary = (f"unet_cfg {row['unet_cfg']['median_ms']:.2f} ms, decoder {row['decoder']['median_ms']:.2f} ms, "
-                   f"50-step PLMS {row['plms50']['total']:.0f} ms, PSNR {row['psnr_db']:.1f} dB vs {ref['mode']}"
+                   f"{steps}-step PLMS {row['plms']['total']:.0f} ms, PSNR {row['psnr_db']:.1f} dB vs {ref['mode']}"
                    + (f"; {row['compiled']}" if "compiled" in row else ""))
         print(f"  compiled {name}: {summary}", flush=True)
         checks.append(check(f"compiled {name}", "FAIL" if bad else "PASS", "; ".join([summary, *bad])))
         rows.append(row)
     for row in rows:
         del row["latents"]
-    info = {"size": size, "latent": [side, side], "warmup": warmup, "repeats": repeats, "rows": rows,
+    info = {"size": size, "latent": [side, side], "warmup": warmup, "repeats": repeats, "steps": steps, "rows": rows,
             "inductor_cache": inductor_cache_dir(), "reference": ref.get("mode")}
     return checks, info
 
@@ -545,13 +546,15 @@ def markdown(result: dict[str, Any]) -> str:
         side = "x".join(map(str, compared["latent"]))
         lines += ["", f"## Eager, CUDA graph, torch.compile ({compared['size']} U-Net and decoder, {side} latents, "
                       f"batch 1, 2 CFG conditions; median of {compared['repeats']} after {compared['warmup']} "
-                      "warm-up calls; the 50-step PLMS image is the second run, conditioning + sampling + decoding)",
+                      f"warm-up calls; the {compared['steps']}-step PLMS image is the second run, conditioning + "
+                      "sampling + decoding)",
                   ""]
         plms = []
         for r in compared["rows"]:
-            stages = " + ".join(f"{ms:.0f}" for stage, ms in r["plms50"].items() if stage != "total")
-            plms.append(f"{r['plms50']['total']:.0f} ({stages})")
-        lines += table(["mode", "unet_cfg ms", "decoder ms", "PLMS-50 image ms", f"PSNR dB vs {compared['reference']}",
+            stages = " + ".join(f"{ms:.0f}" for stage, ms in r["plms"].items() if stage != "total")
+            plms.append(f"{r['plms']['total']:.0f} ({stages})")
+        lines += table(["mode", "unet_cfg ms", "decoder ms", f"PLMS-{compared['steps']} image ms",
+                        f"PSNR dB vs {compared['reference']}",
                         "latents rel", "rel to eager", "compilations", "compile s"],
                        [[r["mode"], f"{r['unet_cfg']['median_ms']:.2f}", f"{r['decoder']['median_ms']:.2f}", image,
                          f"{r['psnr_db']:.1f}", f"{r['latents_rel']:.2e}",

@@ -72,7 +72,7 @@ def test_cpu_dry_run_reproduces_a_golden_case_and_reports(gpu_check, tmp_path, c
     assert checks["compiled fp32"]["status"] == "PASS"
     [row] = result["compiled"]["rows"]  # the reference mode: its own figures are exact
     assert row["mode"] == "fp32" and row["latents_rel"] == 0 and row["psnr_db"] == float("inf")
-    assert set(row["plms50"]) == {"conditioning", "sampling", "decoding", "total"}
+    assert set(row["plms"]) == {"conditioning", "sampling", "decoding", "total"}
     md = json_path.with_suffix(".md").read_text()
     assert "| e2e fp32 | PASS |" in md and "| unet_cfg | fp32 | 1 |" in md
     assert "## Eager, CUDA graph, torch.compile" in md and "| fp32 | " in md

@@ -183,3 +183,57 @@ def test_cluster_api_fast_selects_the_preset():
     assert parse_generate(b'{"prompts": ["a cat"]}', 224).request.method == "plms"
     with pytest.raises(BadRequest, match="fast must be true or false"):
         parse_generate(b'{"prompts": ["a cat"], "fast": 1}', 224)
+
+
+def test_cluster_step_batcher_merges_requests_of_different_methods(seed3_dir):
+    """A plms and a unipc request stepping through one StepBatcher: their evaluations merge into shared U-Net calls,
+    and each result equals its solo run."""
+    import threading
+
+    from ccld_trt.backends.torch_backend import TorchBackend
+    from ccld_trt.cluster.batcher import StepBatcher
+    from ccld_trt.cluster.rows import UNetCall, run_merged
+    from ccld_trt.export.models import ModelFiles, load_networks
+    from ccld_trt.pipeline import Request, conditions, draw_noise
+
+    backend = TorchBackend(load_networks(ModelFiles.resolve(seed3_dir)))
+    merged_sizes: list[int] = []
+
+    def execute(calls):
+        merged_sizes.append(len(calls))
+        return run_merged(backend, calls)
+
+    batcher = StepBatcher(execute, lambda call: call.rows, 64, 30.0)
+    jobs = [Request(prompts=[("a lighthouse", 3.0)], latent_size=(8, 8), seed=1, steps=3, method="plms"),
+            Request(prompts=[("a red barn", 2.0), ("fog", 1.0)], latent_size=(8, 8), seed=2, steps=4, method="unipc")]
+    results: list[torch.Tensor | None] = [None, None]
+    entered = threading.Barrier(2)
+
+    def run(k: int, merged: bool) -> torch.Tensor:
+        conds, weights = conditions(backend, jobs[k], [])
+        x = draw_noise(jobs[k]).x
+
+        def model(xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not merged:
+                return backend.unet(xx, t, conds, weights)
+            return batcher.evaluate(UNetCall(xx, t, conds, weights))
+
+        with torch.no_grad():
+            return sample(model, x, method_timesteps(jobs[k].method, jobs[k].steps), jobs[k].method)
+
+    def work(k: int) -> None:
+        with batcher.sampling():
+            entered.wait()
+            results[k] = run(k, merged=True)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    batcher.close()
+    assert max(merged_sizes) == 2  # the two methods' evaluations shared U-Net calls
+    for k in range(2):
+        solo = run(k, merged=False)
+        got = results[k]
+        assert got is not None and float((got - solo).norm() / solo.norm()) < 1e-5

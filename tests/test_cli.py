@@ -239,3 +239,12 @@ def test_precision_a_backend_cannot_run_is_one_line_before_loading(seed3_dir, tm
                  "--onnx-dir", str(tmp_path / "onnx"))
     assert_one_line_error(result, "the onnxruntime backend runs fp32 or fp16, not 'bf16'")
     assert not (tmp_path / "onnx").exists()  # refused before any export
+
+
+def test_repeated_images_flags_add_up():
+    """`--images a --images b` is both images (argparse's default would silently keep only b)."""
+    from ccld_trt.cli import build_parser
+
+    args = build_parser().parse_args(["sample", "x", "--images", "a.png:2", "--images", "b.png", "c.png:-1"])
+    assert args.images == ["a.png:2", "b.png", "c.png:-1"]
+    assert build_parser().parse_args(["sample", "x"]).images == []

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images from text and/or image prompts")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompt, optionally TEXT:WEIGHT (default 3)")
-    p.add_argument("--images", nargs="+", default=[], metavar="PATH[:W]", help="image prompts")
+    # extend: a second --images adds to the first instead of silently replacing it
+    p.add_argument("--images", nargs="+", action="extend", default=[], metavar="PATH[:W]", help="image prompts")
     p.add_argument("-n", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: all n)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

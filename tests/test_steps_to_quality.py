@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ccld_trt.benchmarks.steps_to_quality import QualityConfig, markdown, measure, write_results
+from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +51,7 @@ def test_rows_and_files(seed3_dir, tmp_path):
 def test_markdown_reports_the_fast_preset_against_plms_50():
     rows = [{"method": m, "steps": k, "evaluations": e, "seconds": s, "sampling_seconds": s - 3.0,
              "latent_psnr_db": 30.0, "pixel_psnr_db": 40.0}
-            for m, k, e, s in (("dpmpp-2m", 8, 8, 5.0), ("plms", 50, 59, 17.5))]
+            for m, k, e, s in ((FAST_METHOD, FAST_STEPS, FAST_STEPS, 5.0), ("plms", 50, 59, 17.5))]
     result = {"machine": "m", "date": "d", "reference_seconds": 1.0, "rows": rows,
               "setup": {"backend": "b", "weights": "w", "demo": False, "prompt": "p", "seed": 0,
                         "reference_steps": 400, "threads": 2}}

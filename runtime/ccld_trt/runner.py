@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccld_trt.backend_select import check_precision, default_precision, resolve_backend
+from ccld_trt.backend_select import check_cpu_precision, check_precision, default_precision, resolve_backend
 from ccld_trt.backends.base import Backend
 from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
@@ -54,10 +54,7 @@ class BackendOptions:
                                 "are compiled by the backend itself")
             require_compile(device)  # Inductor's C++ compiler (CPU) or Triton (CUDA)
         precision = check_precision(backend, self.precision or default_precision(backend, device))
-        if backend == "openvino":
-            from ccld_trt.backends.openvino_backend import check_precision as check_cpu
-
-            check_cpu(precision)  # whether this CPU has the instructions the precision needs
+        check_cpu_precision(backend, precision, device)  # this CPU has the instructions the precision needs
         return dataclasses.replace(self, backend=backend, device=device, precision=precision)
 
     def describe(self) -> str:

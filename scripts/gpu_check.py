@@ -71,13 +71,21 @@ def check(name: str, status: str, summary: str, **details: Any) -> Check:
     return {"check": name, "status": status, "summary": summary, **details}
 
 
+def dry_run_half() -> str:
+    """What the CPU dry run runs fp16 modes in: bf16 where this CPU has bf16 dot products, else fp32 (torch
+    refuses an emulated bf16, which would take minutes a call)."""
+    from ccld_trt.cpu_features import runs_natively
+
+    return "bf16" if runs_natively("bf16") else "fp32"
+
+
 def precision_here(precision: str, dry_run: bool) -> str:
-    return "bf16" if dry_run and precision == "fp16" else precision
+    return dry_run_half() if dry_run and precision == "fp16" else precision
 
 
 def label(mode: str, dry_run: bool) -> str:
-    """A mode's name as run: the CPU dry run runs fp16 modes in bf16."""
-    return mode.replace("fp16", "bf16") if dry_run else mode
+    """A mode's name as run: the CPU dry run runs fp16 modes in bf16 (fp32 without bf16 instructions)."""
+    return mode.replace("fp16", dry_run_half()) if dry_run else mode
 
 
 def use_token_table_if_needed() -> str:

@@ -115,10 +115,13 @@ def solo(models: tuple[BackendOptions, ModelSource], seed3_dir: Path,
                 "--output-dir", str(directory / "png"), "--save-latents", str(directory / "latents.npy")]
         if "batch_size" in body:
             argv += ["--batch-size", str(body["batch_size"])]
+        images = []
         for i, prompt in enumerate(body.get("image_prompts", [])):
             path = directory / f"image{i}.png"
             path.write_bytes(base64.b64decode(prompt["image"]))
-            argv += ["--images", f"{path}:{prompt['weight']}"]
+            images.append(f"{path}:{prompt['weight']}")
+        if images:  # one --images flag: a second one would replace the first
+            argv += ["--images", *images]
         assert cli_run(argv) == 0
         pixels = np.stack([np.asarray(Image.open(p).convert("RGB"))
                            for p in sorted((directory / "png").glob("out_*.png"))])

@@ -2,9 +2,10 @@
 
 The cluster replica (driven through ``Replica.handle``, without Ray) and the web page's handler each get requests
 with text + image prompts, several images, several texts + several images, negative weights and n > 1 with a
-batch size, alone and all at once (the replica merges their U-Net calls), on torch and onnxruntime; each answer
-must equal ``ccld-trt sample`` run alone on the same input (latents rel <= 1e-3, pixels <= 2). Before the fix
-of 99f8312 the cluster ran every image prompt at weight 3, so each case with another weight failed here.
+batch size, alone and all at once (the replica merges their U-Net calls), on torch, onnxruntime and openvino
+(fp32); each answer must equal ``ccld-trt sample`` run alone on the same input (latents rel <= 1e-3, pixels <= 2).
+Before the fix of 99f8312 the cluster ran every image prompt at weight 3, so each case with another weight failed
+here.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def cli_solo(case: Case, options: BackendOptions, models: Path, images: dict[str
         argv += ["-n" if key == "n" else f"--{key.replace('_', '-')}", str(value)]
     if options.onnx_dir is not None:
         argv += ["--onnx-dir", str(options.onnx_dir)]
+    if options.precision is not None:
+        argv += ["--precision", options.precision]
     assert cli_run(argv) == 0
     return np.load(directory / "latents.npy"), load_pngs(directory / "png")
 
@@ -101,11 +104,16 @@ class Setup:
     solo: dict[str, tuple[np.ndarray, np.ndarray]]  # per case, the CLI's (latents, pixels)
 
 
-@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+@pytest.fixture(scope="module", params=["torch", "onnxruntime", "openvino"])
 def setup(request: pytest.FixtureRequest, seed3_dir: Path, images: dict[str, Path],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    onnx_dir = tmp_path_factory.mktemp("onnx") if request.param == "onnxruntime" else None
-    options = BackendOptions(request.param, onnx_dir=onnx_dir)
+    if request.param == "openvino":
+        pytest.importorskip("openvino")
+    onnx_dir = tmp_path_factory.mktemp("onnx") if request.param != "torch" else None
+    # openvino at fp32: its merged rows run the per-row U-Net graph, the CLI the fused one (bf16 would round
+    # the two differently)
+    options = BackendOptions(request.param, onnx_dir=onnx_dir,
+                             precision="fp32" if request.param == "openvino" else None)
     solo = {name: cli_solo(case, options, seed3_dir, images, tmp_path_factory.mktemp("solo"))
             for name, case in CASES.items()}
     replica = Replica(options, ModelSource(ModelFiles.resolve(seed3_dir)), ReplicaSettings(max_batch=64))

@@ -72,7 +72,7 @@ def test_strength_one_keeps_every_timestep(method: str) -> None:
 
 
 def test_alpha_at_the_first_timestep_is_not_zero() -> None:
-    """Why strength 1.0 is not exactly text-to-image (in the original either): the spliced schedule starts at
+    """Why strength 1.0 needs its own rule to be exactly text-to-image: the spliced schedule starts at
     log-SNR -log(expm1(1e-4 + 10)), where alpha = sqrt(sigmoid(log_snr)) = 0.00674, not 0."""
     log_snr = -math.log(math.expm1(1e-4 + 10))
     alpha = math.sqrt(1 / (1 + math.exp(-log_snr)))
@@ -134,16 +134,16 @@ def test_every_sampler_batches_in_the_original_seed_order(method: str, torch_bac
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_strength_one_is_text_to_image_but_for_the_tiny_init_term(torch_backend: TorchBackend) -> None:
-    """At strength 1.0 the init enters with alpha 0.0067 and the noise with sigma 0.99998: the latents move a
-    little from the text-to-image ones, and a lower strength moves them much more."""
+def test_strength_one_is_exactly_text_to_image(torch_backend: TorchBackend) -> None:
+    """Strength 1.0 starts from the noise alone (the init would enter at alpha 0.0067 only): the text-to-image
+    latents exactly; a lower strength moves them."""
     size = {"steps": 8, "method": "ddim", "latent_size": (16, 16)}
     text = generate(torch_backend, Request(prompts=PROMPTS, **size), [], DEFAULT_AUTOENCODER_SCALE)  # type: ignore[arg-type]
     one = generate(torch_backend, img2img(strength=1.0, **size), [], DEFAULT_AUTOENCODER_SCALE)
     half = generate(torch_backend, img2img(strength=0.5, **size), [], DEFAULT_AUTOENCODER_SCALE)
-    near = rel_error(one.latents.numpy(), text.latents.numpy())
-    assert 0 < near < 0.05
-    assert rel_error(half.latents.numpy(), text.latents.numpy()) > 5 * near
+    assert torch.equal(one.latents, text.latents)
+    np.testing.assert_array_equal(one.pixels, text.pixels)
+    assert rel_error(half.latents.numpy(), text.latents.numpy()) > 0.05
 
 
 def test_init_image_is_resized_and_centre_cropped(tmp_path: Path) -> None:

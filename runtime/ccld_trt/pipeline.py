@@ -161,10 +161,12 @@ def sample_latents(backend: Backend, request: Request, conds: torch.Tensor, weig
     """Run the sampler over all n images in batches; latents float32 [n, 4, h, w] on the CPU (unscaled).
 
     ``init_latent`` [1, 4, h, w] (``init_image.encode_init``; image-to-image): the start is it noised to the
-    first of ``request.timesteps()`` with the same first noise draw, as the original."""
+    first of ``request.timesteps()`` with the same first noise draw, as the original. Strength 1 starts from the
+    noise alone: text-to-image exactly (the original would add the init at alpha 0.0067, the spliced schedule's
+    first timestep, a difference users who ask for "all noise" do not expect)."""
     noise = draw_noise(request)
     timesteps = request.timesteps()
-    if init_latent is not None:
+    if init_latent is not None and request.strength < 1.0:
         noise.x = noised_start(init_latent, noise.x, timesteps[0])
     steps = timesteps.to(backend.device)
     batch = request.batch_size or request.n

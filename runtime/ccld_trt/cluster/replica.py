@@ -26,7 +26,7 @@ from ccld_trt.cluster.api import BadRequest, Job, latents_json, parse_generate, 
 from ccld_trt.cluster.batcher import StepBatcher
 from ccld_trt.cluster.rows import SerialBackend, UNetCall
 from ccld_trt.export.errors import UserError
-from ccld_trt.pipeline import generate
+from ccld_trt.jobs import run
 from ccld_trt.runner import BackendOptions, ModelSource, open_session
 
 logger = logging.getLogger(__name__)
@@ -160,8 +160,7 @@ class Replica:
 
         with self._in_flight():
             try:
-                result = generate(backend, job.request, job.image_pixels, job.autoencoder_scale, on_stage=on_stage,
-                                  init_pixels=job.init_pixels)
+                result = run(backend, job, on_stage=on_stage)
             finally:
                 if entered:
                     sampling.__exit__(None, None, None)

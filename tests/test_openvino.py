@@ -128,7 +128,7 @@ def fp32_backend(ov_dir: Path) -> OpenVinoBackend:
 
 def _graph_call(backend: OpenVinoBackend, graph: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     call = {"unet_cfg": backend.unet, "decoder": backend.decode, "text_encoder": backend.encode_text,
-            "image_encoder": backend.encode_image}[graph]
+            "image_encoder": backend.encode_image, "encoder": backend.encode_latents}[graph]
     return call(*inputs.values())
 
 

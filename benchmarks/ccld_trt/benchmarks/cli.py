@@ -40,7 +40,8 @@ def _cmd_solvers(args: argparse.Namespace) -> None:
 
         defaults = QualityConfig()
         config = QualityConfig(methods=args.methods or defaults.methods, step_counts=args.step_counts or
-                               defaults.step_counts, reference_steps=args.reference_steps or defaults.reference_steps)
+                               defaults.step_counts, reference_steps=args.reference_steps or defaults.reference_steps,
+                               repeats=args.e2e_repeats or defaults.repeats)
         _, paths = run_steps_to_quality((args.backends or ("torch",))[0], args.device,
                                         Path(args.models) if args.models else None, args.demo_size,
                                         Path(args.output), config)

@@ -11,6 +11,7 @@ with the same command (``--models``).
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class QualityConfig:
     latent_size: tuple[int, int] = (32, 32)
     # run besides the grid (once): the fast preset, and plms/15 and plms/50 (the default) to compare it with
     extra_cells: tuple[tuple[str, int], ...] = ((FAST_METHOD, FAST_STEPS), ("plms", 15), ("plms", 50))
+    repeats: int = 1  # timed end-to-end runs per cell, interleaved round by round; the median is reported
 
     def cells(self) -> list[tuple[str, int]]:
         """(method, steps) in run order, each once."""
@@ -68,8 +70,9 @@ def reference(backend: Backend, config: QualityConfig) -> tuple[torch.Tensor, np
 
 def measure(backend: Backend, config: QualityConfig,
             log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], float]:
-    """One row per cell: evaluations, end-to-end seconds (conditioning + sampling + decoding, one warm run) and
-    PSNR of latents (peak-to-peak 2) and pixels (255) against the reference. Returns the rows and the reference's
+    """One row per cell: evaluations, end-to-end seconds (conditioning + sampling + decoding: the median of
+    ``config.repeats`` warm runs, the cells interleaved round by round because a shared machine drifts) and PSNR of
+    latents (peak-to-peak 2) and pixels (255) against the reference. Returns the rows and the reference's
     seconds."""
     # warm-up: first calls of a shape are slower
     conds, weights = conditions(backend, config.request("ddim", 1), [])
@@ -80,13 +83,23 @@ def measure(backend: Backend, config: QualityConfig,
     synchronize(backend.device)
     ref_seconds = time.perf_counter() - start
     log(f"reference: {REFERENCE_METHOD} {config.reference_steps} steps, {ref_seconds:.1f} s")
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {cell: [] for cell in config.cells()}
+    outputs = {}
+    for _ in range(max(1, config.repeats)):
+        for method, steps in runs:
+            start = time.perf_counter()
+            out = generate(backend, config.request(method, steps), [], config.scale)
+            runs[method, steps].append({"seconds": time.perf_counter() - start, **out.seconds})
+            outputs[method, steps] = out  # deterministic: every repeat gives the same latents
+            log(f"{method}/{steps}: {runs[method, steps][-1]['seconds']:.2f} s")
     rows = []
-    for method, steps in config.cells():
-        start = time.perf_counter()
-        out = generate(backend, config.request(method, steps), [], config.scale)
-        seconds = time.perf_counter() - start
-        row = {"method": method, "steps": steps, "evaluations": evaluations(method, steps), "seconds": seconds,
-               "sampling_seconds": out.seconds["sampling"], "decoding_seconds": out.seconds["decoding"],
+    for (method, steps), timings in runs.items():
+        out = outputs[method, steps]
+        row = {"method": method, "steps": steps, "evaluations": evaluations(method, steps),
+               "seconds": statistics.median(r["seconds"] for r in timings),
+               "seconds_runs": [r["seconds"] for r in timings],
+               "sampling_seconds": statistics.median(r["sampling"] for r in timings),
+               "decoding_seconds": statistics.median(r["decoding"] for r in timings),
                "latent_psnr_db": psnr(out.latents, ref_latents),
                "pixel_psnr_db": psnr(torch.from_numpy(out.pixels), torch.from_numpy(ref_pixels), 255.0)}
         log(json.dumps(row))
@@ -105,8 +118,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"## Steps to quality — {result['machine']}, {result['date']}", "",
              f"{setup['backend']}, {setup['weights']}, one image of {setup['prompt']!r}, seed {setup['seed']}. "
              f"Reference: {REFERENCE_METHOD} with {setup['reference_steps']} steps to log-SNR "
-             f"{REFERENCE_FINAL_LOG_SNR:g} ({result['reference_seconds']:.0f} s). Seconds: one warm end-to-end run "
-             "(conditioning + sampling + decoding) on a shared machine, "
+             f"{REFERENCE_FINAL_LOG_SNR:g} ({result['reference_seconds']:.0f} s). Seconds: the median of "
+             f"{setup.get('repeats', 1)} warm end-to-end run(s) per cell, interleaved round by round "
+             "(conditioning + sampling + decoding), "
              f"{setup['threads']} torch thread(s).", "",
              "| method | steps | U-Net evaluations | seconds | latent PSNR dB | pixel PSNR dB |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -190,6 +204,7 @@ def run_steps_to_quality(backend_name: str, device: str, models: Path | None, de
               "setup": {"backend": options.describe(), "weights": weights_text, "demo": weights["demo"],
                         "threads": torch.get_num_threads(),
                         "prompt": config.prompt[0], "seed": config.seed, "reference_steps": config.reference_steps,
-                        "methods": list(config.methods), "step_counts": list(config.step_counts)},
+                        "methods": list(config.methods), "step_counts": list(config.step_counts),
+                        "repeats": config.repeats},
               "rows": rows}
     return result, write_results(result, output / machine_slug(info))

@@ -275,6 +275,20 @@ def test_page_generates_an_image(server: Server, browser: Any, tmp_path: Path) -
     page.close()
 
 
+def test_fast_button_sets_the_fast_preset(server: Server, browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+
+    page = open_page(browser, server, [])
+    steps = page.locator("#steps input[type=number]")
+    expect(steps).to_have_value("50")
+    page.locator("#fast").click()
+    expect(steps).to_have_value(str(FAST_STEPS))
+    expect(page.locator("#sampler input")).to_have_value(FAST_METHOD)
+    page.close()
+
+
 def test_page_shows_bad_input_messages(server: Server, browser: Any, huge_png: Path) -> None:
     from playwright.sync_api import expect
 

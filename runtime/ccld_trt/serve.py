@@ -38,7 +38,7 @@ from ccld_trt.jobs import (  # noqa: F401 (MAX_UPLOAD_PIXELS, check_image_upload
 from ccld_trt.outputs import save_images
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, DEFAULT_STRENGTH, InvalidRequest
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
-from ccld_trt.samplers import METHODS
+from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, METHODS
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -283,6 +283,11 @@ def _no_analytics() -> None:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 
+def fast_preset() -> tuple[int, str]:
+    """The page's "Fast" button: the fast preset's (steps, sampler), as ``sample --fast``."""
+    return FAST_STEPS, FAST_METHOD
+
+
 def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blocks:
     """The page and its API (``/generate``). ``work_dir`` holds the PNGs of the latest job."""
     _no_analytics()
@@ -323,6 +328,7 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
                 with gr.Row():
                     steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps", elem_id="steps")
                     method = gr.Dropdown(list(METHODS), value="plms", label="Sampler", elem_id="sampler")
+                    fast = gr.Button(f"Fast: {FAST_METHOD}, {FAST_STEPS} steps", elem_id="fast", size="sm")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                     n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="n")
@@ -345,6 +351,8 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
         button.click(on_generate, inputs=[prompts, image, image_weight, steps, method, seed, n, scale, init, strength],
                      outputs=[gallery, files, timings], api_name="generate", preprocess=False,
                      concurrency_limit=1, concurrency_id="device")
+        # the fast preset (as `sample --fast`) only sets the sampler and steps shown, which the user may change
+        fast.click(fast_preset, outputs=[steps, method], queue=False, api_visibility="private")
         timer = gr.Timer(1.0, active=not loader.finished)
         timer.tick(poll, outputs=[status, timer], queue=False, api_visibility="private")
         app.load(poll, outputs=[status, timer], queue=False, api_visibility="private")

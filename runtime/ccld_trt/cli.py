@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -201,6 +202,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(backend_options(args), model_source(args), args.host, args.port, args.listen,
           keys=load_keys(args.api_key_file), insecure=args.insecure)
+    # Stopped cleanly (the running job cancelled, the outputs written): leave without the interpreter's
+    # finalisation, in which Gradio's daemon worker threads and torch's thread pools sometimes end the process
+    # with std::terminate (rc -6 seen in CI-like runs after a clean stop).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:

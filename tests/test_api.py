@@ -115,6 +115,16 @@ def test_pipeline_equals_the_cli(pipe, seed3_dir: Path, images: dict[str, Path],
     assert [p.name for p in result.save(tmp_path / "saved")] == ["out_00000.png", "out_00001.png", "out_00002.png"]
 
 
+def test_fast_is_the_cli_fast_preset(pipe, seed3_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+
+    assert cli_run(["sample", "a cat", "--fast", "--seed", "5", "--models", str(seed3_dir), "--output-dir",
+                    str(tmp_path / "png"), "--save-latents", str(tmp_path / "latents.npy")]) == 0
+    result = pipe("a cat", fast=True, seed=5, steps=50, method="plms")  # the preset wins, as --fast does
+    assert (result.request.method, result.request.steps) == (FAST_METHOD, FAST_STEPS)
+    assert np.array_equal(result.latents.numpy(), np.load(tmp_path / "latents.npy"))
+
+
 def test_pipeline_errors_and_checkpoint_scale(pipe) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidRequest, match="n must be >= 1, got 0"):
         pipe("a cat", n=0)

@@ -26,6 +26,7 @@ from ccld_trt.export.errors import UserError
 from ccld_trt.jobs import ImagePromptInput, ImageSource, Job, PromptInput
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request
 from ccld_trt.runner import DEFAULT_ENGINE_DIR, BackendOptions, ModelSource, Session, open_session
+from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -141,7 +142,7 @@ class Pipeline:
     def __call__(self, prompts: PromptInput | Sequence[PromptInput] = (),
                  image_prompts: ImagePromptInput | Sequence[ImagePromptInput] = (), *,
                  autoencoder_scale: float | str | None = None, init: ImageSource | None = None,
-                 callback: Callback | None = None,
+                 fast: bool = False, callback: Callback | None = None,
                  progress: bool | None = None, **fields: Unpack[RequestFields]) -> Result:
         """Generate images, as ``ccld-trt sample`` does.
 
@@ -152,6 +153,8 @@ class Pipeline:
             the starting timestep in (0, 1], default 0.9).
         init: image to image: start from this image (a path, encoded bytes or a PIL image) noised to
             ``strength`` instead of from pure noise.
+        fast: the fast preset (``samplers.FAST_METHOD``/``FAST_STEPS``, as ``sample --fast``): it sets method
+            and steps.
         autoencoder_scale: latents x this before decoding: a number, "checkpoint" (the U-Net checkpoint's
             stored value) or None (2.55, as the published demo).
         callback: ``callback(done, total)`` after each U-Net evaluation (e.g. for a progress bar of your own).
@@ -159,6 +162,8 @@ class Pipeline:
 
         Bad input raises UserError (InvalidRequest for a bad field) with a one-line message naming it.
         """
+        if fast:
+            fields["method"], fields["steps"] = FAST_METHOD, FAST_STEPS
         job = self.assemble(prompts, image_prompts, autoencoder_scale=autoencoder_scale, init=init, **fields)
         return self.run(job, callback, progress)
 

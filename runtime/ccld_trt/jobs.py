@@ -177,14 +177,6 @@ def _load_init(source: ImageSource, latent_size: tuple[int, int], untrusted: boo
             raise UserError(str(e).replace(f"'{path}'", "the upload").replace(f" {path}", "")) from None
 
 
-def check_limits(request: Request) -> None:
-    """InvalidRequest past the limits on requests from other people (MAX_STEPS, MAX_IMAGES)."""
-    if request.steps > MAX_STEPS:
-        raise InvalidRequest("steps", f"must be from 1 to {MAX_STEPS}, got {request.steps}")
-    if request.n > MAX_IMAGES:
-        raise InvalidRequest("n", f"must be from 1 to {MAX_IMAGES}, got {request.n}")
-
-
 def assemble(prompts: PromptInput | Sequence[PromptInput] = (),
              image_prompts: ImagePromptInput | Sequence[ImagePromptInput] = (), *, image_size: int,
              autoencoder_scale: float = DEFAULT_AUTOENCODER_SCALE, untrusted: bool = False,
@@ -210,9 +202,7 @@ def assemble(prompts: PromptInput | Sequence[PromptInput] = (),
     init_name = None if init is None else Path(os.fspath(init) if isinstance(init, str | os.PathLike) else "init")
     request = Request(prompts=texts, image_prompts=[(Path(name), weight) for _, weight, name in images],
                       init=init_name, **fields)
-    request.validate()
-    if untrusted:
-        check_limits(request)
+    request.validate()  # the limits of every front end included
     scale = _weight(autoencoder_scale, "autoencoder_scale")
     if problem := limits.autoencoder_scale_problem(scale):
         raise InvalidRequest("autoencoder_scale", problem)

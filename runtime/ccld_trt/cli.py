@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ccld_trt import stage_clock
 from ccld_trt.access import add_access_args
 from ccld_trt.cli_args import (
     add_backend_args,
@@ -70,6 +71,7 @@ def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    stage_clock.mark("cli")  # bench --cold-start's stages (no-op unless $CCLD_TRT_STAGES)
     from ccld_trt.api import Pipeline
     from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
     from ccld_trt.jobs import assemble
@@ -77,6 +79,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from ccld_trt.outputs import save_latents
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 
+    stage_clock.mark("imports")
     models = model_source(args)
     scale = args.autoencoder_scale
     try:
@@ -93,6 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out_dir = Path(args.output_dir)
     _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
     pipe = Pipeline.open(backend_options(args), models)
+    stage_clock.mark("backend ready")
     print(f"backend: {pipe.backend}", file=sys.stderr)  # which backend and precision make these images
     if pipe.demo_weights:
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
@@ -101,10 +105,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if problem := autoencoder_scale_problem(job.autoencoder_scale):
             raise UserError(f"--autoencoder-scale checkpoint: the U-Net checkpoint's scale {problem}")
     result = pipe.run(job)
+    stage_clock.mark("image")
     if args.save_latents:
         save_latents(result.latents.numpy(), Path(args.save_latents))
     for path in result.save(out_dir):
         print(path)
+    stage_clock.mark("written")
 
 
 def cmd_download(args: argparse.Namespace) -> None:

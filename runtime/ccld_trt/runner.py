@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ccld_trt import stage_clock
 from ccld_trt.backend_select import check_cpu_precision, check_precision, default_precision, resolve_backend
 from ccld_trt.backends.base import Backend
 from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
@@ -82,7 +83,9 @@ class ModelSource:
     def load(self) -> Networks:
         """The fp32 torch networks on the CPU (see export.models.load_networks)."""
         multipliers = list(self.channel_multipliers) if self.channel_multipliers is not None else None
-        return load_networks(self.files, self.base_channels, multipliers)
+        networks = load_networks(self.files, self.base_channels, multipliers)
+        stage_clock.mark("model files read")  # bench --cold-start (no-op unless $CCLD_TRT_STAGES)
+        return networks
 
 
 @dataclass

@@ -12,14 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,95 +27,31 @@ from PIL import Image
 from ccld_trt.cli import run
 from ccld_trt.export.errors import UserError
 from ccld_trt.serve import MAX_UPLOAD_PIXELS, ModelLoader, build_app, check_host, generate_for_page, parse_job
+from serve_process import JOB_S, STOP_S, Server, free_port, start_long_job, start_server, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SERVER_START_S = 120  # importing torch and gradio, then loading the models, on a busy 2-core CI machine
-JOB_S = 120
-# Ctrl-C to exit with a long job running: Gradio closes its HTTP server (waiting up to 5 s for it), the job stops
-# at its next U-Net evaluation (a fraction of a second on the small demo weights), torch and Gradio shut down;
-# some 10 s on an idle 2-core CPU. Uncancelled, the job would run for minutes (or crash the exit).
-STOP_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{log()}")
-        time.sleep(0.25)
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return f"--- server log ---\n{self.log_path.read_text(errors='replace')}"
-
-    def check_alive(self) -> None:
-        """The process is running and still serves the page."""
-        assert self.process.poll() is None, f"the server exited with {self.process.returncode}\n{self.log()}"
-        assert answers(self.url), f"the server no longer answers\n{self.log()}"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The module's server, stopped at the end by SIGINT with a long job running, as a user's Ctrl-C would
+    (its signal dispositions are this process's: SIGINT may be inherited as ignored, in a background job)."""
     from ccld_trt.export.demo_weights import write_demo_weights
 
     root = tmp_path_factory.mktemp("serve")
     models = root / "models"
     write_demo_weights(models, "small", seed=0)
-    port = free_port()
-    log_path = root / "server.log"
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(root / "gradio-cache"), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ccld_trt", "serve", "--models", str(models), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}/", process, log_path)
+    server = start_server(models, root)
     try:
-        wait_for(lambda: process.poll() is not None or (answers(server.url) and "models ready" in server.log()),
-                 SERVER_START_S, "the server to come up with its models loaded", server.log)
-        assert process.poll() is None, f"the server exited with {process.returncode}\n{server.log()}"
         yield server
         start_long_job(server)  # stopping must not wait for it
     finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C: the way a user stops it, so its own clean-up runs
-        start = time.monotonic()
-        try:
-            process.wait(STOP_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    stopped_s = time.monotonic() - start
-    assert process.returncode == 0, f"the server did not stop cleanly on Ctrl-C\n{server.log()}"
+        status, stopped_s = server.stop(signal.SIGINT)
+    assert status == 0, f"the server did not stop cleanly on SIGINT (status {status})\n{server.log()}"
     assert stopped_s < STOP_S, f"stopping took {stopped_s:.1f} s"
-
-
-def start_long_job(server: Server) -> None:
-    """Submit a 1000-step job (minutes) and wait until it is sampling."""
-    job = Client(server.url, verbose=False).submit("a lighthouse", None, 3.0, 1000, "ddim", 0, 1, 2.55,
-                                                   api_name="/generate")
-    wait_for(lambda: any(u.desc == "sampling" for u in job.status().progress_data or []), JOB_S,
-             "the long job to start sampling", server.log)
+    assert server.work_dirs() == [], f"the work directory was left behind\n{server.log()}"
 
 
 @pytest.fixture(scope="module")

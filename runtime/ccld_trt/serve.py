@@ -39,6 +39,7 @@ from ccld_trt.outputs import save_images
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, DEFAULT_STRENGTH, InvalidRequest
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, METHODS
+from ccld_trt.stopping import StopSignals, bounded
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -47,8 +48,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-# Ctrl-C waits at most this long for a running job to reach its next U-Net evaluation (where it is cancelled)
-STOP_WAIT_S = 60.0
+# After SIGINT or SIGTERM, the clean-up steps (cancel the running job, close the HTTP server, remove the work
+# directory) get this long in all: the process is gone within 15 s of the signal even when a U-Net evaluation of a
+# job takes many seconds (a busy CPU; then the job ends with the process instead, at the end of this time).
+STOP_BUDGET_S = 10.0
 DEMO_WARNING = ("⚠ RANDOM DEMO WEIGHTS — these models were written by <code>ccld-trt demo-weights</code>: "
                 "images will be noise-like patterns, not paintings.")
 
@@ -111,10 +114,14 @@ class ModelLoader:
         if self._stopping.is_set():
             raise UserError("the server is stopping: this job was cancelled")
 
+    def cancel(self) -> None:
+        """Cancel the running job at its next U-Net evaluation or stage, and refuse new ones."""
+        self._stopping.set()
+
     def stop(self, timeout: float) -> bool:
         """Cancel the running job at its next U-Net evaluation and refuse new ones; wait up to ``timeout`` s
-        for it to end. Whether it did (else the interpreter's exit ends it)."""
-        self._stopping.set()
+        for it to end. Whether it did (else the process's exit ends it)."""
+        self.cancel()
         if not self._running.acquire(timeout=timeout):
             return False
         self._running.release()
@@ -267,6 +274,7 @@ def generate_for_page(loader: ModelLoader, work_dir: Path, prompts: Any, image: 
 
     with loader.job():
         paths, timings = run_job(session, job, _job_dir(work_dir), started, evaluated)
+        loader.check_running()  # a stopping server removes the work directory: a cancelled job shows no images
     images = [str(p) for p in paths]
     request = job.request
     summary = (f"{timings.markdown()}  \n{request.n} image(s), seed {request.seed}, {request.steps} steps "
@@ -362,9 +370,11 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
 
 def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           allow_remote: bool = False, keys: Keys | None = None, insecure: bool = False) -> None:
-    """Serve the page at http://host:port until interrupted (Ctrl-C), running the networks of ``models`` as
-    ``options`` say. With ``keys``, the page asks for one as the password (any user name); a host other
-    machines can reach needs ``allow_remote`` (--listen) and keys or ``insecure`` (access.check_exposure)."""
+    """Serve the page at http://host:port until SIGINT (Ctrl-C) or SIGTERM, running the networks of ``models`` as
+    ``options`` say; then cancel the running job, close the server and remove the work directory, in
+    STOP_BUDGET_S, whatever signal dispositions the process inherited (stopping.StopSignals). With ``keys``, the
+    page asks for one as the password (any user name); a host other machines can reach needs ``allow_remote``
+    (--listen) and keys or ``insecure`` (access.check_exposure). Call it from the main thread."""
     keys = keys or Keys()
     warning = check_exposure(host, allow_remote, keys, insecure)
     if warning:
@@ -380,7 +390,9 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
     # Then PIL refuses, in Image.open, anything over twice the upload limit wherever this process opens it.
     Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
     loader = ModelLoader(lambda: open_session(options, models), options.describe())
-    with tempfile.TemporaryDirectory(prefix="ccld-trt-serve-") as work_dir:
+    # The handlers first: a signal while Gradio imports or the port opens stops the server as soon as it is up.
+    with StopSignals("ccld-trt serve") as stop, \
+            tempfile.TemporaryDirectory(prefix="ccld-trt-serve-", ignore_cleanup_errors=True) as work_dir:
         app = build_app(loader, demo_weights, Path(work_dir))
         import gradio as gr
 
@@ -397,7 +409,21 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
             raise UserError(f"cannot serve on {host}:{port}: {e}") from e
         loader.start()  # once the port is ours, so that a refused start loads nothing
         try:
-            app.block_thread()  # until Ctrl-C, which closes the HTTP server
+            stop.wait()
         finally:
-            if not loader.stop(STOP_WAIT_S):
-                print(f"ccld-trt serve: the running job did not stop within {STOP_WAIT_S:g} s", file=sys.stderr)
+            stop_page(app, loader, time.monotonic() + STOP_BUDGET_S)
+
+
+def stop_page(app: gr.Blocks, loader: ModelLoader, deadline: float) -> None:
+    """The clean-up after a stop request, done by ``deadline`` (time.monotonic): cancel the running job (it stops
+    at its next U-Net evaluation or stage), close the HTTP server (the job's open event stream holds that up until
+    the job ends), wait for the job. A job still running at the deadline ends with the process; what happened is
+    said on stderr. The work directory is removed after this, by serve."""
+    loader.cancel()
+    bounded(lambda: app.close(verbose=False), max(0.0, deadline - time.monotonic()),
+            "ccld-trt serve: closing the HTTP server")
+    if loader.stop(max(0.0, deadline - time.monotonic())):
+        print("ccld-trt serve: stopped (no job left running)", file=sys.stderr)
+    else:
+        print(f"ccld-trt serve: stopped; the running job did not reach its next U-Net evaluation within "
+              f"{STOP_BUDGET_S:g} s of the signal and ends with the process", file=sys.stderr)

@@ -40,6 +40,7 @@ KEY_B = "b" * 24 + "fedcba9876543210"
 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
+    path.chmod(0o600)  # as docs/security.md says (a file others may read is loaded with a warning)
     return path
 
 
@@ -127,15 +128,15 @@ def test_page_login_takes_any_user_name_and_a_key() -> None:
 
 def test_authenticate() -> None:
     keys = Keys.of([KEY_A, KEY_B])
-    assert authenticate(Keys(), None, {}, "10.0.0.7") == "10.0.0.7"  # no keys: clients are addresses
-    assert authenticate(keys, f"Bearer {KEY_B}", {}, "10.0.0.7") == key_id(KEY_B)
-    assert authenticate(keys, f"bearer  {KEY_A} ", {}, "10.0.0.7") == key_id(KEY_A)
+    assert authenticate(Keys(), (), {}, "10.0.0.7") == "10.0.0.7"  # no keys: clients are addresses
+    assert authenticate(keys, (f"Bearer {KEY_B}",), {}, "10.0.0.7") == key_id(KEY_B)
+    assert authenticate(keys, (f"bearer  {KEY_A} ",), {}, "10.0.0.7") == key_id(KEY_A)
     for header in (None, "", "Bearer", KEY_A, f"Basic {KEY_A}", f"Bearer {KEY_A[:-1]}",
                    f"Bearer {KEY_A[:-1]}{chr(ord(KEY_A[-1]) ^ 1)}"):
-        refusal = authenticate(keys, header, {}, "10.0.0.7")
+        refusal = authenticate(keys, () if header is None else (header,), {}, "10.0.0.7")
         assert isinstance(refusal, Refusal) and refusal.status == 401, header
         assert refusal.headers["WWW-Authenticate"].startswith("Bearer") and "\n" not in refusal.error
-    in_url = authenticate(keys, None, {"api_key": KEY_A}, "10.0.0.7")
+    in_url = authenticate(keys, (), {"api_key": KEY_A}, "10.0.0.7")
     assert isinstance(in_url, Refusal) and in_url.status == 401 and "URL is refused" in in_url.error
     assert KEY_A not in in_url.error
     both = authenticate(keys, f"Bearer {KEY_A}", {"token": KEY_A}, "10.0.0.7")

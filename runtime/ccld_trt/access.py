@@ -19,9 +19,12 @@ import ipaddress
 import json
 import math
 import os
+import stat
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,11 @@ class Keys:
 
 
 def _check_key(key: str, where: str) -> None:
+    hidden = next((c for c in key if not c.isprintable() or unicodedata.category(c) == "Cf"), None)
+    if hidden is not None and not hidden.isspace():  # a zero-width space, a control character: a key that
+        # looks right and never matches
+        raise UserError(f"{where}: holds an invisible or non-printable character (U+{ord(hidden):04X}); "
+                        "write the key again as plain text")
     if any(c.isspace() for c in key):
         raise UserError(f"{where}: a key must be one word, without spaces")
     if len(key) < MIN_KEY_CHARS:
@@ -78,10 +86,30 @@ def _check_key(key: str, where: str) -> None:
                         "(make one with: openssl rand -hex 32)")
 
 
-def load_keys(path: str | Path | None, environ: Mapping[str, str] = os.environ) -> Keys:
-    """The keys of ``path`` (one per line; blank lines and lines starting with # are ignored) or, without a path,
-    of ``$CCLD_TRT_API_KEY``; no keys if neither is given. A file that cannot be read or holds no key, or a key
-    under 16 characters, is a UserError (which never quotes a key)."""
+def key_file_warning(path: str | Path) -> str | None:
+    """The warning line for a key file that users other than its owner may read (mode & 0o044), or None."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return None
+    return (f"warning: --api-key-file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+            f"chmod 600 {path}")
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_keys(path: str | Path | None, environ: Mapping[str, str] = os.environ,
+              warn: Callable[[str], None] = _warn) -> Keys:
+    """The keys of ``path`` (one per line; blank lines and lines starting with # are ignored; a UTF-8 byte order
+    mark at the start is dropped) or, without a path, of ``$CCLD_TRT_API_KEY``; no keys if neither is given. A
+    file that cannot be read or holds no key, a key under 16 characters, or a line with an invisible or
+    non-printable character (a zero-width space, a control character) is a UserError (which never quotes a
+    key): the whole file is refused, so a reload keeps the previous keys. A file others may read is loaded
+    with a ``warn`` line."""
     if path is None:
         key = environ.get(KEY_ENV, "").strip()
         if not key:
@@ -95,6 +123,7 @@ def load_keys(path: str | Path | None, environ: Mapping[str, str] = os.environ) 
     except UnicodeDecodeError:
         raise UserError(f"--api-key-file {path}: not a text file") from None
     keys = []
+    text = text.removeprefix("\ufeff")
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
@@ -102,6 +131,9 @@ def load_keys(path: str | Path | None, environ: Mapping[str, str] = os.environ) 
             keys.append(line)
     if not keys:
         raise UserError(f"--api-key-file {path} holds no key (one per line; blank and # lines are ignored)")
+    warning = key_file_warning(path)
+    if warning:
+        warn(warning)
     return Keys.of(keys)
 
 
@@ -216,13 +248,17 @@ def bearer(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def authenticate(keys: Keys, authorization: str | None, query: Mapping[str, str], address: str) -> str | Refusal:
-    """The client's name (its key's id; its address when there are no keys), or the refusal: 401 without the
-    right bearer key (a key in the query string is never read), 400 for a query string next to a right key."""
+def authenticate(keys: Keys, authorization: Sequence[str], query: Mapping[str, str],
+                 address: str) -> str | Refusal:
+    """The client's name (its key's id; its address when there are no keys), or the refusal: 400 for more than
+    one Authorization header (which one a proxy or a server reads differs); 401 without the right bearer key
+    (a key in the query string is never read); 400 for a query string next to a right key."""
+    if len(authorization) > 1:
+        return Refusal(400, "send one Authorization header, not several")
     if not keys:
         return address
     unauthorized = {"WWW-Authenticate": 'Bearer realm="ccld-trt"'}
-    token = bearer(authorization)
+    token = bearer(authorization[0] if authorization else None)
     if token is None:
         if any(name.lower() in KEY_PARAMS for name in query):
             return Refusal(401, "a key in the URL is refused (URLs are logged): send it as the header "
@@ -236,6 +272,38 @@ def authenticate(keys: Keys, authorization: str | None, query: Mapping[str, str]
     return client
 
 
+def declared_length(values: Sequence[str], limit: int) -> int | Refusal | None:
+    """The request's Content-Length headers -> the length (None: not given, the body streams), or the refusal:
+    400 if it is not one non-negative number, 413 over ``limit`` bytes (before any of the body is read)."""
+    if not values:
+        return None
+    if len(set(values)) > 1 or not values[0].strip().isdigit() or not values[0].strip().isascii():
+        return Refusal(400, "Content-Length must be one number")
+    length = int(values[0])
+    if length > limit:
+        return Refusal(413, f"the body is {length / 2**20:.0f} MiB; the limit is {limit // 2**20} MiB")
+    return length
+
+
+class RateLimiter:
+    """At most ``rate`` requests a second per name, ``burst`` at once (a token bucket per name; idle names
+    beyond MAX_CLIENTS are forgotten). Not thread-safe: the ingress's event loop is its one user."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, when)
+
+    def allow(self, name: str) -> bool:
+        now = self.clock()
+        tokens, then = self._buckets.pop(name, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[name] = (tokens - allowed, now)  # re-inserted last: the dict stays in use order
+        if len(self._buckets) > MAX_CLIENTS:
+            del self._buckets[next(iter(self._buckets))]
+        return allowed
+
+
 @dataclass
 class _Client:
     in_flight: int = 0
@@ -244,14 +312,16 @@ class _Client:
     finished: int = 0
     failed: int = 0  # finished with an error status
     mean_seconds: float = 0.0  # of its finished requests, exponentially weighted
+    started: list[float] = field(default_factory=list)  # when each request in flight was admitted (monotonic)
 
 
 class InFlightLimiter:
     """Counts each client's requests in flight and admits at most ``limit`` at once (None: no limit).
     Thread-safe; one instance must see every request of the deployment (the cluster's single ingress)."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.clock = clock
         self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
 
@@ -264,12 +334,15 @@ class InFlightLimiter:
                 return False
             counts.in_flight += 1
             counts.accepted += 1
+            counts.started.append(self.clock())
             return True
 
     def release(self, client: str, seconds: float, ok: bool) -> None:
         with self._lock:
             counts = self._clients[client]
             counts.in_flight -= 1
+            if counts.started:  # the oldest ends first, as far as the estimate cares
+                counts.started.pop(0)
             counts.finished += 1
             counts.failed += not ok
             counts.mean_seconds = seconds if counts.finished == 1 else 0.8 * counts.mean_seconds + 0.2 * seconds
@@ -279,10 +352,20 @@ class InFlightLimiter:
                     del self._clients[name]
 
     def retry_after(self, client: str) -> int:
-        """Seconds a refused client should wait (Retry-After): about one of its requests' duration, 1 to 60."""
+        """Seconds a refused client should wait (Retry-After), 1 to 60: until its running request expected to
+        end first does, a request expected to last its mean (the mean of every client's finished requests
+        while it has none; while none finished anywhere, as long again as the oldest has run so far)."""
         with self._lock:
-            mean = self._clients[client].mean_seconds if client in self._clients else 0.0
-        return min(60, max(1, math.ceil(mean)))
+            counts = self._clients.get(client)
+            if counts is None or not counts.started:
+                return 1
+            finished = [c.mean_seconds for c in self._clients.values() if c.finished]
+            expected = (counts.mean_seconds if counts.finished else
+                        sum(finished) / len(finished) if finished else None)
+            now = self.clock()
+            ages = [now - t for t in counts.started]
+            remaining = min(expected - age for age in ages) if expected is not None else max(ages)
+        return min(60, max(1, math.ceil(remaining)))
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per-client counts (for /v1/stats): in_flight, accepted, refused, finished, failed, mean_seconds."""
@@ -292,12 +375,23 @@ class InFlightLimiter:
                     for name, c in self._clients.items()}
 
 
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~:/%[]@+,")
+
+
+def log_field(value: str) -> str:
+    """``value`` as one log field: as is when it is plain (letters, digits, address and path punctuation),
+    else JSON-quoted, so that no space, ``=``, quote or line break from a request can forge another field or
+    line."""
+    return value if value and set(value) <= _PLAIN else json.dumps(value)
+
+
 def access_line(when: float, client: str, method: str, path: str, status: int, images: int, seconds: float,
                 prompts: Any = None) -> str:
     """One request's log line: UTC time, client, route, status, images answered, seconds; the prompts only when
     the operator asked (``prompts`` not None)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
-    line = f"{stamp} client={client} {method} {path} status={status} images={images} seconds={seconds:.3f}"
+    line = (f"{stamp} client={log_field(client)} {log_field(method)} {log_field(path)} status={status} "
+            f"images={images} seconds={seconds:.3f}")
     if prompts is not None:
         line += f" prompts={json.dumps(prompts, ensure_ascii=False)}"
     return line
@@ -329,5 +423,8 @@ def add_access_args(parser: argparse.ArgumentParser, cluster: bool) -> None:
         parser.add_argument("--max-in-flight-per-client", type=int, metavar="N",
                             help="requests one client (a key, or an address without keys) may have running or "
                                  "queued; more get 429 (default: half of replicas x --max-ongoing)")
+        parser.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDR",
+                            help="a reverse proxy (address or network) whose X-Forwarded-For names the client "
+                                 "(repeatable; default: none, a client is its key or its own address)")
         parser.add_argument("--log-prompts", action="store_true",
                             help="write the prompts into the access log (default: not, prompts can be private)")

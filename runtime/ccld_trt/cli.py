@@ -221,6 +221,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     from ccld_trt.cluster.app import ClusterSpec, run_cluster
     from ccld_trt.cluster.replica import ReplicaSettings
 
+    from ccld_trt.cluster.local_ray import check_auth_mode, trusted_proxies
     settings = ReplicaSettings(max_batch=args.max_batch, batching=not args.no_batching,
                                max_ongoing=args.max_ongoing)
     limit = args.max_in_flight_per_client
@@ -228,7 +229,11 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                           if limit is not None else default_client_limit(args.replicas * args.max_ongoing))
     spec = ClusterSpec(replicas=args.replicas, max_queue=args.max_queue, settings=settings, access=access)
     run_cluster(backend_options(args), model_source(args), spec, args.address, args.host, args.port,
-                listen=args.listen, insecure=args.insecure, key_file=args.api_key_file)
+                listen=args.listen, insecure=args.insecure, key_file=args.api_key_file,
+                trusted=trusted_proxies(args.trusted_proxy), keep_ray_logs=args.keep_ray_logs)
+    warning = check_auth_mode(os.environ, args.insecure)  # refused here, before anything starts
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="serve /v1/generate on Ray Serve replicas, U-Net calls of concurrent "
                                        "requests merged per step (needs the cluster extra)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas, one GPU each on cuda (default 1)")
-    p.add_argument("--address", help="join this Ray cluster (default: start a local one on 127.0.0.1)")
+    p.add_argument("--address", help="join this Ray cluster (default: start a private local one, every port on "
+                                     "127.0.0.1, token auth)")
+    p.add_argument("--keep-ray-logs", action="store_true",
+                   help="keep the local Ray's private directory (logs, the access log) after it stops "
+                        "(default: removed)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--max-batch", type=int, default=32,

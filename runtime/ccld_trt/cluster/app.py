@@ -13,9 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,13 @@ from typing import Any
 
 from ccld_trt.access import AccessPolicy, KeyFileWatcher, check_exposure
 from ccld_trt.cluster import ingress
+from ccld_trt.cluster.local_ray import (
+    FORWARDED_ENV,
+    LocalRay,
+    bind_serve_grpc_to_loopback,
+    check_auth_mode,
+    forget_env_key,
+)
 from ccld_trt.cluster.replica import Replica, ReplicaSettings, combine_stats
 from ccld_trt.export.errors import UserError
 from ccld_trt.runner import BackendOptions, ModelSource
@@ -33,8 +39,10 @@ STATS_ACTOR = "ccld-trt-stats"
 ACCESS_ACTOR = "ccld-trt-access"  # holds the access policy (digests only) that the ingress follows
 DEFAULT_PORT = 8000
 KEY_POLL_S = 5.0  # how often a running cluster looks at its key file
+HEALTH_PERIOD_S = 2.0  # Serve checks each model replica this often (and the replica reports its stats then)
+REPLICA_STALE_S = 5 * HEALTH_PERIOD_S  # a replica silent this long is dead to /v1/stats and /v1/health
 INSTALL_HINT = "pip install 'ccld-trt[cluster]' (Ray Serve)"
-_local_ray = False  # whether start_ray started the Ray this process is connected to (shutdown stops it then)
+_local_ray: LocalRay | None = None  # the local Ray start_ray started (shutdown stops it and removes its files)
 
 
 def _ray() -> Any:
@@ -80,7 +88,8 @@ def deployment_options(device: str, spec: ClusterSpec) -> dict[str, Any]:
     return {"num_replicas": spec.replicas, "ray_actor_options": replica_resources(device),
             "max_ongoing_requests": spec.settings.max_ongoing, "max_queued_requests": spec.max_queue,
             "user_config": {"batching": spec.settings.batching, "max_batch": spec.settings.max_batch},
-            "health_check_period_s": 2.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 5.0}
+            "health_check_period_s": HEALTH_PERIOD_S, "health_check_timeout_s": 30.0,
+            "graceful_shutdown_timeout_s": 5.0}
 
 
 def ingress_options() -> dict[str, Any]:
@@ -92,16 +101,31 @@ def ingress_options() -> dict[str, Any]:
 
 
 class StatsBoard:
-    """A Ray actor holding each replica's latest stats (a replica that died keeps its last report)."""
+    """A Ray actor holding named values with when each was last put (its own clock: no skew between nodes):
+    the access policy, and each replica's latest stats, which ``get(max_age)`` leaves out once they are older
+    (a replica reports at least every health check, ``HEALTH_PERIOD_S``: a dead one drops out)."""
 
     def __init__(self) -> None:
         self.stats: dict[str, dict[str, Any]] = {}
+        self.stamps: dict[str, float] = {}
 
     def put(self, replica: str, stats: dict[str, Any]) -> None:
         self.stats[replica] = stats
+        self.stamps[replica] = time.monotonic()
 
-    def get(self) -> dict[str, dict[str, Any]]:
-        return self.stats
+    def get(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
+        if max_age is None:
+            return self.stats
+        now = time.monotonic()
+        return {name: value for name, value in self.stats.items() if now - self.stamps[name] <= max_age}
+
+
+class ClusterIngress(ingress.Ingress):
+    """The ingress deployment's class: ``ingress.Ingress`` in a Serve replica kept on loopback."""
+
+    def __init__(self, *args: Any) -> None:
+        bind_serve_grpc_to_loopback()
+        super().__init__(*args)
 
 
 class ClusterReplica:
@@ -112,10 +136,12 @@ class ClusterReplica:
         ray = _ray()
         from ray import serve
 
+        bind_serve_grpc_to_loopback()
         self.replica = Replica(options, models, settings)
         self.pool = ThreadPoolExecutor(max_workers=settings.max_ongoing + 2, thread_name_prefix="ccld-trt-req")
         self.name = f"{serve.get_replica_context().replica_id.unique_id} (pid {os.getpid()})"
         self.board = ray.get_actor(STATS_ACTOR, namespace=NAMESPACE)
+        self.board.put.remote(self.name, self.replica.stats())  # ready: the ingress's /v1/health counts it
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.replica.configure(batching=config.get("batching"), max_batch=config.get("max_batch"))
@@ -123,6 +149,7 @@ class ClusterReplica:
     def check_health(self) -> None:
         if not self.replica.healthy():
             raise RuntimeError("the step batcher stopped")
+        self.board.put.remote(self.name, self.replica.stats())  # the heartbeat that keeps it in stats and health
 
     async def run_request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """One admitted HTTP request -> (status, JSON body); /v1/stats answers for every replica."""
@@ -130,7 +157,7 @@ class ClusterReplica:
         status, payload = await loop.run_in_executor(self.pool, self.replica.handle, method, path, body)
         self.board.put.remote(self.name, self.replica.stats())
         if path.rstrip("/") == "/v1/stats" and status == 200:
-            board = await self.board.get.remote()
+            board = await self.board.get.remote(REPLICA_STALE_S)
             payload = {**combine_stats(board), "this_replica": payload}
         return status, payload
 
@@ -141,25 +168,38 @@ def application(options: BackendOptions, models: ModelSource, spec: ClusterSpec)
     from ray import serve
 
     deployment = serve.deployment(name="generate", **deployment_options(options.device, spec))(ClusterReplica)
-    front = serve.deployment(name="ingress", **ingress_options())(ingress.Ingress)
-    return front.bind(deployment.bind(options, models, spec.settings), (ACCESS_ACTOR, NAMESPACE))
+    front = serve.deployment(name="ingress", **ingress_options())(ClusterIngress)
+    return front.bind(deployment.bind(options, models, spec.settings), (ACCESS_ACTOR, NAMESPACE),
+                      (STATS_ACTOR, NAMESPACE, REPLICA_STALE_S))
 
 
-def start_ray(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at ``address``, or start a local one on 127.0.0.1 (no dashboard; its files under a
-    short ``temp_dir``, as Ray's socket paths must stay short)."""
+def start_ray(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
+              insecure: bool = False, trusted: Sequence[str] = (), keep_logs: bool = False) -> None:
+    """Join the Ray cluster at ``address`` (what it exposes is its operator's choice: docs/security.md), or
+    start a private local one (local_ray.LocalRay: every port on loopback, token auth, its files under a
+    0700 ``temp_dir``, removed at ``shutdown`` unless ``keep_logs``). The API key leaves this process's
+    environment first (Ray's processes would copy it). ``trusted``: the --trusted-proxy addresses whose
+    X-Forwarded-For Serve's proxy believes (none by default)."""
+    global _local_ray
     ray = _ray()
     if ray.is_initialized():
         return
+    forget_env_key()
     quiet = {"log_to_driver": False, "configure_logging": False}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, **quiet)
+        check_auth_mode(os.environ, insecure)
+        ray.init(address=address, namespace=NAMESPACE,
+                 runtime_env={"env_vars": {FORWARDED_ENV: ",".join(trusted)}}, **quiet)
         return
-    global _local_ray
-    _local_ray = True
-    temp_dir = temp_dir or tempfile.mkdtemp(prefix="ccld-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-             namespace=NAMESPACE, **quiet)
+    local = LocalRay(temp_dir, keep_logs=keep_logs, trusted=trusted)
+    try:
+        local.start(num_cpus, NAMESPACE, insecure=insecure)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        local.close()
+        raise
+    _local_ray = local
 
 
 @dataclass(frozen=True)
@@ -255,13 +295,16 @@ def shutdown() -> None:
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(name, namespace=NAMESPACE))
     finally:
-        _local_ray = False
+        local, _local_ray = _local_ray, None
         ray.shutdown()
+        if local is not None:  # after Ray's processes are gone: its token, and its files unless kept
+            local.close()
 
 
 def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec, address: str | None,
                 host: str, port: int, say: Callable[[str], None] = print, listen: bool = False,
-                insecure: bool = False, key_file: str | Path | None = None) -> None:
+                insecure: bool = False, key_file: str | Path | None = None, trusted: Sequence[str] = (),
+                keep_ray_logs: bool = False) -> None:
     """``ccld-trt cluster``: check the host rule (access.check_exposure), start or join Ray, deploy, say the URL,
     serve until interrupted (taking ``key_file``'s keys again whenever it changes), then clean up."""
     warning = check_exposure(host, listen, spec.access.keys, insecure)
@@ -271,7 +314,8 @@ def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec,
     spec.validate()
     models.files.check_present()  # before Ray starts: a missing file is one line, nothing started
     start = time.perf_counter()
-    start_ray(address, num_cpus=max(os.cpu_count() or 1, spec.replicas) if not address else None)
+    start_ray(address, num_cpus=max(os.cpu_count() or 1, spec.replicas) if not address else None,
+              insecure=insecure, trusted=trusted, keep_logs=keep_ray_logs)
     try:
         deployed = deploy(options, models, spec, host, port)
         url = deployed.url
@@ -297,13 +341,16 @@ def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec,
 
 
 def _serve_logs() -> str:
-    """Where Serve writes this machine's replica logs."""
+    """Where Serve writes this machine's replica logs (and whether they outlive the cluster)."""
     ray = _ray()
     try:
         session = ray._private.worker._global_node.get_session_dir_path()  # no public API names it
     except AttributeError:
         return "<ray session dir>/logs/serve"
-    return f"{session}/logs/serve"
+    if _local_ray is None:
+        return f"{session}/logs/serve"
+    kept = "kept at exit" if _local_ray.keep_logs else "removed at exit unless --keep-ray-logs"
+    return f"{session}/logs/serve (private, {kept})"
 
 
 def settings_dict(spec: ClusterSpec) -> dict[str, Any]:

@@ -381,6 +381,7 @@ def _add_extension_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv), run the command; returns the exit status (errors: one line)."""
+    stage_clock.mark("python")  # bench --cold-start: the interpreter is up and this module imported
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
     try:

@@ -12,6 +12,9 @@ from ccld_trt.cli_args import add_backend_args, backend_options
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.cold_start:
+        _cmd_cold_start(args)
+        return
     if args.solver_oracle or args.steps_to_quality:
         _cmd_solvers(args)
         return
@@ -48,6 +51,52 @@ def _cmd_solvers(args: argparse.Namespace) -> None:
         print(paths[1].read_text())
         for path in paths:
             print(path)
+
+
+def _cmd_cold_start(args: argparse.Namespace) -> None:
+    """--cold-start: whole processes' time to the first image per backend, and the servers' start-up."""
+    from ccld_trt.benchmarks.cold_start import ColdConfig, run_cold_start
+    from ccld_trt.benchmarks.plan import BenchConfig
+    from ccld_trt.benchmarks.sessions import bench_model_files
+
+    defaults = ColdConfig()
+    chosen = args.cold_variants or tuple(v.slug for v in defaults.variants)
+    config = ColdConfig(variants=tuple(v for v in defaults.variants if v.slug in chosen),
+                        modes=args.cold_modes or defaults.modes, repeats=args.repeats or defaults.repeats,
+                        parts=args.cold_parts or defaults.parts,
+                        server_variants=tuple(v for v in defaults.server_variants if v.slug in chosen),
+                        budget_s=args.cold_budget_min * 60 if args.cold_budget_min else None)
+    _, weights = bench_model_files(BenchConfig(models=Path(args.models) if args.models else None,
+                                                   demo_size=args.demo_size), print)
+    _, paths = run_cold_start(config, Path(weights["dir"]), Path(args.output), weights)
+    print(paths[1].read_text())
+    for path in paths:
+        print(path)
+
+
+def _choices(value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names or any(n not in allowed for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(allowed)}, got {value!r}")
+    return names
+
+
+def _parts(value: str) -> tuple[str, ...]:
+    from ccld_trt.benchmarks.cold_start import PARTS
+
+    return _choices(value, PARTS)
+
+
+def _cold_modes(value: str) -> tuple[str, ...]:
+    from ccld_trt.benchmarks.cold_start import MODES
+
+    return _choices(value, tuple(MODES))
+
+
+def _cold_variants(value: str) -> tuple[str, ...]:
+    from ccld_trt.benchmarks.cold_start import VARIANTS
+
+    return _choices(value, tuple(v.slug for v in VARIANTS))
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> None:
@@ -121,6 +170,21 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
                    help="--steps-to-quality: steps of the converged reference (default 400)")
     s.add_argument("--solver-oracle", action="store_true",
                    help="instead of the suite: the samplers on a mixture-of-Gaussians oracle (seconds, no network)")
+    c = p.add_argument_group("cold start (issue 30)")
+    c.add_argument("--cold-start", action="store_true",
+                   help="instead of the suite: whole `ccld-trt sample` processes per backend (--fast and the default, "
+                        "exec to PNG, median of --repeats (default 3) after a warm-up, and once from nothing), their "
+                        "stages, Pipeline.load, serve and cluster start-up (minutes)")
+    c.add_argument("--cold-parts", type=_parts, metavar="LIST",
+                   help="--cold-start: which of first-run,sample,load,serve,cluster (default all)")
+    c.add_argument("--cold-modes", type=_cold_modes, metavar="LIST",
+                   help="--cold-start: sample's modes, fast (--fast) and/or default (default both)")
+    c.add_argument("--cold-variants", type=_cold_variants, metavar="LIST",
+                   help="--cold-start: from torch-fp32,onnxruntime-fp32,openvino-bf16,openvino-fp32,"
+                        "torch-fp32-compiled (default all; those that cannot run here are reported as skipped)")
+    c.add_argument("--cold-budget-min", type=float, metavar="MIN",
+                   help="--cold-start: start nothing new after MIN minutes; what did not run is reported so "
+                        "(default: no limit)")
     p.set_defaults(func=cmd_bench)
     bench_sub = p.add_subparsers(dest="bench_command", metavar="{compare,cluster}", parser_class=type(p))
     c = bench_sub.add_parser("compare", help="two results JSONs side by side with B/A speedups (Markdown)")

@@ -1,0 +1,149 @@
+"""bench --cold-start (issue 30 item 1): whole processes' stages, the report's figures, the servers' timing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ccld_trt import stage_clock
+from ccld_trt.benchmarks.cold_start import (
+    STAGE_NAMES,
+    ColdConfig,
+    ColdResults,
+    ColdRunFailed,
+    ColdVariant,
+    free_port,
+    measure,
+    read_marks,
+    stage_seconds,
+    time_server,
+)
+from ccld_trt.benchmarks.cold_start_report import document, markdown, rows, write_results
+
+TORCH = ColdVariant("torch", "fp32")
+TENSORRT = ColdVariant("tensorrt", "fp16")  # never runs on a machine without a GPU: it must be reported as skipped
+INFO = {"cpu_model": "Test CPU", "cores": 2, "date": "2026-12-06T17:00:00+00:00"}
+
+
+def test_stage_seconds_are_the_gaps_between_marks() -> None:
+    marks = [("imports", 101.5), ("cli", 100.25), ("written", 104.0), ("image", 103.0)]  # out of order on purpose
+    assert stage_seconds(100.0, marks) == [("cli", 0.25), ("imports", 1.25), ("image", 1.5), ("written", 1.0)]
+    assert stage_seconds(100.0, []) == []
+
+
+def test_stage_clock_appends_marks_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "stages.tsv"
+    monkeypatch.delenv(stage_clock.ENV, raising=False)
+    stage_clock.mark("cli")
+    assert not path.exists()
+    monkeypatch.setenv(stage_clock.ENV, str(path))
+    before = time.time()
+    stage_clock.mark("backend ready")
+    stage_clock.mark("image")
+    marks = read_marks(path)
+    assert [name for name, _ in marks] == ["backend ready", "image"]
+    assert before <= marks[0][1] <= marks[1][1] <= time.time()
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory, seed3_dir: Path) -> tuple[ColdResults, ColdConfig]:
+    """One warm-up and one timed ``sample --fast`` process on torch fp32 (small demo weights), and tensorrt."""
+    config = ColdConfig(variants=(TORCH, TENSORRT), modes=("fast",), repeats=1, parts=("sample",),
+                        server_variants=(), timeout_s=600)
+    return measure(config, seed3_dir, tmp_path_factory.mktemp("cold"), log=lambda _: None), config
+
+
+def test_a_sample_process_marks_every_stage_within_its_wall_time(measured: tuple[ColdResults, ColdConfig]) -> None:
+    results, _ = measured
+    (run,) = results.sample[TORCH.label]["fast"]
+    names = [name for name, _ in run["stages"]]
+    # torch reads the networks before the backend is ready; every stage of cmd_sample is marked, in order
+    assert names == ["python", "cli", "imports", "model files read", "backend ready", "image", "written"]
+    assert set(names) == set(STAGE_NAMES)
+    seconds = [s for _, s in run["stages"]]
+    assert all(s >= 0 for s in seconds)
+    assert sum(seconds) == pytest.approx(run["to_png_s"])  # the stages partition exec -> PNG written
+    assert 0 < run["to_png_s"] <= run["wall_s"]
+
+
+def test_every_backend_has_a_row_or_a_one_line_reason(measured: tuple[ColdResults, ColdConfig]) -> None:
+    results, config = measured
+    table = {r["variant"]: r for r in rows(results, config)}
+    assert set(table) == {TORCH.label, TENSORRT.label}
+    assert table[TORCH.label]["fast"]["runs"] == 1
+    assert table[TORCH.label]["fast"]["wall_s"] == results.sample[TORCH.label]["fast"][0]["wall_s"]
+    assert table[TENSORRT.label]["fast"] is None
+    (skip,) = results.skipped
+    assert skip["variant"] == TENSORRT.label and skip["part"] == "all"
+    assert skip["reason"] and "\n" not in skip["reason"]
+    text = markdown(document(results, config, INFO, {"demo": True, "size": "small"}, (1, 1, 1), (1, 1, 1), 60.0))
+    assert f"- {TENSORRT.label} (all): {skip['reason']}" in text
+
+
+def test_a_spent_time_budget_starts_nothing_and_says_so(tmp_path: Path) -> None:
+    config = ColdConfig(variants=(TORCH,), modes=("fast",), repeats=1, parts=("first-run", "sample", "load"),
+                        server_variants=(), budget_s=0.0)
+    results = measure(config, tmp_path / "no-models-needed", tmp_path, log=lambda _: None)
+    assert not results.sample and not results.first_run and not results.load
+    assert [(s["part"], s["reason"]) for s in results.skipped] == [
+        (part, "not run: the time budget (0 min) was spent") for part in ("first run", "sample fast", "load")]
+
+
+def _results() -> tuple[ColdResults, ColdConfig]:
+    """Hand-made runs whose medians are known: fast walls 3, 1, 2 (median 2); the warm image 0.5 s."""
+    def run(wall: float) -> dict[str, object]:
+        return {"wall_s": wall, "to_png_s": wall - 0.1, "load_avg_1m": 2.5,
+                "stages": [["cli", 0.2], ["imports", wall - 1.0], ["written", 0.7]]}
+
+    results = ColdResults(sample={TORCH.label: {"fast": [run(3.0), run(1.0), run(2.0)], "default": [run(9.0)]}},
+                          first_run={TORCH.label: run(7.0)},
+                          load={TORCH.label: [{"import_s": 1.0, "load_s": 2.0, "first_image_s": 0.9,
+                                               "warm_image_s": 0.5}]},
+                          servers=[{"command": "serve", "variant": TORCH.label, "url_path": "/", "seconds": 4.25,
+                                    "load_avg_1m": 2.0}])
+    return results, ColdConfig(variants=(TORCH,), repeats=3)
+
+
+def test_report_figures_are_medians_and_ratios_of_the_runs(tmp_path: Path) -> None:
+    results, config = _results()
+    (row,) = rows(results, config)
+    assert row["fast"]["wall_s"] == 2.0 and row["fast"]["to_png_s"] == pytest.approx(1.9)
+    assert row["fast"]["stages"] == {"cli": 0.2, "imports": 1.0, "written": 0.7}
+    assert row["default"]["wall_s"] == 9.0
+    assert row["overhead_s"] == pytest.approx(1.5) and row["cold_over_warm"] == pytest.approx(4.0)
+    assert row["first_run"]["wall_s"] == 7.0
+    doc = document(results, config, INFO, {"demo": True, "size": "full"}, (3.0, 2.0, 1.0), (2.0, 2.0, 1.0), 120.0)
+    assert doc["load_avg"]["runs_1m"] == {"min": 2.5, "median": 2.5, "max": 2.5}
+    text = markdown(doc)
+    assert "| torch fp32 | 2.00 | 9.00 | 0.50 | 4.0x | 1.50 | 7.00 |" in text
+    assert "| `ccld-trt serve` until its page answers | torch fp32 | 4.25 |" in text
+    assert "load average during the runs 2.5" in text and "busy-machine" in text
+    first = write_results(doc, tmp_path)
+    second = write_results(doc, tmp_path)  # the same date: a new name, nothing overwritten
+    assert first != second and all(p.exists() for p in [*first, *second])
+    assert json.loads(first[0].read_text())["rows"][0]["fast"]["wall_s"] == 2.0
+
+
+def test_time_server_waits_for_the_answer_and_stops_the_server(tmp_path: Path) -> None:
+    port = free_port()
+    # a server that answers only after 1 s: the time measured must include that second
+    script = ("import http.server, time; time.sleep(1.0); "
+              f"http.server.ThreadingHTTPServer(('127.0.0.1', {port}), http.server.SimpleHTTPRequestHandler)"
+              ".serve_forever()")
+    seconds = time_server([sys.executable, "-c", script], f"http://127.0.0.1:{port}/", {"PATH": ""}, 60)
+    assert 1.0 <= seconds < 60
+    with pytest.raises(ColdRunFailed, match="exited 3 before answering"):
+        time_server([sys.executable, "-c", "raise SystemExit(3)"], f"http://127.0.0.1:{free_port()}/", {}, 60)
+
+
+def test_cli_parses_the_cold_start_flags() -> None:
+    from ccld_trt.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--cold-start", "--cold-parts", "sample,serve", "--repeats", "2"])
+    assert args.cold_start and args.cold_parts == ("sample", "serve") and args.repeats == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--cold-start", "--cold-parts", "sample,bogus"])

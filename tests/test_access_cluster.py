@@ -74,6 +74,7 @@ def cluster(models: tuple[BackendOptions, ModelSource], ray_dir: str,
     options, source = models
     key_file = tmp_path_factory.mktemp("keys") / "keys"
     key_file.write_text(f"# one key per client\n{KEY_A}\n\n{KEY_B}\n")
+    key_file.chmod(0o600)
     start_ray(temp_dir=ray_dir, num_cpus=4)
     try:
         access = AccessPolicy(load_keys(key_file), max_in_flight=LIMIT)
@@ -114,7 +115,7 @@ def _stats(cluster: Deployed) -> dict[str, Any]:
 
 def access_log(ray_dir: str) -> list[str]:
     """The ingress's access lines so far (Serve's log file of the ingress replica)."""
-    return [line for path in Path(ray_dir).glob("session_*/logs/serve/replica_ccld-trt_ingress_*.log")
+    return [line for path in Path(ray_dir).glob("r/session_*/logs/serve/replica_ccld-trt_ingress_*.log")
             for line in path.read_text(errors="replace").splitlines() if " client=" in line]
 
 

@@ -88,6 +88,15 @@ def _loopback_node_address(ray: Any) -> Iterator[None]:
         constants.ENABLE_RAY_CLUSTER = saved
 
 
+def _reload_auth(ray: Any) -> None:
+    """Make this process see the auth settings of its environment now: Ray caches its config (where the auth
+    mode is) and the token it found (as Ray's own ``_enable_token_auth`` does)."""
+    with contextlib.suppress(Exception):
+        ray._raylet.Config.initialize("")
+    with contextlib.suppress(Exception):
+        ray._raylet.AuthenticationTokenLoader.instance().reset_cache()
+
+
 class LocalRay:
     """A private local Ray: ``start`` it, then ``close`` it after ``ray.shutdown()``. Owns its directory
     (``root``, 0700: the token and Ray's temp dir) and the environment variables it set in this process."""
@@ -120,8 +129,7 @@ class LocalRay:
             self._set_env(os.environ, AUTH_MODE_ENV, "token")
         self._set_env(os.environ, TOKEN_PATH_ENV, str(self.token))
         self._set_env(os.environ, FORWARDED_ENV, ",".join(self.trusted))  # "": believe nobody's X-Forwarded-For
-        with contextlib.suppress(Exception):  # the C++ loader caches a token it found before
-            ray._raylet.AuthenticationTokenLoader.instance().reset_cache()
+        _reload_auth(ray)
         mask = os.umask(0o077)  # Ray's processes inherit it: their files are 0600
         try:
             with _loopback_node_address(ray):
@@ -140,6 +148,9 @@ class LocalRay:
             else:
                 os.environ[name] = value
         self._saved_env.clear()
+        import ray
+
+        _reload_auth(ray)
         self.token.unlink(missing_ok=True)
         if self.keep_logs:
             return

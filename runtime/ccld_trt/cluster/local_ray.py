@@ -177,8 +177,8 @@ def bind_serve_grpc_to_loopback() -> None:
         return
     if not is_loopback_address(ray.util.get_node_ip_address()):
         return
-    add_port = replica.add_port_to_grpc_server
-    if getattr(add_port, "ccld_loopback", False):
+    add_port = getattr(replica, "add_port_to_grpc_server", None)  # Ray 2.60's name (tests/test_cluster_exposure.py
+    if add_port is None or getattr(add_port, "ccld_loopback", False):  # fails if another version binds elsewhere)
         return
 
     def loopback_port(server: Any, address: str) -> int:

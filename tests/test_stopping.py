@@ -7,6 +7,7 @@ dispositions under test (as a background job of a non-interactive shell would gi
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -129,3 +130,32 @@ def test_bounded_steps() -> None:
     assert bounded(fail, 5, "failing step", said.append) is False
     assert said == ["stuck step did not finish within 0.3 s; going on without it",
                     "failing step failed: OSError: disk gone"]
+
+
+def test_interrupting_raises_keyboardinterrupt_for_a_start_up_to_abandon() -> None:
+    with StopSignals("test") as stop:
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), stop.interrupting():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # a blocking start-up step, interrupted
+        assert time.monotonic() - start < 5
+        assert stop.requested and stop.signal_name == "SIGTERM"
+
+
+RECLAIM = r"""
+import ctypes, os, signal, sys
+from ccld_trt.stopping import StopSignals
+with StopSignals("child") as stop:
+    ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # a library sets SIG_DFL underneath Python, as Ray's init does
+    if sys.argv[1] == "reclaim":
+        stop.reclaim()
+    os.kill(os.getpid(), signal.SIGTERM)
+    print(stop.wait(10))
+"""
+
+
+@pytest.mark.parametrize(("reclaim", "status"), [("reclaim", 0), ("no", -signal.SIGTERM)])
+def test_reclaim_takes_the_signals_back_from_a_library(reclaim: str, status: int) -> None:
+    result = subprocess.run([sys.executable, "-c", RECLAIM, reclaim], capture_output=True, text=True, timeout=60)
+    assert result.returncode == status, result.stderr
+    assert result.stdout == ("True\n" if reclaim == "reclaim" else "")

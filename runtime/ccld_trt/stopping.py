@@ -9,11 +9,12 @@ for; ``bounded`` runs each clean-up step with a time limit, so that no step can 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -43,6 +44,7 @@ class StopSignals:
         self._stop = threading.Event()
         self._signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._interrupt = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
@@ -50,6 +52,12 @@ class StopSignals:
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def reclaim(self) -> None:
+        """Install the handlers again, over any that a library set meanwhile at the C level (Ray's ``init``
+        installs one for SIGTERM that logs and aborts the process, rc -6, without any clean-up)."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
@@ -68,6 +76,18 @@ class StopSignals:
         sys.stderr.write(f"{self.name}: {signal.Signals(signum).name} received: stopping\n")
         sys.stderr.flush()
         self._stop.set()
+        if self._interrupt:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """Within this block, a stop request also raises KeyboardInterrupt in the main thread, as Python's own
+        SIGINT handler does: for a start-up (e.g. Ray's) that should be abandoned rather than finished first."""
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
 
     def request(self) -> None:
         """Ask for a stop as a signal would (for callers that stop for other reasons)."""

@@ -18,7 +18,6 @@ import pytest
 from ccld_trt import access
 from ccld_trt.access import (
     AccessPolicy,
-    InFlightLimiter,
     KeyFileWatcher,
     Keys,
     Refusal,
@@ -33,6 +32,7 @@ from ccld_trt.access import (
 from ccld_trt.cli import run
 from ccld_trt.cluster.ingress import Ingress
 from ccld_trt.export.errors import UserError
+from ccld_trt.fair_share import InFlightLimiter
 
 KEY_A = "a" * 24 + "0123456789abcdef"
 KEY_B = "b" * 24 + "fedcba9876543210"

@@ -19,10 +19,8 @@ import pytest
 from ccld_trt import access
 from ccld_trt.access import (
     AccessPolicy,
-    InFlightLimiter,
     KeyFileWatcher,
     Keys,
-    RateLimiter,
     Refusal,
     access_line,
     authenticate,
@@ -35,6 +33,7 @@ from ccld_trt.cluster import ingress as ingress_module
 from ccld_trt.cluster.ingress import Ingress, read_limited
 from ccld_trt.cluster.local_ray import check_auth_mode, forget_env_key, is_loopback_address, trusted_proxies
 from ccld_trt.export.errors import UserError
+from ccld_trt.fair_share import InFlightLimiter, RateLimiter
 from ccld_trt.limits import MAX_BODY_BYTES
 
 KEY_A = "a" * 24 + "0123456789abcdef"

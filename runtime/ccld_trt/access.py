@@ -1,10 +1,11 @@
-"""Who may use the servers: API keys, the rule for leaving loopback, and a fair share of requests per client.
+"""Who may use the servers: API keys, the rule for leaving loopback, refusals, and the access log line.
 
 Keys come from a file (``--api-key-file``, one per line) or ``$CCLD_TRT_API_KEY``, never from the command line
 (it shows in ``ps``). Only their SHA-256 digests are kept: a presented key is hashed and compared with every
 digest by ``hmac.compare_digest`` (constant time, and the digests have one length whatever was presented), so
 neither the process's memory nor Ray's stored configuration holds a key. A client is named by its key's short
-id (a different hash, 8 hex digits) or, without keys, by its address: that name is what logs and /v1/stats show.
+id (a different hash, 8 hex digits) or, without keys, by its address: that name is what logs and /v1/stats show
+(how much each may use is counted in fair_share.py).
 
 The page (``serve``) and the cluster share the host rule: a host other machines can reach needs ``--listen``,
 and then a key, unless the operator says ``--insecure``.
@@ -17,11 +18,9 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import math
 import os
 import stat
 import sys
-import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +35,6 @@ MIN_KEY_CHARS = 16
 # query parameters that look like a credential: refused, as a URL ends up in proxies' and servers' logs
 KEY_PARAMS = frozenset({"key", "api_key", "apikey", "api-key", "token", "access_token", "auth", "authorization",
                         "password"})
-MAX_CLIENTS = 1024  # idle clients beyond this are forgotten (an address per client must not grow memory forever)
 
 
 def _digest(key: str) -> bytes:
@@ -283,96 +281,6 @@ def declared_length(values: Sequence[str], limit: int) -> int | Refusal | None:
     if length > limit:
         return Refusal(413, f"the body is {length / 2**20:.0f} MiB; the limit is {limit // 2**20} MiB")
     return length
-
-
-class RateLimiter:
-    """At most ``rate`` requests a second per name, ``burst`` at once (a token bucket per name; idle names
-    beyond MAX_CLIENTS are forgotten). Not thread-safe: the ingress's event loop is its one user."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, when)
-
-    def allow(self, name: str) -> bool:
-        now = self.clock()
-        tokens, then = self._buckets.pop(name, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[name] = (tokens - allowed, now)  # re-inserted last: the dict stays in use order
-        if len(self._buckets) > MAX_CLIENTS:
-            del self._buckets[next(iter(self._buckets))]
-        return allowed
-
-
-@dataclass
-class _Client:
-    in_flight: int = 0
-    accepted: int = 0
-    refused: int = 0  # 429s
-    finished: int = 0
-    failed: int = 0  # finished with an error status
-    mean_seconds: float = 0.0  # of its finished requests, exponentially weighted
-    started: list[float] = field(default_factory=list)  # when each request in flight was admitted (monotonic)
-
-
-class InFlightLimiter:
-    """Counts each client's requests in flight and admits at most ``limit`` at once (None: no limit).
-    Thread-safe; one instance must see every request of the deployment (the cluster's single ingress)."""
-
-    def __init__(self, limit: int | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = limit
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._clients: dict[str, _Client] = {}
-
-    def acquire(self, client: str) -> bool:
-        """Admit one request of ``client`` (then ``release`` it exactly once), or count a refusal."""
-        with self._lock:
-            counts = self._clients.setdefault(client, _Client())
-            if self.limit is not None and counts.in_flight >= self.limit:
-                counts.refused += 1
-                return False
-            counts.in_flight += 1
-            counts.accepted += 1
-            counts.started.append(self.clock())
-            return True
-
-    def release(self, client: str, seconds: float, ok: bool) -> None:
-        with self._lock:
-            counts = self._clients[client]
-            counts.in_flight -= 1
-            if counts.started:  # the oldest ends first, as far as the estimate cares
-                counts.started.pop(0)
-            counts.finished += 1
-            counts.failed += not ok
-            counts.mean_seconds = seconds if counts.finished == 1 else 0.8 * counts.mean_seconds + 0.2 * seconds
-            excess = len(self._clients) - MAX_CLIENTS
-            if excess > 0:
-                for name in [n for n, c in self._clients.items() if c.in_flight == 0][:excess]:
-                    del self._clients[name]
-
-    def retry_after(self, client: str) -> int:
-        """Seconds a refused client should wait (Retry-After), 1 to 60: until its running request expected to
-        end first does, a request expected to last its mean (the mean of every client's finished requests
-        while it has none; while none finished anywhere, as long again as the oldest has run so far)."""
-        with self._lock:
-            counts = self._clients.get(client)
-            if counts is None or not counts.started:
-                return 1
-            finished = [c.mean_seconds for c in self._clients.values() if c.finished]
-            expected = (counts.mean_seconds if counts.finished else
-                        sum(finished) / len(finished) if finished else None)
-            now = self.clock()
-            ages = [now - t for t in counts.started]
-            remaining = min(expected - age for age in ages) if expected is not None else max(ages)
-        return min(60, max(1, math.ceil(remaining)))
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Per-client counts (for /v1/stats): in_flight, accepted, refused, finished, failed, mean_seconds."""
-        with self._lock:
-            return {name: {"in_flight": c.in_flight, "accepted": c.accepted, "refused": c.refused,
-                           "finished": c.finished, "failed": c.failed, "mean_seconds": round(c.mean_seconds, 3)}
-                    for name, c in self._clients.items()}
 
 
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~:/%[]@+,")

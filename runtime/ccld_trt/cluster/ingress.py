@@ -31,15 +31,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from ccld_trt.access import (
-    AccessPolicy,
-    InFlightLimiter,
-    RateLimiter,
-    Refusal,
-    access_line,
-    authenticate,
-    declared_length,
-)
+from ccld_trt.access import AccessPolicy, Refusal, access_line, authenticate, declared_length
+from ccld_trt.fair_share import InFlightLimiter, RateLimiter
 from ccld_trt.limits import MAX_BODY_BYTES
 
 # Serve writes this logger's lines into the ingress replica's log file (logs/serve/ under Ray's session dir)

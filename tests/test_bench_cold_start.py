@@ -51,15 +51,15 @@ def test_stage_clock_appends_marks_only_when_asked(tmp_path: Path, monkeypatch: 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory, seed3_dir: Path) -> tuple[ColdResults, ColdConfig]:
-    """One warm-up and one timed ``sample --fast`` process on torch fp32 (small demo weights), and tensorrt."""
-    config = ColdConfig(variants=(TORCH, TENSORRT), modes=("fast",), repeats=1, parts=("sample",),
+    """One ``sample --fast`` process from nothing on torch fp32 (small demo weights), and tensorrt."""
+    config = ColdConfig(variants=(TORCH, TENSORRT), modes=("fast",), repeats=1, parts=("first-run",),
                         server_variants=(), timeout_s=600)
     return measure(config, seed3_dir, tmp_path_factory.mktemp("cold"), log=lambda _: None), config
 
 
 def test_a_sample_process_marks_every_stage_within_its_wall_time(measured: tuple[ColdResults, ColdConfig]) -> None:
     results, _ = measured
-    (run,) = results.sample[TORCH.label]["fast"]
+    run = results.first_run[TORCH.label]
     names = [name for name, _ in run["stages"]]
     # torch reads the networks before the backend is ready; every stage of cmd_sample is marked, in order
     assert names == ["python", "cli", "imports", "model files read", "backend ready", "image", "written"]
@@ -74,9 +74,9 @@ def test_every_backend_has_a_row_or_a_one_line_reason(measured: tuple[ColdResult
     results, config = measured
     table = {r["variant"]: r for r in rows(results, config)}
     assert set(table) == {TORCH.label, TENSORRT.label}
-    assert table[TORCH.label]["fast"]["runs"] == 1
-    assert table[TORCH.label]["fast"]["wall_s"] == results.sample[TORCH.label]["fast"][0]["wall_s"]
-    assert table[TENSORRT.label]["fast"] is None
+    assert table[TORCH.label]["first_run"]["wall_s"] == results.first_run[TORCH.label]["wall_s"]
+    assert table[TORCH.label]["fast"] is None  # no sample rounds were asked for
+    assert table[TENSORRT.label]["first_run"] is None
     (skip,) = results.skipped
     assert skip["variant"] == TENSORRT.label and skip["part"] == "all"
     assert skip["reason"] and "\n" not in skip["reason"]

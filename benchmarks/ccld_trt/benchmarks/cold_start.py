@@ -3,7 +3,8 @@
 Whole ``ccld-trt sample`` processes, from exec to the PNG written, per backend and for ``--fast`` and the default
 sampler: the median of ``repeats`` runs after one warm-up, the (backend, mode) cells interleaved round by round
 (a shared machine drifts), with the artefacts (ONNX graphs, OpenVINO's compile cache, Inductor's cache) already
-made; and once per backend from nothing (an empty build directory and Inductor cache: export and compile included).
+made; and once per backend from nothing (an empty build directory and Inductor cache: export and compile included;
+that --fast run is also the --fast cells' warm-up).
 Each run's stages are taken inside the process: ``$CCLD_TRT_STAGES`` names a file that ``ccld_trt.stage_clock``
 appends "<stage>\\t<epoch seconds>" lines to; a stage's seconds run from the previous mark (the first from the
 moment this process called exec). Also ``Pipeline.load`` and the warm image after it (per backend, in a fresh
@@ -284,8 +285,18 @@ def variant_env(variant: ColdVariant, root: Path) -> dict[str, str]:
 
 def measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], None] = print) -> ColdResults:
     """Run ``config``'s parts on the model directory ``models``, with every variant's artefacts under ``root``
-    (which should start empty). Failures are reported per variant and part, never raised."""
+    (which should start empty). Failures are reported per variant and part, never raised; Ctrl-C stops the
+    bench with what was measured so far (the report says it was interrupted)."""
     results = ColdResults()
+    try:
+        _measure(config, models, root, log, results)
+    except KeyboardInterrupt:
+        results.skip("all", "all", "interrupted (Ctrl-C): what had not finished was not measured")
+        log("interrupted: writing what was measured")
+    return results
+
+
+def _measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], None], results: ColdResults) -> None:
     live = []
     for variant in config.variants:
         reason = runnable(variant)
@@ -302,7 +313,8 @@ def measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], N
         if deadline is None or time.time() < deadline:
             return False
         if not any(s["variant"] == variant.label and s["part"] == part for s in results.skipped):
-            results.skip(variant.label, part, f"not run: the time budget ({config.budget_s / 60:.0f} min) was spent")
+            minutes = (config.budget_s or 0) / 60
+            results.skip(variant.label, part, f"not run: the time budget ({minutes:.0f} min) was spent")
         return True
 
     def sample(variant: ColdVariant, mode: str, what: str) -> dict[str, Any] | None:
@@ -328,7 +340,8 @@ def measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], N
 
     def sample_rounds(mode: str) -> None:
         for variant in list(live):
-            sample(variant, mode, f"{mode} warm-up")
+            if not (mode == "fast" and variant.label in results.first_run):  # that run was --fast's warm-up
+                sample(variant, mode, f"{mode} warm-up")
         for r in range(config.repeats):
             for variant in rotated(list(live), r):
                 if variant in live and (run := sample(variant, mode, f"{mode} round {r + 1}")) is not None:
@@ -354,7 +367,6 @@ def measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], N
     _measure_servers(config, models, root, live, results, log, out_of_time)
     for mode in modes[1:]:
         sample_rounds(mode)
-    return results
 
 
 def _measure_servers(config: ColdConfig, models: Path, root: Path, live: Sequence[ColdVariant],

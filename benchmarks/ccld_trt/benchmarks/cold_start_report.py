@@ -114,7 +114,8 @@ def markdown(doc: dict[str, Any]) -> str:
              f"exec to exit: the median of {setup['repeats']} run(s) per cell after one warm-up, the cells "
              "interleaved round by round, with the artefacts (ONNX graphs, OpenVINO's cache, Inductor's cache) "
              "already made; the first run from nothing (an empty build directory and Inductor cache: export and "
-             "compile included) is one --fast run. The file cache was warm (a new process, not a cold disk). "
+             "compile included) is one --fast run, which is also the --fast cells' warm-up. The file cache was "
+             "warm (a new process, not a cold disk). "
              f"Machine: {busy}{shared}. The whole bench took {setup['seconds'] / 60:.1f} min.", ""]
     rows = doc["rows"]
     modes = setup["modes"]

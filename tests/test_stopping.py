@@ -159,3 +159,22 @@ def test_reclaim_takes_the_signals_back_from_a_library(reclaim: str, status: int
     result = subprocess.run([sys.executable, "-c", RECLAIM, reclaim], capture_output=True, text=True, timeout=60)
     assert result.returncode == status, result.stderr
     assert result.stdout == ("True\n" if reclaim == "reclaim" else "")
+
+
+LAST_RESORT = r"""
+import os, signal, time
+from ccld_trt.stopping import StopSignals
+with StopSignals("child", exit_within=0.5) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    stop.wait(10)
+    time.sleep(10)  # a clean-up step that hangs
+print("finished")
+"""
+
+
+def test_the_last_resort_ends_a_clean_up_that_hangs() -> None:
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", LAST_RESORT], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143 and result.stdout == ""
+    assert time.monotonic() - start < 8  # not after the 10 s step
+    assert "child: still running 0.5 s after SIGTERM: exiting without the rest of the clean-up" in result.stderr

@@ -39,7 +39,7 @@ from ccld_trt.outputs import save_images
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, DEFAULT_STRENGTH, InvalidRequest
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, METHODS
-from ccld_trt.stopping import StopSignals, bounded
+from ccld_trt.stopping import LAST_RESORT_S, StopSignals, bounded
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -391,7 +391,7 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
     Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
     loader = ModelLoader(lambda: open_session(options, models), options.describe())
     # The handlers first: a signal while Gradio imports or the port opens stops the server as soon as it is up.
-    with StopSignals("ccld-trt serve") as stop, \
+    with StopSignals("ccld-trt serve", exit_within=LAST_RESORT_S) as stop, \
             tempfile.TemporaryDirectory(prefix="ccld-trt-serve-", ignore_cleanup_errors=True) as work_dir:
         app = build_app(loader, demo_weights, Path(work_dir))
         import gradio as gr

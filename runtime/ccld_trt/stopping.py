@@ -14,11 +14,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Servers promise to be gone within 15 s of SIGINT or SIGTERM: their clean-up budgets are shorter, and this is the
+# last resort (StopSignals.exit_within) for whatever still runs then.
+LAST_RESORT_S = 14.0
 # The main thread looks at the stop request at least this often (a handler runs only between its bytecodes).
 POLL_S = 0.2
 
@@ -33,14 +37,18 @@ class StopSignals:
     """The process's SIGINT and SIGTERM handlers while a server runs (a context manager, main thread only).
 
     The first signal asks the server to stop (``requested``, ``wait``); a second one ends the process at once
-    with ``forced_exit_status``, for a clean-up that takes too long for its user. On leaving, SIGTERM gets back
+    with ``forced_exit_status``, for a clean-up that takes too long for its user, as does ``exit_within``
+    seconds after the first. On leaving, SIGTERM gets back
     the disposition it had, and SIGINT Python's default (KeyboardInterrupt) even if it had been inherited as
     ignored. Processes started inside the block get both signals at their default (exec resets handlers, while
     an inherited "ignore" would have passed on to them).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, exit_within: float | None = None) -> None:
         self.name = name  # who is stopping, for the one line printed on a signal
+        # A last resort, from the first signal: the process ends after this many seconds whatever still runs
+        # (the interpreter's own exit included, where libraries' atexit hooks have no time limit).
+        self.exit_within = exit_within
         self._stop = threading.Event()
         self._signum: int | None = None
         self._previous: dict[int, Any] = {}
@@ -76,8 +84,18 @@ class StopSignals:
         sys.stderr.write(f"{self.name}: {signal.Signals(signum).name} received: stopping\n")
         sys.stderr.flush()
         self._stop.set()
+        if self.exit_within is not None:
+            threading.Thread(target=self._exit_later, args=(signum, self.exit_within), name="stop: last resort",
+                             daemon=True).start()
         if self._interrupt:
             raise KeyboardInterrupt
+
+    def _exit_later(self, signum: int, seconds: float) -> None:
+        time.sleep(seconds)
+        sys.stderr.write(f"{self.name}: still running {seconds:g} s after {signal.Signals(signum).name}: "
+                         "exiting without the rest of the clean-up\n")
+        sys.stderr.flush()
+        os._exit(forced_exit_status(signum))
 
     @contextlib.contextmanager
     def interrupting(self) -> Iterator[None]:

@@ -32,6 +32,7 @@ from ccld_trt.cluster.local_ray import (
 from ccld_trt.cluster.replica import Replica, ReplicaSettings, combine_stats
 from ccld_trt.export.errors import UserError
 from ccld_trt.runner import BackendOptions, ModelSource
+from ccld_trt.stopping import LAST_RESORT_S, StopSignals, bounded
 
 APP_NAME = "ccld-trt"
 NAMESPACE = "ccld-trt"
@@ -39,6 +40,8 @@ STATS_ACTOR = "ccld-trt-stats"
 ACCESS_ACTOR = "ccld-trt-access"  # holds the access policy (digests only) that the ingress follows
 DEFAULT_PORT = 8000
 KEY_POLL_S = 5.0  # how often a running cluster looks at its key file
+# After SIGINT or SIGTERM, the clean-up (Serve, then Ray's processes) gets this long: gone within 15 s of the signal
+SHUTDOWN_S = 10.0
 HEALTH_PERIOD_S = 2.0  # Serve checks each model replica this often (and the replica reports its stats then)
 REPLICA_STALE_S = 5 * HEALTH_PERIOD_S  # a replica silent this long is dead to /v1/stats and /v1/health
 INSTALL_HINT = "pip install 'ccld-trt[cluster]' (Ray Serve)"
@@ -277,16 +280,20 @@ def prepare_models(options: BackendOptions, models: ModelSource) -> tuple[Backen
     return dataclasses.replace(options, onnx_dir=onnx_dir), models
 
 
-def shutdown() -> None:
-    """Remove what ``deploy`` made and disconnect: a local Ray started by ``start_ray`` stops with Serve (freeing
-    its processes and ports); on a joined cluster only this application and its two actors go."""
+def shutdown(budget_s: float = SHUTDOWN_S) -> None:
+    """Remove what ``deploy`` made and disconnect, each step bounded (stopping.bounded) within ``budget_s`` in
+    all: a local Ray started by ``start_ray`` stops with Serve (freeing its processes and ports; Serve's graceful
+    stop gets a share of the budget, then Ray's processes are stopped whatever it finished); on a joined cluster
+    only this application and its two actors go."""
     global _local_ray
     ray = _ray()
     from ray import serve
 
     if not ray.is_initialized():
         return
-    try:
+    deadline = time.monotonic() + budget_s
+
+    def remove_ours() -> None:
         if _local_ray:
             serve.shutdown()
         else:
@@ -294,9 +301,12 @@ def shutdown() -> None:
             for name in (STATS_ACTOR, ACCESS_ACTOR):
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+
+    try:
+        bounded(remove_ours, budget_s / 2, "ccld-trt cluster: stopping Serve")
     finally:
         local, _local_ray = _local_ray, None
-        ray.shutdown()
+        bounded(ray.shutdown, max(1.0, deadline - time.monotonic()), "ccld-trt cluster: stopping Ray")
         if local is not None:  # after Ray's processes are gone: its token, and its files unless kept
             local.close()
 
@@ -306,7 +316,9 @@ def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec,
                 insecure: bool = False, key_file: str | Path | None = None, trusted: Sequence[str] = (),
                 keep_ray_logs: bool = False) -> None:
     """``ccld-trt cluster``: check the host rule (access.check_exposure), start or join Ray, deploy, say the URL,
-    serve until interrupted (taking ``key_file``'s keys again whenever it changes), then clean up."""
+    serve until SIGINT or SIGTERM (taking ``key_file``'s keys again whenever it changes), then clean up within
+    SHUTDOWN_S, whatever signal dispositions the process inherited (stopping.StopSignals; a signal during the
+    start abandons it). Call it from the main thread."""
     warning = check_exposure(host, listen, spec.access.keys, insecure)
     if warning:
         say(warning)
@@ -314,30 +326,50 @@ def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec,
     spec.validate()
     models.files.check_present()  # before Ray starts: a missing file is one line, nothing started
     start = time.perf_counter()
-    start_ray(address, num_cpus=max(os.cpu_count() or 1, spec.replicas) if not address else None,
-              insecure=insecure, trusted=trusted, keep_logs=keep_ray_logs)
-    try:
-        deployed = deploy(options, models, spec, host, port)
-        url = deployed.url
-        say(f"ccld-trt cluster: {spec.replicas} replica(s) of {options.describe()} ready in "
-            f"{time.perf_counter() - start:.1f} s at {url}/v1/generate (stats: {url}/v1/stats)")
-        access = spec.access
-        say(f"ccld-trt cluster: {len(access.keys.ids) or 'no'} key(s) {' '.join(access.keys.ids)}; at most "
-            f"{access.max_in_flight or 'unlimited'} request(s) in flight per client; access log: the ingress "
-            f"replica's file under {_serve_logs()}" + (" (with prompts)" if access.log_prompts else ""))
-        watcher = KeyFileWatcher(key_file) if key_file else None
-        while True:
-            time.sleep(KEY_POLL_S if watcher else 3600)
-            try:
-                keys = watcher.poll() if watcher else None
-            except UserError as e:
-                say(f"ccld-trt cluster: the key file changed but cannot be used, the previous keys stay: {e}")
-                continue
-            if keys is not None:
-                deployed = update_access(deployed, dataclasses.replace(deployed.spec.access, keys=keys))
-                say(f"ccld-trt cluster: keys reloaded: {' '.join(keys.ids)}")
-    finally:
-        shutdown()
+    # The handlers before Ray starts its processes: they then get SIGINT at its default, not an inherited "ignore".
+    with StopSignals("ccld-trt cluster", exit_within=LAST_RESORT_S) as stop:
+        try:
+            with stop.interrupting():
+                start_ray(address, num_cpus=max(os.cpu_count() or 1, spec.replicas) if not address else None,
+                          insecure=insecure, trusted=trusted, keep_logs=keep_ray_logs)
+        except KeyboardInterrupt:
+            if not stop.requested:
+                raise
+            return  # start_ray cleaned up what it had started
+        stop.reclaim()  # from Ray's driver, which took SIGTERM
+        try:
+            with stop.interrupting():
+                deployed = deploy(options, models, spec, host, port)
+            serve_until_stopped(deployed, stop, say, start, key_file)
+        except KeyboardInterrupt:
+            if not stop.requested:
+                raise
+        finally:
+            shutdown()
+        say("ccld-trt cluster: stopped")
+
+
+def serve_until_stopped(deployed: Deployed, stop: StopSignals, say: Callable[[str], None], start: float,
+                        key_file: str | Path | None) -> None:
+    """Say the URL and the access settings, then wait for ``stop``, taking ``key_file``'s keys again whenever
+    it changes."""
+    url, spec = deployed.url, deployed.spec
+    say(f"ccld-trt cluster: {spec.replicas} replica(s) of {deployed.options.describe()} ready in "
+        f"{time.perf_counter() - start:.1f} s at {url}/v1/generate (stats: {url}/v1/stats)")
+    access = spec.access
+    say(f"ccld-trt cluster: {len(access.keys.ids) or 'no'} key(s) {' '.join(access.keys.ids)}; at most "
+        f"{access.max_in_flight or 'unlimited'} request(s) in flight per client; access log: the ingress "
+        f"replica's file under {_serve_logs()}" + (" (with prompts)" if access.log_prompts else ""))
+    watcher = KeyFileWatcher(key_file) if key_file else None
+    while not stop.wait(KEY_POLL_S if watcher else None):
+        try:
+            keys = watcher.poll() if watcher else None
+        except UserError as e:
+            say(f"ccld-trt cluster: the key file changed but cannot be used, the previous keys stay: {e}")
+            continue
+        if keys is not None:
+            deployed = update_access(deployed, dataclasses.replace(deployed.spec.access, keys=keys))
+            say(f"ccld-trt cluster: keys reloaded: {' '.join(keys.ids)}")
 
 
 def _serve_logs() -> str:

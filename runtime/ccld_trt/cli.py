@@ -208,9 +208,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(backend_options(args), model_source(args), args.host, args.port, args.listen,
           keys=load_keys(args.api_key_file), insecure=args.insecure)
-    # Stopped cleanly (the running job cancelled, the outputs written): leave without the interpreter's
+    # Stopped on SIGINT or SIGTERM, as asked, its clean-up done (serve.stop_page): exit 0 (a second signal during
+    # the clean-up exits at once with 128 + its number: stopping.StopSignals). Leave without the interpreter's
     # finalisation, in which Gradio's daemon worker threads and torch's thread pools sometimes end the process
-    # with std::terminate (rc -6 seen in CI-like runs after a clean stop).
+    # with std::terminate (rc -6 seen in CI-like runs after a clean stop), and which would wait for a model load
+    # or a job that has not reached its next U-Net evaluation.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -270,6 +270,34 @@ def test_health_follows_the_replicas_that_reported(monkeypatch: pytest.MonkeyPat
     assert asyncio.run(ingress.respond("POST", "/v1/health", {}, (), "10.0.0.1", b""))[0] == 405
 
 
+def test_requests_arriving_during_a_policy_read_wait_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keys are dropped on the board; 4 requests arrive at once when a read is due: every one is judged by
+    the new policy (none by the old one while the read is on its way)."""
+    ray = pytest.importorskip("ray")
+    board = Board({"policy": AccessPolicy(Keys.of([KEY_A])).config()})
+    reads = []
+
+    async def slow_read(max_age: float | None = None) -> dict[str, Any]:
+        reads.append(1)
+        await asyncio.sleep(0.05)
+        return board.values
+
+    board.remote = slow_read  # type: ignore[method-assign]
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: board)
+    monkeypatch.setattr(ingress_module, "POLICY_POLL_S", 0.2)
+    ingress = Ingress(Replicas(), ("access", "ns"))
+
+    async def main() -> list[int]:
+        assert (await ingress.respond("POST", "/v1/generate", {}, (), "10.0.0.1", BODY))[0] == 401
+        board.values = {"policy": AccessPolicy().config()}  # no keys any more
+        await asyncio.sleep(0.25)
+        answers = await asyncio.gather(*(ingress.respond("POST", "/v1/generate", {}, (), "10.0.0.1", BODY)
+                                         for _ in range(4)))
+        return [status for status, _, _ in answers]
+
+    assert asyncio.run(main()) == [200] * 4 and len(reads) == 2  # one read for the four
+
+
 def test_stats_board_drops_a_silent_replica(monkeypatch: pytest.MonkeyPatch) -> None:
     from ccld_trt.cluster import app
 

@@ -88,6 +88,7 @@ class Ingress:
         self.stats_board = stats_board
         self.policy = AccessPolicy()
         self._read_at: float | None = None  # when the board's policy was last read
+        self._tried_at: float | None = None  # when it was last tried
         self._reading = asyncio.Lock()
         self.ready: int | None = None if stats_board is None else 0  # model replicas that reported lately
         self.limiter = InFlightLimiter(None)
@@ -100,26 +101,37 @@ class Ingress:
         self.limiter.limit = self.policy.max_in_flight
 
     async def _refresh(self) -> bool:
-        """Read the boards (policy, replicas ready) if due, one read at a time; whether there is a policy to
-        apply (fail closed)."""
-        now = time.monotonic()
-        due = self._read_at is None or now - self._read_at >= POLICY_POLL_S
-        if self.board is None or not due or self._reading.locked():
-            return self.board is None or self._read_at is not None
-        async with self._reading:
-            try:
-                import ray
-
-                board = ray.get_actor(self.board[0], namespace=self.board[1])
-                self.reconfigure((await board.get.remote())["policy"])
-                if self.stats_board is not None:
-                    name, namespace, max_age = self.stats_board
-                    stats = ray.get_actor(name, namespace=namespace)
-                    self.ready = len(await stats.get.remote(max_age))
-                self._read_at = now
-            except Exception as e:  # keep the last policy; without one, nothing is served
-                logger.warning("cannot read the access policy: %s", f"{type(e).__name__}: {e}".splitlines()[0])
+        """Read the boards (policy, replicas ready) when the last try is POLICY_POLL_S old, one read at a time
+        (requests arriving meanwhile wait for it: none is judged by a policy older than that); whether there
+        is a policy to apply (fail closed)."""
+        if self.board is None:
+            return True
+        if self._due():
+            async with self._reading:
+                if self._due():  # not read by the request this one waited for
+                    await self._read_boards()
         return self._read_at is not None
+
+    def _due(self) -> bool:
+        return self._tried_at is None or time.monotonic() - self._tried_at >= POLICY_POLL_S
+
+    async def _read_boards(self) -> None:
+        assert self.board is not None
+        now = time.monotonic()
+        try:
+            import ray
+
+            board = ray.get_actor(self.board[0], namespace=self.board[1])
+            self.reconfigure((await board.get.remote())["policy"])
+            if self.stats_board is not None:
+                name, namespace, max_age = self.stats_board
+                stats = ray.get_actor(name, namespace=namespace)
+                self.ready = len(await stats.get.remote(max_age))
+            self._read_at = now
+        except Exception as e:  # keep the last policy; without one, nothing is served
+            logger.warning("cannot read the access policy: %s", f"{type(e).__name__}: {e}".splitlines()[0])
+        finally:  # once done (requests waiting on this read must not start another); a failure: a poll later
+            self._tried_at = time.monotonic()
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse

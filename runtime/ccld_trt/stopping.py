@@ -37,11 +37,11 @@ class StopSignals:
     """The process's SIGINT and SIGTERM handlers while a server runs (a context manager, main thread only).
 
     The first signal asks the server to stop (``requested``, ``wait``); a second one ends the process at once
-    with ``forced_exit_status``, for a clean-up that takes too long for its user, as does ``exit_within``
-    seconds after the first. On leaving, SIGTERM gets back
-    the disposition it had, and SIGINT Python's default (KeyboardInterrupt) even if it had been inherited as
-    ignored. Processes started inside the block get both signals at their default (exec resets handlers, while
-    an inherited "ignore" would have passed on to them).
+    with ``forced_exit_status``, for a clean-up that takes too long for its user, and so does the last resort,
+    ``exit_within`` seconds after the first (it goes on after the block: the interpreter's exit is covered too).
+    On leaving, SIGTERM gets back the disposition it had, and SIGINT Python's default (KeyboardInterrupt) even
+    if it had been inherited as ignored. Processes started inside the block get both signals at their default
+    (exec resets handlers, while an inherited "ignore" would have passed on to them).
     """
 
     def __init__(self, name: str, exit_within: float | None = None) -> None:
@@ -62,8 +62,9 @@ class StopSignals:
         return self
 
     def reclaim(self) -> None:
-        """Install the handlers again, over any that a library set meanwhile at the C level (Ray's ``init``
-        installs one for SIGTERM that logs and aborts the process, rc -6, without any clean-up)."""
+        """Install the handlers again, over those a library set meanwhile: for SIGTERM, Ray's ``init`` installs a
+        C-level one that logs and aborts the process (rc -6) and a Python one that exits 1, without this
+        process's clean-up."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 

@@ -170,7 +170,9 @@ def test_model_cache_is_per_file_version(ov_dir: Path, tmp_path: Path) -> None:
     for graph in BACKEND_GRAPHS:
         shutil.copy2(ov_dir / f"{graph}.onnx", graphs / f"{graph}.onnx")
     inputs = random_inputs("decoder", {"batch": 1, "height": 8, "width": 8}, 64)
-    first = OpenVinoBackend(graphs, "fp32").decode(*inputs.values())
+    backend = OpenVinoBackend(graphs, "fp32")
+    backend.open_all()  # the on-demand graphs too (image prompts, init images)
+    first = backend.decode(*inputs.values())
     folders = sorted(p.name for p in (graphs / CACHE_DIR).iterdir())
     assert len(folders) == len(BACKEND_GRAPHS)
     assert all(any((graphs / CACHE_DIR / f).iterdir()) for f in folders)  # a compiled blob in each
@@ -179,7 +181,7 @@ def test_model_cache_is_per_file_version(ov_dir: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (graphs / CACHE_DIR).iterdir()) == folders
     # a graph written again (a re-export) gets a fresh folder; its stale one is removed
     shutil.copy(ov_dir / "decoder.onnx", graphs / "decoder.onnx")
-    OpenVinoBackend(graphs, "fp32")
+    OpenVinoBackend(graphs, "fp32").open_all()
     after = sorted(p.name for p in (graphs / CACHE_DIR).iterdir())
     assert len(after) == len(BACKEND_GRAPHS)
     assert [f for f in after if f.startswith("decoder")] != [f for f in folders if f.startswith("decoder")]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,58 +92,85 @@ class ModelSource:
 
 @dataclass
 class Session:
+    """An open backend and what the front ends need to know about its model files. ``scale_source``: the U-Net
+    checkpoint's stored autoencoder scale, or a function that reads it (only ``--autoencoder-scale checkpoint``
+    asks, so a backend that runs exported graphs does not read the U-Net checkpoint to start)."""
+
     backend: Backend
-    image_size: int                       # CLOOB image encoder input side
-    checkpoint_autoencoder_scale: float   # the U-Net checkpoint's stored buffer
-    demo: bool                            # random demo weights?
+    image_size: int                                 # CLOOB image encoder input side
+    scale_source: float | Callable[[], float]
+    demo: bool                                      # random demo weights?
+
+    @functools.cached_property
+    def checkpoint_autoencoder_scale(self) -> float:
+        """The U-Net checkpoint's stored ``autoencoder_scale`` buffer (read on first use)."""
+        source = self.scale_source
+        return float(source() if callable(source) else source)
 
 
 def open_session(options: BackendOptions, models: ModelSource) -> Session:
-    """Load the networks of ``models`` and wrap them in the backend ``options`` name (torch | onnxruntime |
-    tensorrt); UserError when that cannot run here, said before anything loads."""
+    """Open the backend ``options`` name (torch | onnxruntime | openvino | tensorrt) on the model files of
+    ``models``; UserError when that cannot run here, said before anything loads.
+
+    Only the torch backend reads the torch networks up front. The backends that run exported graphs (onnxruntime,
+    openvino) or engines (tensorrt) read none while their artefacts are current for these files (the ONNX
+    manifest's checkpoint digests, cached by path, size and mtime, say so without reading the weights); the
+    networks are loaded only when a graph must be exported, and then once.
+    """
     options = options.resolved()
     files = models.files
-    if options.backend == "tensorrt":
-        from ccld_trt.backends.tensorrt_backend import TensorRTBackend
-
-        trt_backend = TensorRTBackend(options.engine_dir, device=options.device,
-                                      precision=options.precision or "fp16", cuda_graph=options.cuda_graph,
-                                      flavor=options.trt_flavor, models=files)
-        return Session(trt_backend, cloob_image_size(load_cloob_config(files.cloob_config)),
-                       checkpoint_autoencoder_scale(files.unet), files.is_demo())
-    networks = models.load()
     precision = options.precision or default_precision(options.backend, options.device)  # resolved: set
     if options.backend == "torch":
         from ccld_trt.backends.torch_backend import TorchBackend
 
+        networks = models.load()
         backend: Backend = TorchBackend(networks, options.device, precision, options.cuda_graph, options.compiled)
+        return Session(backend, networks.image_size, networks.checkpoint_autoencoder_scale, files.is_demo())
+    files.check_present()
+    if options.backend == "tensorrt":
+        from ccld_trt.backends.tensorrt_backend import TensorRTBackend
+
+        backend = TensorRTBackend(options.engine_dir, device=options.device, precision=options.precision or "fp16",
+                                  cuda_graph=options.cuda_graph, flavor=options.trt_flavor, models=files)
     elif options.backend == "onnxruntime":
         from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
-        from ccld_trt.export.graph_specs import BACKEND_GRAPHS
-        from ccld_trt.export.onnx_export import default_onnx_dir, export_all
 
         check_precision(options.backend, precision)
-        # Exported once per set of model files; later runs find them up to date in the manifest.
-        onnx_dir = options.onnx_dir or default_onnx_dir(files)
-        export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=precision == "fp16", networks=networks)
+        onnx_dir = _exported(options, models, fp16=precision == "fp16")
         backend = OnnxRuntimeBackend(onnx_dir, options.device, precision)
     elif options.backend == "openvino":
-        backend = _open_openvino(options, precision, files, networks)
+        backend = _open_openvino(options, precision, models)
     else:
         raise UserError(f"unknown backend {options.backend!r}")
-    return Session(backend, networks.image_size, networks.checkpoint_autoencoder_scale, files.is_demo())
+    return Session(backend, cloob_image_size(load_cloob_config(files.cloob_config)),
+                   functools.partial(checkpoint_autoencoder_scale, files.unet), files.is_demo())
 
 
-def _open_openvino(options: BackendOptions, precision: str, files: ModelFiles, networks: Networks) -> Backend:
+def _exported(options: BackendOptions, models: ModelSource, fp16: bool) -> Path:
+    """The directory of the backend graphs of ``models`` (``options.onnx_dir``, else the default one per set of
+    model files), exported there first unless the manifest shows them up to date; the torch networks are read
+    only for an export."""
+    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
+    from ccld_trt.export.onnx_files import default_onnx_dir
+    from ccld_trt.export.onnx_manifest import graphs_current
+
+    onnx_dir = options.onnx_dir or default_onnx_dir(models.files)
+    if not graphs_current(models.files, onnx_dir, BACKEND_GRAPHS, fp16=fp16):
+        from ccld_trt.export.onnx_export import export_all
+
+        export_all(models.files, onnx_dir, BACKEND_GRAPHS, fp16=fp16, networks=models.load())
+    else:
+        stage_clock.mark("model files read")  # the manifest and the digest cache, not the weights
+    return onnx_dir
+
+
+def _open_openvino(options: BackendOptions, precision: str, models: ModelSource) -> Backend:
     """The OpenVINO backend over the fp32 graphs (exported unless up to date) and, for int8, the quantised ones
     (made unless up to date: calibration runs the sampler on the fp32 graphs, minutes on a small CPU)."""
     from ccld_trt.backends.openvino_backend import OpenVinoBackend
-    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
-    from ccld_trt.export.onnx_export import default_onnx_dir, export_all
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE
 
-    onnx_dir = options.onnx_dir or default_onnx_dir(files)
-    export_all(files, onnx_dir, BACKEND_GRAPHS, fp16=False, networks=networks)
+    onnx_dir = _exported(options, models, fp16=False)
     if precision == "int8":
         from ccld_trt.int8 import ensure_int8
 

@@ -16,8 +16,9 @@ import torch
 import yaml
 from torch import nn
 
-from ccld_trt.export.checkpoints import load_checkpoint, load_state_into, require_file
+from ccld_trt.export.checkpoints import load_state_into, require_file
 from ccld_trt.export.errors import UserError, first_line
+from ccld_trt.export.weights_cache import load_weights
 
 _WHAT = "autoencoder checkpoint"
 _WHAT_CONFIG = "autoencoder config"
@@ -319,7 +320,7 @@ def load_autoencoder(ckpt_path: Path, yaml_path: Path) -> tuple[AutoencoderEncod
     training loss's are ignored by it.
     """
     embed_dim, ddconfig = load_autoencoder_config(yaml_path)
-    state = load_checkpoint(ckpt_path, _WHAT)
+    state = load_weights(ckpt_path, _WHAT)
     with torch.device("meta"):
         encoder, decoder = AutoencoderEncoder(embed_dim, ddconfig), AutoencoderDecoder(embed_dim, ddconfig)
     halves = ((encoder, ("decoder.", "post_quant_conv.", "loss.")), (decoder, ("encoder.", "quant_conv.", "loss.")))

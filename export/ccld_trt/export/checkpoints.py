@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,18 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cached_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
+    """SHA-256 of ``path`` from ``cache`` ({resolved path: {size, mtime_ns, sha256}}) while the file's size and
+    mtime_ns are the recorded ones; else hashed (hundreds of MiB: ~1 s) and recorded in ``cache``."""
+    stat = path.stat()
+    entry = cache.get(str(path.resolve()))
+    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return str(entry["sha256"])
+    digest = sha256_file(path)
+    cache[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return digest
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -47,7 +60,7 @@ def _read_torch(path: Path, what: str) -> object:
                         f"{first_line(e)}") from e
 
 
-def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
@@ -65,7 +78,7 @@ def load_checkpoint(path: Path, what: str) -> dict[str, torch.Tensor]:
     (``restricted_pickle``). Raises UserError naming the file for anything else.
     """
     path = require_file(path, what)
-    obj = _read_safetensors(path, what) if path.suffix == SAFETENSORS_SUFFIX else _read_torch(path, what)
+    obj = read_safetensors(path, what) if path.suffix == SAFETENSORS_SUFFIX else _read_torch(path, what)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -139,4 +152,5 @@ def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: 
         if tuple(state[k].shape) != tuple(v.shape):
             raise UserError(f"{what} {path}: tensor {k} has shape {list(state[k].shape)}, "
                             f"the model expects {list(v.shape)}")
-    module.load_state_dict({k: state[k].float() for k in expected}, strict=True)
+    # assign: the module takes the tensors themselves (a mapped safetensors file's, or a pickle's), not copies
+    module.load_state_dict({k: state[k].float() for k in expected}, strict=True, assign=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccld_trt.export.cloob_pickle import ParamShapes, haiku_to_torch, read_cloob_params
+from ccld_trt.export.cloob_pickle import WHAT, ParamShapes, haiku_to_torch, read_cloob_params
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import CONTEXT_LENGTH, EOT_TOKEN
 
@@ -254,13 +254,21 @@ class CLOOBImageEncoder(nn.Module):
         cfg = config["image_encoder"]
         d, patch = cfg["d_model"], cfg["patch_size"]
         self.image_size: int = cfg["image_size"]
-        self.register_buffer("mean", torch.tensor(cfg["normalize"]["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["normalize"]["std"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.empty(1, len(cfg["normalize"]["mean"]), 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, len(cfg["normalize"]["std"]), 1, 1), persistent=False)
+        self.set_normalization(config)
         self.embed = nn.Conv2d(cfg["input_channels"], d, patch, stride=patch, bias=False)
         self.class_embed = nn.Parameter(torch.zeros(d))
         self.pos_embed = PositionalEmbedding((cfg["image_size"] // patch) ** 2 + 1, d)
         self.layers = nn.ModuleList(EncoderLayer(d, cfg["n_heads"]) for _ in range(cfg["n_layers"]))
         self.proj = nn.Linear(d, config["d_embed"])
+
+    def set_normalization(self, config: Mapping[str, Any]) -> None:
+        """The pixel mean/std buffers [1, C, 1, 1] from ``config`` (not in the state dict), on the CPU: also for a
+        tower built on the meta device and given its tensors by ``load_state_dict(assign=True)``."""
+        norm = config["image_encoder"]["normalize"]
+        self.mean = torch.tensor(norm["mean"], device="cpu").view(1, -1, 1, 1)
+        self.std = torch.tensor(norm["std"], device="cpu").view(1, -1, 1, 1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.embed((pixels - self.mean) / self.std)
@@ -279,11 +287,28 @@ def load_cloob(pkl_path: str | Path,
     """Both CLOOB towers from a haiku pickle, in eval mode, fp32, without gradients.
 
     ``config`` is a validated dict from ``load_cloob_config``. Raises UserError for a missing, corrupt,
-    hostile or mismatched checkpoint (see ``cloob_pickle.read_cloob_params``).
+    hostile or mismatched checkpoint (see ``cloob_pickle.read_cloob_params``). The towers' tensors come from the
+    pickle's converted safetensors copy (weights_cache: made on the first load, used while the pickle's SHA-256 is
+    the one it records), mapped, not copied; the modules are built without random init.
     """
-    image_params, text_params = read_cloob_params(Path(pkl_path), cloob_param_shapes(config))
-    image_state, text_state = haiku_to_torch(image_params, text_params)
-    text, image = CLOOBTextEncoder(config), CLOOBImageEncoder(config)
-    text.load_state_dict(text_state, strict=True)
-    image.load_state_dict(image_state, strict=True)
+    from ccld_trt.export.weights_cache import converted
+
+    path = Path(pkl_path)
+
+    def convert() -> dict[str, torch.Tensor]:
+        image_params, text_params = read_cloob_params(path, cloob_param_shapes(config))
+        image_state, text_state = haiku_to_torch(image_params, text_params)
+        return {**{f"{_IMAGE}{k}": v for k, v in image_state.items()},
+                **{f"{_TEXT}{k}": v for k, v in text_state.items()}}
+
+    state = converted(path, WHAT, convert)
+    with torch.device("meta"):
+        text, image = CLOOBTextEncoder(config), CLOOBImageEncoder(config)
+    for prefix, tower in ((_TEXT, text), (_IMAGE, image)):
+        tower_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        tower.load_state_dict(tower_state, strict=True, assign=True)
+    image.set_normalization(config)  # not in the state dict: from the config
     return text.eval().requires_grad_(False), image.eval().requires_grad_(False)
+
+
+_TEXT, _IMAGE = "text.", "image."

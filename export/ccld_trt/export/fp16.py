@@ -35,8 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# Bump when the rules below change: the export manifest then redoes the fp16 graphs.
-FP16_VERSION = 1
+from ccld_trt.export.export_versions import FP16_VERSION as FP16_VERSION  # bump it when the rules below change
+
 # Per-graph bound on ||fp16 - fp32|| / ||fp32||, checked on the emulated graph.
 FP16_TOLERANCE = 1e-2
 FP16_MAX = float(np.finfo(np.float16).max)

@@ -72,3 +72,6 @@ GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (UNET, UNET_CFG, DECODER, TEX
 BACKEND_GRAPHS = ("unet_cfg", "decoder", "text_encoder", "image_encoder", "encoder")
 # Precisions the graphs are exported in: fp32, and mixed-precision fp16 (fp32 I/O, fp32 where fp16 is unsafe).
 GRAPH_PRECISIONS = ("fp32", "fp16")
+# Backend graphs that only some requests run (image prompts, an init image): a backend opens them on first use,
+# so that a text-only request does not wait for them.
+ON_DEMAND_GRAPHS = ("image_encoder", "encoder")

@@ -21,12 +21,18 @@ _SHORT_NAMES = {UNET_FILE: "unet.ckpt", AE_FILE: "ae.ckpt"}
 
 
 def _in_dir(directory: Path, name: str) -> Path:
-    """A checkpoint of the models directory: its safetensors copy (``ccld-trt convert``) first, then the published
-    name, then the reference kit's short name; the published name when none exists (for the error message)."""
+    """A checkpoint of the models directory: its safetensors copy (``ccld-trt convert``) while that copy records
+    the SHA-256 of the pickle beside it (or the pickle is gone), else the pickle; the published name first, then
+    the reference kit's short name; the published name when none exists (for the error message)."""
+    from ccld_trt.export.weights_cache import matches, source_sha256
+
     for candidate in (name, _SHORT_NAMES.get(name, name)):
-        for path in (directory / Path(candidate).with_suffix(".safetensors"), directory / candidate):
-            if path.exists():
-                return path
+        source = directory / candidate
+        copy = source.with_suffix(".safetensors")
+        if copy.exists() and (not source.exists() or matches(copy, source_sha256(source))):
+            return copy
+        if source.exists():
+            return source
     return directory / name
 
 

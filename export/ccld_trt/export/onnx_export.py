@@ -16,8 +16,6 @@ made from; a graph whose sources, configuration, exporter and options are unchan
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -34,15 +32,15 @@ from ccld_trt.export.fp16 import convert_to_fp16, emulate_fp16, infer_shapes
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS, GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, load_networks
 from ccld_trt.export.onnx_checks import ExportError, check_graph, raise_problems
+from ccld_trt.export.onnx_files import default_onnx_dir, onnx_path
 from ccld_trt.export.onnx_inputs import TRACE_DIMS, random_inputs
 from ccld_trt.export.onnx_manifest import (
     COMPONENT,
     MANIFEST,
-    GraphKeys,
     graph_metadata,
-    is_current,
-    read_manifest,
+    stale_graphs,
     unet_config,
+    why_stale,
     write_manifest,
 )
 from ccld_trt.export.onnx_trace import graph_modules, save_onnx, trace, traced_module
@@ -56,22 +54,6 @@ __all__ = ["GRAPH_NAMES", "MANIFEST", "ExportError", "default_onnx_dir", "export
 log = logging.getLogger(__name__)
 
 GRAPH_NAMES: tuple[str, ...] = tuple(GRAPHS)
-
-
-def onnx_path(out_dir: Path, graph: str, precision: str = "fp32") -> Path:
-    """``<out>/<graph>.onnx`` (fp32) or ``<out>/<graph>.fp16.onnx``."""
-    return Path(out_dir) / (f"{graph}.fp16.onnx" if precision == "fp16" else f"{graph}.onnx")
-
-
-def default_onnx_dir(files: ModelFiles, build_dir: Path | None = None) -> Path:
-    """``<build>/onnx/<12 hex digits>``, one directory per set of model files, named by a hash of their resolved
-    paths (the manifest inside tracks their contents). ``build_dir`` defaults to $CCLD_TRT_BUILD, else ./build."""
-    config = Path(files.cloob_config)
-    paths = [files.unet, files.autoencoder, files.autoencoder_config, files.cloob,
-             config if config.is_file() else files.cloob_config]
-    ident = json.dumps([str(Path(p).resolve()) if isinstance(p, Path) else p for p in paths])
-    root = Path(build_dir or os.environ.get("CCLD_TRT_BUILD") or "build")
-    return root / "onnx" / hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 def export_all(files: ModelFiles, out_dir: Path, graphs: Sequence[str] = GRAPH_NAMES, fp16: bool = True,
@@ -88,17 +70,15 @@ def export_all(files: ModelFiles, out_dir: Path, graphs: Sequence[str] = GRAPH_N
     files.check_present()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out_dir)
-    unchanged = json.dumps(manifest, sort_keys=True)
-    keys = GraphKeys(files, manifest["hashes"])
+    stale, keys, manifest = stale_graphs(files, out_dir, graphs, fp16)
     wanted = [(g, p) for g in graphs for p in (GRAPH_PRECISIONS if fp16 else ("fp32",))]
     paths = {g if p == "fp32" else f"{g}.fp16": onnx_path(out_dir, g, p) for g, p in wanted}
-    stale = [(g, p) for g, p in wanted if not is_current(manifest, out_dir, g, p, keys.key(g, p))]
-    if json.dumps(manifest, sort_keys=True) != unchanged:  # checkpoint hashes computed anew
-        write_manifest(out_dir, manifest)
     if not stale:
         say(log, f"onnx: {len(wanted)} graph file(s) in {out_dir} are up to date", progress)
         return paths
+    for graph, precision in stale:  # says why each is exported (again): a changed checkpoint, new versions...
+        say(log, f"onnx: exporting {onnx_path(out_dir, graph, precision).name}: "
+                 f"{why_stale(manifest, graph, precision, keys.key(graph, precision))}", progress)
 
     from tqdm import tqdm
 

@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import nn
 
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.autoencoder import load_autoencoder_config
-from ccld_trt.export.checkpoints import sha256_file
+from ccld_trt.export.checkpoints import cached_sha256
 from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
-from ccld_trt.export.fp16 import FP16_VERSION
+from ccld_trt.export.export_versions import EXPORTER_VERSION, FP16_VERSION, OPSET
+from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 from ccld_trt.export.models import ModelFiles
-from ccld_trt.export.onnx_trace import OPSET
 from ccld_trt.export.unet import infer_unet_config
 
-# Bump when a change to the exporter (onnx_export, onnx_trace, upsample_rewrite) changes the graphs written: the
-# manifest then redoes every export.
-EXPORTER_VERSION = 3
 MANIFEST = "manifest.json"
 # Which checkpoint each graph comes from.
 COMPONENT = {"unet": "unet", "unet_cfg": "unet", "decoder": "autoencoder", "text_encoder": "cloob",
@@ -50,7 +46,7 @@ class GraphKeys:
 
     def checkpoint_sha256(self, component: str) -> str:
         if component not in self._digests:
-            self._digests[component] = _cached_sha256(Path(self.checkpoints[component]), self._cache)
+            self._digests[component] = cached_sha256(Path(self.checkpoints[component]), self._cache)
         return self._digests[component]
 
     def key(self, graph: str, precision: str) -> dict[str, Any]:
@@ -68,7 +64,7 @@ def versions() -> dict[str, str]:
     takes a second, which an up-to-date export should not spend)."""
     from importlib.metadata import version
 
-    return {"ccld_trt": importlib.metadata.version("ccld-trt"), "torch": torch.__version__, "onnx": onnx.__version__,
+    return {"ccld_trt": importlib.metadata.version("ccld-trt"), "torch": torch.__version__, "onnx": version("onnx"),
             "onnxslim": version("onnxslim"), "onnxconverter_common": version("onnxconverter-common")}
 
 
@@ -79,16 +75,6 @@ def unet_config(unet: nn.Module) -> dict[str, Any]:
     return {"base_channels": base, "channel_multipliers": multipliers,
             "parameters": sum(p.numel() for p in unet.parameters()),
             "autoencoder_scale": float(state["autoencoder_scale"])}
-
-
-def _cached_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
-    stat = path.stat()
-    entry = cache.get(str(path.resolve()))
-    if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
-        return str(entry["sha256"])
-    digest = sha256_file(path)
-    cache[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    return digest
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
@@ -126,3 +112,35 @@ def graph_metadata(graph: str, precision: str, keys: GraphKeys, config: Mapping[
         "ccld_trt.model_config": json.dumps(config, sort_keys=True),
         "ccld_trt.versions": json.dumps({**versions(), "exporter": EXPORTER_VERSION, "opset": OPSET}),
     }
+
+
+def stale_graphs(files: ModelFiles, out_dir: Path, graphs: Sequence[str],
+                 fp16: bool) -> tuple[list[tuple[str, str]], GraphKeys, dict[str, Any]]:
+    """Which (graph, precision) files of ``graphs`` (fp32, and fp16 too if ``fp16``) in ``out_dir`` are not up
+    to date for ``files``, with the keys and the manifest they were judged by. Reads no weights while the
+    checkpoints' size and mtime match the manifest's digest cache; digests computed anew are written back."""
+    manifest = read_manifest(out_dir)
+    unchanged = json.dumps(manifest, sort_keys=True)
+    keys = GraphKeys(files, manifest["hashes"])
+    wanted = [(g, p) for g in graphs for p in (GRAPH_PRECISIONS if fp16 else ("fp32",))]
+    stale = [(g, p) for g, p in wanted if not is_current(manifest, out_dir, g, p, keys.key(g, p))]
+    if json.dumps(manifest, sort_keys=True) != unchanged and out_dir.is_dir():  # checkpoint hashes computed anew
+        write_manifest(out_dir, manifest)
+    return stale, keys, manifest
+
+
+def graphs_current(files: ModelFiles, out_dir: Path, graphs: Sequence[str], fp16: bool) -> bool:
+    """Whether every file of ``graphs`` in ``out_dir`` is up to date for ``files`` (see ``stale_graphs``)."""
+    return not stale_graphs(files, Path(out_dir), graphs, fp16)[0]
+
+
+def why_stale(manifest: Mapping[str, Any], graph: str, precision: str, key: Mapping[str, Any]) -> str:
+    """Why a file ``stale_graphs`` named must be exported, in words: missing, or what changed since."""
+    record = manifest["graphs"].get(graph, {}).get(precision) or {}
+    old = record.get("key")
+    if not old:
+        return "not exported yet"
+    changed = [name for name in key if old.get(name) != key[name]]
+    if "checkpoint_sha256" in changed:
+        return f"its {COMPONENT[graph]} checkpoint changed"
+    return f"{', '.join(changed)} changed" if changed else "its files changed"

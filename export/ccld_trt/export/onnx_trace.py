@@ -11,12 +11,12 @@ import onnx
 import torch
 from torch import nn
 
+from ccld_trt.export.export_versions import OPSET
 from ccld_trt.export.graph_specs import GRAPHS
 from ccld_trt.export.guided_unet import GuidedUNet
 from ccld_trt.export.models import Networks
 from ccld_trt.export.upsample_rewrite import fold_upsample_convs
 
-OPSET = 17  # LayerNormalization needs 17; TensorRT 10 parses opsets 9 to 20
 # Symbolic dims exported as dynamic; "image_size" stays static: the ViT's position embeddings fix it.
 DYNAMIC_DIMS = frozenset({"batch", "conds", "height", "width"})
 # Protobuf cannot serialise a message of 2 GiB or more; the graph itself needs a little room beside the tensors.

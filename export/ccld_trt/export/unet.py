@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccld_trt.export.checkpoints import load_checkpoint, load_state_into
+from ccld_trt.export.checkpoints import load_state_into
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.weights_cache import load_weights
 
 EMBED_DIM = 512  # CLOOB embedding width
 COND_DIM = 1024  # output width of the mapping network, fed to every Modulation2d
@@ -261,7 +262,7 @@ def load_unet(path: Path, base_channels: int | None = None,
     ``base_channels`` / ``channel_multipliers`` override what the tensor shapes imply; a checkpoint that does
     not match them is reported tensor by tensor (UserError).
     """
-    state = load_checkpoint(path, _WHAT)
+    state = load_weights(path, _WHAT)
     if base_channels is None or channel_multipliers is None:
         try:
             inferred_base, inferred_multipliers = infer_unet_config(state)

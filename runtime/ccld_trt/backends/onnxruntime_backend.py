@@ -1,14 +1,21 @@
 """The ONNX Runtime backend: the Backend interface over the exported graphs (unet_cfg, decoder, text_encoder,
-image_encoder) of one directory, on the CPU, or on a CUDA GPU through the TensorRT and CUDA execution providers
-of onnxruntime-gpu.
+image_encoder, encoder) of one directory, on the CPU, or on a CUDA GPU through the TensorRT and CUDA execution
+providers of onnxruntime-gpu.
 
-Each session is created once. A call binds the caller's torch tensors' memory as the graph inputs (IO binding, no
-copy) and has ONNX Runtime write into an output tensor allocated once per output shape; the caller gets a copy of
-it, because samplers keep earlier outputs (PLMS's history) while the buffer is reused by the next call.
+Each session is created once; the graphs a text-only request does not run (graph_specs.ON_DEMAND_GRAPHS) on their
+first call, or by ``open_all``. On the CPU a session opens from the graph as ONNX Runtime optimised it the first
+time (``optimized_model``: saved once per graph file, ONNX Runtime version and CPU, then loaded without optimising
+again: ~1 s less per start on the full-size U-Net, outputs bit-identical to optimising anew). A call binds the
+caller's torch tensors' memory as the graph inputs (IO binding, no copy) and has ONNX Runtime write into an output
+tensor allocated once per output shape; the caller gets a copy of it, because samplers keep earlier outputs
+(PLMS's history) while the buffer is reused by the next call.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,10 +27,11 @@ from ccld_trt import backend_select
 from ccld_trt.backends.base import GraphBackend
 from ccld_trt.export.checkpoints import require_file
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
-from ccld_trt.export.onnx_export import onnx_path
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
+from ccld_trt.export.onnx_files import onnx_path
 from ccld_trt.export.shapes import output_shapes
 
+OPTIMIZED_DIR = "ort-optimized"  # under the graphs' directory: each graph as ONNX Runtime optimised it on this CPU
 GPU_HINT = "pip install 'ccld-trt[gpu]' (onnxruntime-gpu) and use an NVIDIA GPU, or the cpu device"
 
 
@@ -45,6 +53,69 @@ def session_options(threads: int | None = None) -> Any:
     options.intra_op_num_threads = threads or 0
     options.log_severity_level = 3  # errors only: the optimiser's notes are not for users
     return options
+
+
+def optimized_model(root: Path, source: Path) -> Path:
+    """``<root>/<graph file name>-<digest>.onnx``: where the CPU-optimised copy of ``source`` is kept. The digest
+    covers the source's size and mtime (and its external data's), the ONNX Runtime version and the CPU (the
+    optimiser's NCHWc layouts are specific to it), so a changed graph, library or machine never opens an old
+    copy; copies of older versions of the same file are removed."""
+    import onnxruntime as ort
+
+    parts = [source, *(p for p in (source.with_name(source.name + ".data"),) if p.exists())]
+    ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
+    digest = hashlib.sha256(repr((ident, ort.__version__, platform.machine(), _cpu_model())).encode()).hexdigest()
+    target = root / f"{source.name}-{digest[:12]}.onnx"
+    if root.is_dir():
+        for old in root.glob(f"{source.name}-*"):
+            if old != target:
+                old.unlink(missing_ok=True)
+    return target
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def open_cpu_session(source: Path, options: Any, root: Path) -> Any:
+    """A CPU session of ``source``: from its optimised copy under ``root`` when there is one (no optimising
+    again), else optimised now and the result saved there for the next start. Graphs with external data (past
+    2 GB) are not copied."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if source.with_name(source.name + ".data").exists():
+        return ort.InferenceSession(str(source), options, providers=providers)
+    target = optimized_model(root, source)
+    if target.is_file():
+        saved = _copy_options(options)
+        saved.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(target), saved, providers=providers)
+    root.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.{os.getpid()}")
+    writing = _copy_options(options)
+    writing.optimized_model_filepath = str(staged)
+    try:
+        session = ort.InferenceSession(str(source), writing, providers=providers)
+        os.replace(staged, target)  # whole or not at all: another process may be opening it
+    finally:
+        staged.unlink(missing_ok=True)
+    return session
+
+
+def _copy_options(options: Any) -> Any:
+    """A new SessionOptions with the same settings as ``options`` (the ones ``session_options`` sets)."""
+    import onnxruntime as ort
+
+    copy = ort.SessionOptions()
+    for name in ("graph_optimization_level", "execution_mode", "inter_op_num_threads", "intra_op_num_threads",
+                 "log_severity_level"):
+        setattr(copy, name, getattr(options, name))
+    return copy
 
 
 def execution_providers(device: torch.device, precision: str, cache_dir: Path) -> list[Any]:
@@ -83,8 +154,6 @@ class OnnxRuntimeBackend(GraphBackend):
 
     def __init__(self, onnx_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32",
                  threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -95,12 +164,31 @@ class OnnxRuntimeBackend(GraphBackend):
         self.options = session_options(threads)
         self.files = {graph: require_file(onnx_path(onnx_dir, graph, precision), f"{graph} ONNX graph")
                       for graph in BACKEND_GRAPHS}
-        self.sessions = {graph: ort.InferenceSession(str(path), self.options, providers=self.providers)
-                         for graph, path in self.files.items()}
+        self.sessions: dict[str, Any] = {}
+        for graph in BACKEND_GRAPHS:
+            if graph not in ON_DEMAND_GRAPHS:
+                self._open(graph)
         self._ort_device = self.device.type
         self._device_id = self.device.index or 0
         # (graph, output shape) -> the IO binding with its output bound, and that output tensor
         self._bound: dict[tuple[str, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
+
+    def _open(self, graph: str) -> None:
+        """Open ``graph``'s session (on the CPU from its saved optimised copy when there is one)."""
+        import onnxruntime as ort
+
+        path = self.files.get(graph) or require_file(onnx_path(self.onnx_dir, graph, self.precision),
+                                                     f"{graph} ONNX graph")
+        if self.device.type == "cpu":
+            self.sessions[graph] = open_cpu_session(path, self.options, self.onnx_dir / OPTIMIZED_DIR)
+        else:
+            self.sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+
+    def open_all(self) -> None:
+        """Open the on-demand graphs' sessions now (a server may do this at start-up, off the request path)."""
+        for graph in ON_DEMAND_GRAPHS:
+            if graph not in self.sessions:
+                self._open(graph)
 
     def unet_rows(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """The plain U-Net, one condition per row: x [B, 4, h, w], t [B], embed [B, 512] -> v [B, 4, h, w].
@@ -109,16 +197,13 @@ class OnnxRuntimeBackend(GraphBackend):
         request's rows themselves. Runs ``<onnx_dir>/unet[.fp16].onnx``, exported like the other graphs
         (``export_all(..., ["unet"])``); its session opens on the first call.
         """
-        if "unet" not in self.sessions:
-            import onnxruntime as ort
-
-            path = require_file(onnx_path(self.onnx_dir, "unet", self.precision), "unet ONNX graph")
-            self.sessions["unet"] = ort.InferenceSession(str(path), self.options, providers=self.providers)
         return self._call("unet", {"x": x, "t": t, "embed": embed})
 
     def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Run ``graph`` on ``feed`` ({input name: tensor}, converted to the graph's dtypes on this device);
         returns a new tensor holding its output."""
+        if graph not in self.sessions:
+            self._open(graph)
         spec = GRAPHS[graph]
         inputs = {t.name: feed[t.name].to(self.device, getattr(torch, t.dtype)).contiguous() for t in spec.inputs}
         (output,) = spec.outputs

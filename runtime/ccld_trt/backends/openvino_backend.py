@@ -8,8 +8,10 @@ none, its fp32 graph runs), the rest at bf16 where the CPU has it. The CPU's ins
 anything compiles, so a precision that cannot run is one clear line, not a slow or silently-fp32 run.
 
 Each graph is compiled once per model file: OpenVINO's model cache keeps the compiled blob under the graphs'
-directory, so later starts load it instead of compiling again. One inference request per graph, as the pipeline
-makes one call at a time.
+directory, so later starts load it instead of compiling again. One ``Core`` serves every graph; the graphs a
+text-only request does not run (graph_specs.ON_DEMAND_GRAPHS: the CLOOB image encoder, the autoencoder's encoder)
+are compiled on their first call, or by ``open_all``. One inference request per graph, as the pipeline makes one
+call at a time.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from ccld_trt.backend_select import require_openvino
 from ccld_trt.backends.base import GraphBackend
 from ccld_trt.cpu_features import default_cpu_precision, physical_cores
 from ccld_trt.export.checkpoints import require_file
-from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS
-from ccld_trt.export.onnx_export import onnx_path
-from ccld_trt.export.quantize import quantized_path
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
+from ccld_trt.export.onnx_files import onnx_path
 
 CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, one folder per graph file version
 # OpenVINO's names for the inference precision hint
@@ -44,14 +45,20 @@ def check_precision(precision: str) -> str:
     return backend_select.check_cpu_precision("openvino", precision)
 
 
+def graph_file(onnx_dir: Path, graph: str, precision: str) -> Path:
+    """The file ``graph`` runs from: the int8 model where ``precision`` is int8 and one was made for the graph
+    (see export.quantize), else the fp32 ONNX graph. A missing file is a UserError."""
+    int8 = None
+    if precision == "int8":
+        from ccld_trt.export.quantize import quantized_path  # the quantiser (and the exporter) only for int8
+
+        int8 = quantized_path(onnx_dir, graph)
+    return require_file(int8 or onnx_path(onnx_dir, graph), f"{graph} graph")
+
+
 def graph_files(onnx_dir: Path, precision: str) -> dict[str, Path]:
-    """The file each graph runs from: the int8 model where ``precision`` is int8 and one was made for the graph
-    (see export.quantize), else the fp32 ONNX graph. Missing files are a UserError."""
-    files = {}
-    for graph in BACKEND_GRAPHS:
-        int8 = quantized_path(onnx_dir, graph) if precision == "int8" else None
-        files[graph] = require_file(int8 or onnx_path(onnx_dir, graph), f"{graph} graph")
-    return files
+    """The file each backend graph runs from (``graph_file``); missing files are a UserError."""
+    return {graph: graph_file(onnx_dir, graph, precision) for graph in BACKEND_GRAPHS}
 
 
 def compile_config(precision: str, threads: int) -> dict[str, Any]:
@@ -93,13 +100,25 @@ class OpenVinoBackend(GraphBackend):
         self.files = graph_files(onnx_dir, self.precision)
         self.threads = threads or physical_cores()
         self.config = compile_config(self.precision, self.threads)
-        core = ov.Core()
-        cache_root = onnx_dir / CACHE_DIR
-        self.compiled = {}
-        for graph, path in self.files.items():
-            folder = cache_folder(cache_root, path, self.config)
-            self.compiled[graph] = core.compile_model(str(path), "CPU", {**self.config, "CACHE_DIR": str(folder)})
-        self._requests = {graph: model.create_infer_request() for graph, model in self.compiled.items()}
+        self._core = ov.Core()
+        self.compiled: dict[str, Any] = {}
+        self._requests: dict[str, Any] = {}
+        for graph in BACKEND_GRAPHS:
+            if graph not in ON_DEMAND_GRAPHS:
+                self._open(graph)
+
+    def _open(self, graph: str) -> None:
+        """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob) and make its request."""
+        path = self.files.get(graph) or graph_file(self.onnx_dir, graph, self.precision)
+        folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
+        model = self._core.compile_model(str(path), "CPU", {**self.config, "CACHE_DIR": str(folder)})
+        self.compiled[graph], self._requests[graph] = model, model.create_infer_request()
+
+    def open_all(self) -> None:
+        """Compile the on-demand graphs now (a server may do this at start-up, off the request path)."""
+        for graph in ON_DEMAND_GRAPHS:
+            if graph not in self._requests:
+                self._open(graph)
 
     @property
     def onnx_dir(self) -> Path:
@@ -112,12 +131,6 @@ class OpenVinoBackend(GraphBackend):
         For callers that merge the CFG rows of several requests into one call (the cluster) and weigh each
         request's rows themselves. Runs ``<onnx_dir>/unet.onnx`` (``export_all(..., ["unet"], fp16=False)``; for
         int8, its int8 model where export.quantize made one), compiled like the others on the first call."""
-        if "unet" not in self._requests:
-            int8 = quantized_path(self.onnx_dir, "unet") if self.precision == "int8" else None
-            path = require_file(int8 or onnx_path(self.onnx_dir, "unet"), "unet graph")
-            folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
-            model = require_openvino().Core().compile_model(str(path), "CPU", {**self.config, "CACHE_DIR": str(folder)})
-            self.compiled["unet"], self._requests["unet"] = model, model.create_infer_request()
         return self._call("unet", {"x": x, "t": t, "embed": embed})
 
     def _run(self, graph: str, feed: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -128,5 +141,7 @@ class OpenVinoBackend(GraphBackend):
                   for t in spec.inputs}
         # share_inputs: OpenVINO reads the arrays in place; outputs come back as fresh arrays (not shared), since
         # samplers keep earlier outputs while the request's own buffers are reused by the next call.
+        if graph not in self._requests:
+            self._open(graph)
         result = self._requests[graph].infer(inputs, share_inputs=True, share_outputs=False)
         return torch.from_numpy(np.asarray(result[0]))

@@ -1,0 +1,249 @@
+"""Time to first image (issue 30): a backend reads only what it runs, weights come through mapped safetensors
+copies tied to their sources by SHA-256, and nothing of this changes a single bit of the images or lets a stale
+artefact be used."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ccld_trt.export.cloob import cloob_param_shapes
+from ccld_trt.export.cloob_pickle import haiku_to_torch, read_cloob_params
+from ccld_trt.export.models import ModelFiles, load_networks
+from ccld_trt.export.weights_cache import WEIGHTS_DIR, copy_path, source_sha256
+from ccld_trt.runner import BackendOptions, ModelSource, open_session
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+GRAPH_BACKENDS = ["onnxruntime", *(["openvino"] if HAS_OPENVINO else [])]
+
+
+def _copy_models(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("build")
+
+
+@pytest.fixture(scope="module")
+def models(seed3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the seed-3 models (tests below rewrite a checkpoint)."""
+    return _copy_models(seed3_dir, tmp_path_factory.mktemp("cold") / "models")
+
+
+def _open(backend: str, models: Path, build: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
+    precision = "fp32"
+    return open_session(BackendOptions(backend=backend, precision=precision), ModelSource(ModelFiles.resolve(models)))
+
+
+def _tripwire(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("a torch network was read although the exported graphs are current")
+
+
+def _image(session: Any, seed: int = 5) -> torch.Tensor:
+    from ccld_trt.jobs import assemble, run
+
+    job = assemble(["a lighthouse:3"], image_size=session.image_size, autoencoder_scale=2.55, seed=seed,
+                   steps=3, method="unipc")
+    return run(session.backend, job).latents
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_graph_backend_reads_no_network_when_current(backend: str, models: Path, build: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _open(backend, models, build, monkeypatch)  # exports if needed (reads the networks)
+    latents = _image(first)
+    # current graphs: opening again reads no torch network at all
+    monkeypatch.setattr("ccld_trt.runner.load_networks", _tripwire)
+    monkeypatch.setattr("ccld_trt.export.onnx_export.load_networks", _tripwire)
+    monkeypatch.setattr("ccld_trt.export.models.load_networks", _tripwire)
+    again = _open(backend, models, build, monkeypatch)
+    assert torch.equal(_image(again), latents)  # the same image, bit for bit
+    # the U-Net checkpoint's stored scale is read when asked, and is the checkpoint's
+    state = torch.load(models / "model_student.ckpt", weights_only=True)
+    assert again.checkpoint_autoencoder_scale == float(state["autoencoder_scale"])
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_on_demand_graphs_open_on_first_use_with_the_same_result(backend: str, models: Path, build: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text-only request opens neither the CLOOB image encoder nor the autoencoder's encoder; an image prompt
+    opens the image encoder then, with the embedding it gives when everything is opened at start-up."""
+    from ccld_trt.export.graph_specs import ON_DEMAND_GRAPHS
+
+    lazy = _open(backend, models, build, monkeypatch).backend
+    opened = lazy.sessions if backend == "onnxruntime" else lazy.compiled
+    assert not set(ON_DEMAND_GRAPHS) & set(opened)
+    _image(_open(backend, models, build, monkeypatch))
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    eager = _open(backend, models, build, monkeypatch).backend
+    eager.open_all()
+    assert set(ON_DEMAND_GRAPHS) <= set(eager.sessions if backend == "onnxruntime" else eager.compiled)
+    assert torch.equal(lazy.encode_image(pixels), eager.encode_image(pixels))
+    assert "image_encoder" in opened
+
+
+def test_onnxruntime_saved_optimised_graph_gives_the_same_image(models: Path, build: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first CPU session saves the graph as ONNX Runtime optimised it; the next opens that copy without
+    optimising again, bit-identical, and a rewritten graph never opens an old copy."""
+    from ccld_trt.backends.onnxruntime_backend import OPTIMIZED_DIR
+
+    session = _open("onnxruntime", models, build, monkeypatch)
+    onnx_dir = session.backend.onnx_dir
+    shutil.rmtree(onnx_dir / OPTIMIZED_DIR, ignore_errors=True)
+    fresh = _image(_open("onnxruntime", models, build, monkeypatch))  # optimises, saves the copies
+    saved = sorted(p.name for p in (onnx_dir / OPTIMIZED_DIR).iterdir())
+    assert len(saved) == 3 and all(name.endswith(".onnx") for name in saved)
+    assert torch.equal(_image(_open("onnxruntime", models, build, monkeypatch)), fresh)
+    decoder = onnx_dir / "decoder.onnx"
+    os.utime(decoder, ns=(decoder.stat().st_atime_ns, decoder.stat().st_mtime_ns + 10**9))  # "rewritten"
+    _open("onnxruntime", models, build, monkeypatch)
+    after = sorted(p.name for p in (onnx_dir / OPTIMIZED_DIR).iterdir())
+    assert len(after) == 3 and [n for n in after if n.startswith("decoder")] != \
+        [n for n in saved if n.startswith("decoder")]
+
+
+def test_changed_checkpoint_is_exported_again_and_says_so(seed3_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    models = _copy_models(seed3_dir, tmp_path / "models")
+    build = tmp_path / "build"
+    before = _image(_open("onnxruntime", models, build, monkeypatch))
+    capsys.readouterr()
+    state = torch.load(models / "model_student.ckpt", weights_only=True)
+    state["autoencoder_scale"] = state["autoencoder_scale"] * 2  # a changed U-Net checkpoint
+    first_key = next(k for k in state if k.endswith("weight") and state[k].dim() == 4)
+    state[first_key] = state[first_key] * 1.5
+    torch.save(state, models / "model_student.ckpt")
+    after = _open("onnxruntime", models, build, monkeypatch)
+    err = capsys.readouterr().err
+    assert "onnx: exporting unet_cfg.onnx: its unet checkpoint changed" in err, err
+    assert "decoder.onnx" not in err  # only the graphs of the changed checkpoint
+    assert not torch.equal(_image(after), before)
+    assert after.checkpoint_autoencoder_scale == float(state["autoencoder_scale"])
+
+
+def test_converted_copy_is_used_while_it_matches_and_never_when_the_source_changed(
+        seed3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _copy_models(seed3_dir, tmp_path / "models")
+    build = tmp_path / "build"
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
+    files = ModelFiles.resolve(models)
+    reference = load_networks(files)  # converts: copies written under <build>/weights
+    # the networks hold exactly the tensors of the files as read without any cache
+    state = torch.load(models / "model_student.ckpt", weights_only=True)
+    assert all(torch.equal(v, state[k]) for k, v in reference.unet.state_dict().items())
+    image_params, text_params = read_cloob_params(files.cloob, cloob_param_shapes(reference.cloob_config))
+    image_state, text_state = haiku_to_torch(image_params, text_params)
+    assert all(torch.equal(v, text_state[k]) for k, v in reference.text_encoder.state_dict().items())
+    copies = sorted(p.name for p in (build / WEIGHTS_DIR).glob("*.safetensors"))
+    assert [c.split("-")[0] for c in copies] == ["ae_model.ckpt", "cloob.pkl", "model_student.ckpt"]
+    # while the copies match, the pickles are not read at all
+    monkeypatch.setattr("ccld_trt.export.checkpoints.torch.load", _tripwire)
+    monkeypatch.setattr("ccld_trt.export.cloob.read_cloob_params", _tripwire)
+    mapped = load_networks(files)
+    for name in ("unet", "decoder", "encoder", "text_encoder", "image_encoder"):
+        a, b = getattr(reference, name).state_dict(), getattr(mapped, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert torch.equal(reference.image_encoder.mean, mapped.image_encoder.mean)
+    assert all(torch.equal(v, image_state[k]) for k, v in mapped.image_encoder.state_dict().items())
+    monkeypatch.undo()
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
+    # a changed source: its old copy is never used, a new one is made from the new bytes
+    state = torch.load(models / "model_student.ckpt", weights_only=True)
+    state["autoencoder_scale"] = torch.tensor(7.0)
+    torch.save(state, models / "model_student.ckpt")
+    old_copy = copy_path(models / "model_student.ckpt", "0" * 64)  # the name shape; the digest differs
+    assert old_copy.parent == build / WEIGHTS_DIR
+    changed = load_networks(ModelFiles.resolve(models))
+    assert float(changed.unet.autoencoder_scale) == 7.0
+    digest = source_sha256(models / "model_student.ckpt")
+    assert copy_path(models / "model_student.ckpt", digest).is_file()
+
+
+def test_stale_copy_with_the_current_name_is_not_used(seed3_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy recording another source digest (say, a copy left from other bytes) is converted again."""
+    from safetensors.torch import save_file
+
+    models = _copy_models(seed3_dir, tmp_path / "models")
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(tmp_path / "build"))
+    source = models / "model_student.ckpt"
+    digest = source_sha256(source)
+    state = torch.load(source, weights_only=True)
+    lie = {k: torch.zeros_like(v).contiguous() for k, v in state.items()}
+    copy_path(source, digest).parent.mkdir(parents=True, exist_ok=True)
+    save_file(lie, copy_path(source, digest), metadata={"source": source.name, "source_sha256": "f" * 64})
+    from ccld_trt.export.unet import load_unet
+
+    unet, scale = load_unet(source)
+    assert scale == float(state["autoencoder_scale"]) != 0.0
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+
+
+def test_beside_copy_of_a_changed_pickle_is_not_preferred(seed3_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ccld-trt convert``'s copy beside the models is preferred only while it records the pickle's digest."""
+    from ccld_trt.export.checkpoints import convert_to_safetensors
+
+    models = _copy_models(seed3_dir, tmp_path / "models")
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(tmp_path / "build"))
+    convert_to_safetensors(models / "model_student.ckpt", "U-Net checkpoint")
+    assert ModelFiles.resolve(models).unet.name == "model_student.safetensors"
+    state = torch.load(models / "model_student.ckpt", weights_only=True)
+    state["autoencoder_scale"] = torch.tensor(3.0)
+    torch.save(state, models / "model_student.ckpt")
+    assert ModelFiles.resolve(models).unet.name == "model_student.ckpt"
+    (models / "model_student.ckpt").unlink()  # the copy alone is still the model
+    assert ModelFiles.resolve(models).unet.name == "model_student.safetensors"
+
+
+HEAVY = ("gradio", "ray", "matplotlib", "onnx", "onnxslim", "onnxconverter_common", "nncf", "fastapi",
+         "ccld_trt.export.onnx_export", "ccld_trt.serve", "ccld_trt.cluster", "ccld_trt.benchmarks.suite")
+_PROBE = """
+import atexit, json, sys
+atexit.register(lambda: print("MODULES " + json.dumps(sorted(sys.modules)), file=sys.stderr))
+from ccld_trt.cli import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_sample_imports_only_what_it_uses(backend: str, models: Path, build: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _open(backend, models, build, monkeypatch)  # the graphs are current: the run below only samples
+    env = {**os.environ, "CCLD_TRT_BUILD": str(build)}
+    argv = ["sample", "a lighthouse", "--fast", "--backend", backend, "--precision", "fp32", "--models",
+            str(models), "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES "))
+    modules = set(json.loads(line[len("MODULES "):]))
+    imported = sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
+    assert not imported, imported
+    assert (tmp_path / "out" / "out_00000.png").is_file()
+    assert "onnx: exporting" not in done.stderr
+
+
+def test_import_ccld_trt_is_cheap() -> None:
+    done = subprocess.run([sys.executable, "-c", "import sys, ccld_trt; print(sorted(sys.modules))"],
+                          capture_output=True, text=True, timeout=120)
+    modules = set(eval(done.stdout))  # a printed list of str
+    assert not {"torch", "numpy", "onnx", "openvino", "onnxruntime"} & modules

@@ -221,21 +221,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_cluster(args: argparse.Namespace) -> None:
     from ccld_trt.access import AccessPolicy, default_client_limit, load_keys
     from ccld_trt.cluster.app import ClusterSpec, run_cluster
+    from ccld_trt.cluster.local_ray import check_auth_mode, trusted_proxies
     from ccld_trt.cluster.replica import ReplicaSettings
 
-    from ccld_trt.cluster.local_ray import check_auth_mode, trusted_proxies
     settings = ReplicaSettings(max_batch=args.max_batch, batching=not args.no_batching,
                                max_ongoing=args.max_ongoing)
     limit = args.max_in_flight_per_client
     access = AccessPolicy(load_keys(args.api_key_file), log_prompts=args.log_prompts, max_in_flight=limit
                           if limit is not None else default_client_limit(args.replicas * args.max_ongoing))
     spec = ClusterSpec(replicas=args.replicas, max_queue=args.max_queue, settings=settings, access=access)
-    run_cluster(backend_options(args), model_source(args), spec, args.address, args.host, args.port,
-                listen=args.listen, insecure=args.insecure, key_file=args.api_key_file,
-                trusted=trusted_proxies(args.trusted_proxy), keep_ray_logs=args.keep_ray_logs)
     warning = check_auth_mode(os.environ, args.insecure)  # refused here, before anything starts
     if warning:
         print(warning, file=sys.stderr)
+    run_cluster(backend_options(args), model_source(args), spec, args.address, args.host, args.port,
+                listen=args.listen, insecure=args.insecure, key_file=args.api_key_file,
+                trusted=trusted_proxies(args.trusted_proxy), keep_ray_logs=args.keep_ray_logs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,7 +97,8 @@ def random_crops(images: list[Image.Image], n: int, seed: int) -> Crops:
     """``n`` crops spread evenly over ``images``: a random square of side 1/4 to 1 of the shorter edge, random
     position, flipped with probability 1/2, resized with antialiasing. Deterministic in ``seed``."""
     rng = np.random.RandomState(seed)
-    latents, prompts = [], []
+    latents: list[torch.Tensor] = []
+    prompts: list[torch.Tensor] = []
     for i in range(n):
         image = images[i % len(images)]
         w, h = image.size

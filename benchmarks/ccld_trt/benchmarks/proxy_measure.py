@@ -145,12 +145,15 @@ def _per_image(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Latent and RGB PSNR of each image of ``a`` against ``b`` ([IMAGES, 4, h, w]): mean and min over images."""
     lat = [psnr(x[None], y[None]) for x, y in zip(a, b, strict=True)]
     rgb = [rgb_psnr(x[None], y[None]) for x, y in zip(a, b, strict=True)]
+    # scale-free: the error against the reference's own size (random weights' latents are ~20x larger)
+    snr = [10 * math.log10(float(y.double().pow(2).mean()) / max(float((x - y).double().pow(2).mean()), 1e-300))
+           for x, y in zip(a, b, strict=True)]
     return {"latent_psnr_db": statistics.mean(lat), "latent_psnr_min_db": min(lat),
-            "rgb_psnr_db": statistics.mean(rgb), "rgb_psnr_min_db": min(rgb)}
+            "rgb_psnr_db": statistics.mean(rgb), "rgb_psnr_min_db": min(rgb), "snr_db": statistics.mean(snr)}
 
 
-def quality_rows(models: Path, prompt: Prompted, log: Log,
-                 cells: Sequence[tuple[str, int]] | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def quality_rows(models: Path, prompt: Prompted, log: Log, cells: Sequence[tuple[str, int]] | None = None,
+                 reference_steps: int = REFERENCE_STEPS) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per cell: U-Net evaluations and latent / RGB PSNR against the converged endpoint (mean and min over the
     images); and stats of the converged latents (their std says how stiff the network's ODE is)."""
     from ccld_trt.samplers import evaluations
@@ -159,13 +162,14 @@ def quality_rows(models: Path, prompt: Prompted, log: Log,
     session = open_session(BackendOptions("torch", "cpu", "fp32").resolved(), ModelSource(ModelFiles.resolve(models)))
     backend, size = session.backend, session.image_size
     started = time.perf_counter()
-    ref = converged(backend, size, prompt)
+    ref = converged(backend, size, prompt, reference_steps)
     log(f"{models.name}: reference {time.perf_counter() - started:.0f} s")
     outs = latents_for(backend, size, prompt, cells)
     log(f"{models.name}: cells {time.perf_counter() - started:.0f} s")
     rows = [{"method": m, "steps": k, "evaluations": evaluations(m, k), **_per_image(outs[m, k], ref)}
             for m, k in cells]
-    return rows, {"latent_std": float(ref.std()), "latent_absmax": float(ref.abs().max())}
+    return rows, {"latent_std": float(ref.std()), "latent_absmax": float(ref.abs().max()),
+                  "reference_steps": reference_steps}
 
 
 def _open(models: Path, backend: str, precision: str) -> tuple[Backend, int, str | None]:
@@ -252,18 +256,30 @@ def markdown(views: dict[str, dict[str, Any]]) -> str:
     lines = [f"{first['machine']}, {first['date']}, {first['threads']} torch thread(s) per view, the machine "
              f"shared with other work. {first['images']} images (seed {first['seed']}), image prompt "
              f"{first['prompt']} (held out), weight {PROMPT_WEIGHT:g}. PSNR dB: mean (min) over the images.", "",
-             "Steps to quality: latent PSNR against the converged endpoint (" + ", ".join(names) + "), then "
-             "RGB PSNR.", "",
-             "| method | steps | U-Net evaluations | " + " | ".join(f"{n} latent" for n in names) + " | " +
-             " | ".join(f"{n} RGB" for n in names) + " |",
-             "| --- | ---: | ---: |" + " ---: |" * (2 * len(names))]
-    for i, row in enumerate(first.get("quality", [])):
-        cells = [views[n]["quality"][i] for n in names]
-        lines.append(f"| {row['method']} | {row['steps']} | {row['evaluations']} | " +
-                     " | ".join(_cell(c) for c in cells) + " | " +
-                     " | ".join(_fmt(c["rgb_psnr_db"]) for c in cells) + " |")
+             "Steps to quality against the converged endpoint: latent PSNR, SNR (scale-free), RGB PSNR (inf: "
+             "identical after clamping, i.e. saturated).", "",
+             "| method | steps | U-Net evaluations | " + " | ".join(f"{n} latent PSNR" for n in names) + " | " +
+             " | ".join(f"{n} SNR" for n in names) + " | " + " | ".join(f"{n} RGB" for n in names) + " |",
+             "| --- | ---: | ---: |" + " ---: |" * (3 * len(names))]
+    def snr(name: str, row: dict[str, Any]) -> str:
+        if "snr_db" in row:
+            return _fmt(row["snr_db"])
+        # measured before the column existed: from the PSNR and the reference's std (mean ~0)
+        std = views[name]["reference"]["latent_std"]
+        return "≈" + _fmt(row["latent_psnr_db"] + 20 * math.log10(std / 2))
+
+    by_key = {n: {(r["method"], r["steps"]): r for r in views[n].get("quality", [])} for n in names}
+    keys = sorted(by_key[names[0]], key=lambda key: (QualityConfig().methods.index(key[0])
+                                                    if key[0] in QualityConfig().methods else 99, key[1]))
+    for key in keys:
+        cells = [by_key[n].get(key) for n in names]
+        lines.append(f"| {key[0]} | {key[1]} | {by_key[names[0]][key]['evaluations']} | " +
+                     " | ".join(_cell(c) if c else "—" for c in cells) + " | " +
+                     " | ".join(snr(n, c) if c else "—" for n, c in zip(names, cells, strict=True)) + " | " +
+                     " | ".join(_fmt(c["rgb_psnr_db"]) if c else "—" for c in cells) + " |")
     lines += ["", "Converged latents: " + "; ".join(
         f"{n} std {views[n]['reference']['latent_std']:.2f}, max |x| {views[n]['reference']['latent_absmax']:.1f}"
+        f" ({views[n]['reference'].get('reference_steps', REFERENCE_STEPS)}-step reference)"
         for n in names if "reference" in views[n]) + "."]
     if "precisions" not in first:
         return "\n".join(lines) + "\n"
@@ -295,7 +311,8 @@ VIEWS = ("proxy", "random")
 PARTS = ("quality", "precisions")
 
 
-def measure_view(view: str, part: str, root: Path, out: Path, log: Log = print, compact: Path = COMPACT) -> Path:
+def measure_view(view: str, part: str, root: Path, out: Path, log: Log = print, compact: Path = COMPACT,
+                 config: QualityConfig | None = None, tag: str = "") -> Path:
     """Measure one part (steps to quality or precisions) of one view (the proxy or its random twin) and write
     out/<view>-<part>.json; returns its path. Views and parts are separate processes (one thread each) so that
     they can run side by side on a shared machine."""
@@ -310,12 +327,14 @@ def measure_view(view: str, part: str, root: Path, out: Path, log: Log = print, 
                               "date": info["date"], "threads": torch.get_num_threads(), "seed": SEED,
                               "images": IMAGES, "prompt": prompt.path.name}
     if part == "quality":
-        result["quality"], result["reference"] = quality_rows(directory, prompt, log)
+        config = config or QualityConfig()
+        result["quality"], result["reference"] = quality_rows(directory, prompt, log, config.cells(),
+                                                              config.reference_steps)
     else:
         result["precisions"] = precision_rows(directory, prompt, log)
     result["wall_seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{view}-{part}.json"
+    path = out / f"{view}-{part}{tag}.json"
     write_atomic(path, json.dumps(result, indent=1) + "\n")
     return path
 
@@ -325,9 +344,13 @@ def load_views(out: Path) -> dict[str, dict[str, Any]]:
     views: dict[str, dict[str, Any]] = {}
     for view in VIEWS:
         for part in PARTS:
-            path = out / f"{view}-{part}.json"
-            if path.exists():
-                views.setdefault(view, {}).update(json.loads(path.read_text()))
+            for path in sorted(out.glob(f"{view}-{part}*.json")):
+                doc = json.loads(path.read_text())
+                merged = views.setdefault(view, {})
+                rows = merged.get("quality", []) + doc.get("quality", [])
+                merged.update(doc)
+                if rows:
+                    merged["quality"] = rows
     return views
 
 
@@ -342,13 +365,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/proxy"), help="results directory")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--compact", type=Path, default=COMPACT, help="the proxy's compact checkpoint")
+    parser.add_argument("--methods", help="quality part: comma-separated methods (default steps_to_quality's)")
+    parser.add_argument("--step-counts", help="quality part: comma-separated step counts")
+    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS, help="quality part: steps of "
+                        "the converged reference")
+    parser.add_argument("--tag", default="", help="suffix of the result file (parts measured in pieces)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    defaults = QualityConfig()
+    config = QualityConfig(
+        methods=tuple(args.methods.split(",")) if args.methods else defaults.methods,
+        step_counts=tuple(int(k) for k in args.step_counts.split(",")) if args.step_counts else defaults.step_counts,
+        reference_steps=args.reference_steps,
+        extra_cells=defaults.extra_cells if not args.methods else ())
     if not args.table:
         for view in args.view or VIEWS:
             for part in args.part or PARTS:
                 measure_view(view, part, args.root, args.out, log=lambda m: print(m, flush=True),
-                             compact=args.compact)
+                             compact=args.compact, config=config, tag=args.tag)
     text = markdown(load_views(args.out))
     write_atomic(args.out / "tables.md", text)
     print(text)

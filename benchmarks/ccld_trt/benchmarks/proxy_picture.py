@@ -20,8 +20,8 @@ from ccld_trt.export.models import ModelFiles
 from ccld_trt.pipeline import Request, conditions, sample_latents
 from ccld_trt.runner import BackendOptions, ModelSource, open_session
 
-METHOD, STEPS = "dpmpp-3m", 25
-COLUMNS = 6
+METHOD, STEPS = "dpmpp-3m", 20
+COLUMNS = 5
 ZOOM = 3
 LABEL_WIDTH = 150
 

@@ -50,7 +50,7 @@ class Recipe:
     channel_multipliers: tuple[int, ...] = (1, 1, 1, 1)
     mod_rank: int = 8
     seed: int = 0
-    steps: int = 500
+    steps: int = 200
     batch: int = 16
     lr: float = 3e-4
     warmup: int = 50
@@ -59,7 +59,7 @@ class Recipe:
     cond_dropout: float = 0.2  # fraction of training examples with the all-zero (unconditional) embedding
     n_train: int = 4096
     n_held_out: int = 256
-    threads: int = 1
+    threads: int = 2
     demo_seed: int = 0  # the demo CLOOB whose image tower encodes the conditioning, and the frozen mapping network
 
 

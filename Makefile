@@ -17,6 +17,8 @@ $(BIN)/ccld-trt: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	# tensorrt-rtx: real engines are built ahead of time, here and in CI, without a GPU
 	$(BIN)/pip install -q -e '.[dev,serve,tensorrt-rtx,cluster,openvino]'
+	# a test oracle (tests/test_solver_peers.py): only its sampling.py is loaded; its dependencies would pull torchvision
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1
 	touch $@
 
 install: $(BIN)/ccld-trt

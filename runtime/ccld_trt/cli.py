@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="plms", choices=METHODS, help="sampler (default plms)")
     p.add_argument("--fast", action="store_true",
                    help=f"the fast preset: --method {FAST_METHOD} --steps {FAST_STEPS} ({FAST_STEPS} U-Net evaluations "
-                   "instead of plms/50's 59; overrides --method and --steps; docs/solvers.md)")
+                   "instead of plms/50's 59; overrides --method and --steps). Measured on closed-form "
+                   "mixture-of-Gaussians oracles, not a trained model: 37.6-49.9 dB latent PSNR against the exact "
+                   "ODE endpoint over nine mixtures (docs/solvers.md)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
     p.add_argument("--init", metavar="IMAGE", help="image-to-image: start from this image (resized and "
                    "centre-cropped to the output size) instead of pure noise")

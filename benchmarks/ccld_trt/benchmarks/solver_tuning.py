@@ -1,0 +1,98 @@
+"""How schedule.SOLVER_SETTINGS was chosen: every candidate setting (spacing family, stop before the final jump,
+UniPC order, final jump) of each log-SNR method at each step count, scored on the mixture-of-Gaussians oracles of
+solver_oracle.TUNING_CASES only; per step count the best mean dB wins. HELD_OUT_CASES never enter here.
+
+``python -m ccld_trt.benchmarks.solver_tuning OUT.json`` reruns the search (~20 minutes on a busy 2-core CPU) and
+prints the table to paste into schedule.py; benchmarks/results/amd-epyc-2c/solver-tuning-*.json is the committed
+search, and tests/test_solvers.py checks that the table is its choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ccld_trt.benchmarks.solver_oracle import TUNING_CASES, MixtureCase, converged_endpoint, mixture_model, psnr
+from ccld_trt.samplers import dpmpp_sample, unipc_sample
+from ccld_trt.schedule import SolverSetting, log_snr_timesteps
+
+TUNE_STEPS = (5, 6, 7, 8, 9, 10, 12, 15, 20, 30, 50)
+FAMILIES = ("log-snr", "poly-1.5", "poly-2")
+STOPS = tuple(3.0 + 0.5 * k for k in range(15))  # log-SNR 3 .. 10
+VARIANTS: dict[str, tuple[tuple[int, int], ...]] = {  # method -> (order, final) pairs tried
+    "dpmpp-2m": ((2, 1), (2, 3)),
+    "dpmpp-3m": ((3, 1), (3, 3)),
+    "unipc": ((2, 1), (2, 3), (3, 1), (3, 3)),
+}
+
+
+def candidates(method: str) -> Iterator[SolverSetting]:
+    for (order, final), family, stop in itertools.product(VARIANTS[method], FAMILIES, STOPS):
+        yield SolverSetting(family, stop, order, final)
+
+
+def run_setting(model, x: torch.Tensor, method: str, setting: SolverSetting, steps: int) -> torch.Tensor:
+    """``method`` with ``setting`` (not the table's) over ``steps`` float64 steps from x."""
+    t = log_snr_timesteps(steps, setting.final_log_snr, family=setting.family).double()
+    if method == "unipc":
+        return unipc_sample(model, x.double(), t, setting.order, final=setting.final)
+    return dpmpp_sample(model, x.double(), t, setting.order, final=setting.final)
+
+
+def key(method: str, setting: SolverSetting, steps: int) -> str:
+    return f"{method}|{setting.family}|{setting.final_log_snr:g}|{setting.order}|{setting.final}|{steps}"
+
+
+def score_all(cases: tuple[MixtureCase, ...] = TUNING_CASES,
+              step_counts: tuple[int, ...] = TUNE_STEPS) -> dict[str, list[float]]:
+    """dB per case of every candidate of every method at every step count."""
+    oracles = []
+    for case in cases:
+        model, x = mixture_model(case.mixture()), case.noise()
+        oracles.append((model, x, converged_endpoint(model, x)))
+    return {key(method, setting, n): [psnr(run_setting(model, x, method, setting, n), ref)
+                                      for model, x, ref in oracles]
+            for method in VARIANTS for setting in candidates(method) for n in step_counts}
+
+
+def choose(scores: dict[str, list[float]],
+           step_counts: tuple[int, ...] = TUNE_STEPS) -> dict[str, tuple[tuple[int, SolverSetting], ...]]:
+    """Per method and step count the candidate with the best mean dB; rows from the step count on (the first from
+    1 step), consecutive equal settings merged: schedule.SOLVER_SETTINGS' shape."""
+    table = {}
+    for method in VARIANTS:
+        rows: list[tuple[int, SolverSetting]] = []
+        for i, n in enumerate(step_counts):
+            best = max(candidates(method), key=lambda s: statistics.mean(scores[key(method, s, n)]))
+            if not rows or rows[-1][1] != best:
+                rows.append((1 if i == 0 else n, best))
+        table[method] = tuple(rows)
+    return table
+
+
+def load_scores(path: Path) -> dict[str, list[float]]:
+    """The scores of a saved search (``main``'s JSON)."""
+    return json.loads(path.read_text())["scores"]
+
+
+def main(out: str) -> None:
+    from ccld_trt.benchmarks.machine import machine_info
+
+    torch.set_num_threads(1)
+    info = machine_info("cpu")
+    scores = {k: [round(db, 3) for db in v] for k, v in score_all().items()}
+    Path(out).write_text(json.dumps({"machine": f"{info['cpu_model']}, {info['cores']} cores", "date": info["date"],
+                                     "cases": [c.name for c in TUNING_CASES], "key": "method|family|stop|order|final"
+                                     "|steps", "scores": scores}, separators=(",", ":")) + "\n")
+    for method, rows in choose(scores).items():
+        print(f"{method!r}: {rows!r},")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

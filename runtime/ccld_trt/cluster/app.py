@@ -314,11 +314,11 @@ def shutdown(budget_s: float = SHUTDOWN_S) -> None:
 def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec, address: str | None,
                 host: str, port: int, say: Callable[[str], None] = print, listen: bool = False,
                 insecure: bool = False, key_file: str | Path | None = None, trusted: Sequence[str] = (),
-                keep_ray_logs: bool = False) -> None:
+                keep_ray_logs: bool = False) -> str:
     """``ccld-trt cluster``: check the host rule (access.check_exposure), start or join Ray, deploy, say the URL,
     serve until SIGINT or SIGTERM (taking ``key_file``'s keys again whenever it changes), then clean up within
     SHUTDOWN_S, whatever signal dispositions the process inherited (stopping.StopSignals; a signal during the
-    start abandons it). Call it from the main thread."""
+    start abandons it). Returns the name of the signal that stopped it. Call it from the main thread."""
     warning = check_exposure(host, listen, spec.access.keys, insecure)
     if warning:
         say(warning)
@@ -335,7 +335,7 @@ def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec,
         except KeyboardInterrupt:
             if not stop.requested:
                 raise
-            return  # start_ray cleaned up what it had started
+            return stop.signal_name or "a stop request"  # start_ray cleaned up what it had started
         stop.reclaim()  # from Ray's driver, which took SIGTERM
         try:
             with stop.interrupting():
@@ -347,6 +347,7 @@ def run_cluster(options: BackendOptions, models: ModelSource, spec: ClusterSpec,
         finally:
             shutdown()
         say("ccld-trt cluster: stopped")
+        return stop.signal_name or "a stop request"
 
 
 def serve_until_stopped(deployed: Deployed, stop: StopSignals, say: Callable[[str], None], start: float,

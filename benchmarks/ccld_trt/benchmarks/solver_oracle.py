@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ccld_trt.samplers import FAST_METHODS, ModelFn, dpmpp_sample, evaluations, sample
+from ccld_trt.samplers import FAST_METHODS, ModelFn, dpmpp_sample, evaluations, sample, unipc_sample
 from ccld_trt.schedule import (
     log_snr_timesteps,
     log_snr_to_t,
@@ -188,13 +188,23 @@ def oracle_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _round_1(model: ModelFn, x: torch.Tensor, method: str, timesteps: torch.Tensor) -> torch.Tensor:
+    t = timesteps.double()
+    if method == "unipc":
+        return unipc_sample(model, x.double(), t, 2)
+    if method.startswith("dpmpp-"):
+        return dpmpp_sample(model, x.double(), t, int(method[-2]))
+    return run(model, x, method, timesteps)
+
+
 SPACINGS = ("original", 4.0, 5.0, 6.0, 7.0, 8.0)  # the original's timesteps, or log-SNR-uniform down to this
 
 
 def spacing_table(mixture: Mixture | None = None, x: torch.Tensor | None = None,
                   step_counts: tuple[int, ...] = STEP_COUNTS) -> str:
-    """Markdown: latent PSNR (dB) of each fast method per spacing (rows) and step count (columns): the measurement
-    behind schedule.method_timesteps."""
+    """Markdown: latent PSNR (dB) of each fast method per spacing (rows) and step count (columns), round 1's
+    measurement (issue 24): UniPC of order 2 and every jump to t = 0 first order, as then. Round 2's settings per
+    step count come from solver_tuning."""
     mixture = mixture or make_mixture()
     x = start_noise() if x is None else x
     model = mixture_model(mixture)
@@ -204,7 +214,7 @@ def spacing_table(mixture: Mixture | None = None, x: torch.Tensor | None = None,
     for method in FAST_METHODS:
         for spacing in SPACINGS:
             name = "original (time-uniform)" if spacing == "original" else f"log-SNR uniform to {spacing:g}"
-            cells = [psnr(run(model, x, method, sampling_timesteps(k) if spacing == "original"
-                              else log_snr_timesteps(k, float(spacing))), reference) for k in step_counts]
+            cells = [psnr(_round_1(model, x, method, sampling_timesteps(k) if spacing == "original"
+                                   else log_snr_timesteps(k, float(spacing))), reference) for k in step_counts]
             lines.append(f"| {method} | {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -50,16 +50,16 @@ class Recipe:
     channel_multipliers: tuple[int, ...] = (1, 1, 1, 1)
     mod_rank: int = 8
     seed: int = 0
-    steps: int = 200
+    steps: int = 80
     batch: int = 16
     lr: float = 3e-4
-    warmup: int = 50
+    warmup: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     cond_dropout: float = 0.2  # fraction of training examples with the all-zero (unconditional) embedding
-    n_train: int = 4096
-    n_held_out: int = 256
-    threads: int = 2
+    n_train: int = 1024
+    n_held_out: int = 64
+    threads: int = 1
     demo_seed: int = 0  # the demo CLOOB whose image tower encodes the conditioning, and the frozen mapping network
 
 
@@ -187,7 +187,7 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
         opt.step()
         row = {"step": step + 1, "train_loss": float(loss.detach()), "held_out_loss": math.nan,
                "seconds": time.perf_counter() - started}
-        if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
+        if (step + 1) % 40 == 0 or step + 1 == recipe.steps:
             model.eval()
             row["held_out_loss"] = held_out_loss(model, held, held_embeds, recipe.seed)
             model.train()

@@ -140,7 +140,7 @@ def test_changed_checkpoint_is_exported_again_and_says_so(seed3_dir: Path, tmp_p
 
 
 def test_converted_copy_is_used_while_it_matches_and_never_when_the_source_changed(
-        seed3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        seed3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     models = _copy_models(seed3_dir, tmp_path / "models")
     build = tmp_path / "build"
     monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
@@ -171,8 +171,11 @@ def test_converted_copy_is_used_while_it_matches_and_never_when_the_source_chang
     torch.save(state, models / "model_student.ckpt")
     old_copy = copy_path(models / "model_student.ckpt", "0" * 64)  # the name shape; the digest differs
     assert old_copy.parent == build / WEIGHTS_DIR
+    capsys.readouterr()
     changed = load_networks(ModelFiles.resolve(models))
     assert float(changed.unet.autoencoder_scale) == 7.0
+    err = capsys.readouterr().err
+    assert "model_student.ckpt changed since it was last converted" in err and "ae_model" not in err, err
     digest = source_sha256(models / "model_student.ckpt")
     assert copy_path(models / "model_student.ckpt", digest).is_file()
 

@@ -11,6 +11,7 @@ the copies, so an unchanged start hashes nothing; a file rewritten in place keep
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -28,6 +29,8 @@ from ccld_trt.export.checkpoints import (
     require_file,
     safetensors_source,
 )
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = "weights"
 DIGESTS = "digests.json"
@@ -81,6 +84,7 @@ def converted(source: Path, what: str, convert: Callable[[], Mapping[str, torch.
     (which reads the source itself, with its own one-line errors) and a copy written for the next start (when the
     build directory is writable). ``what`` names the file in messages."""
     source = require_file(source, what)
+    known = _read_digests(weights_dir(build_dir)).get(str(source.resolve()), {}).get("sha256")
     digest = source_sha256(source, build_dir)
     copy = copy_path(source, digest, build_dir)
     if matches(copy, digest):
@@ -93,7 +97,11 @@ def converted(source: Path, what: str, convert: Callable[[], Mapping[str, torch.
         # safetensors refuses tensors that share memory (tied or sliced weights): give those their own
         unique = _unshared(state)
         write_atomic(copy, save(unique, metadata={"source": source.name, "source_sha256": digest}))
-        print(f"converted {source.name} to {copy} (safetensors, read by mapping from now on)", file=sys.stderr)
+        message = f"converted {source} to {copy} (safetensors, read by mapping from now on)"
+        if known and known != digest:  # said, not only logged: a model file changed under this build directory
+            print(f"{what} {source} changed since it was last converted: {message}", file=sys.stderr)
+        else:
+            log.info(message)
     except OSError:  # a read-only build directory: converted again next time
         pass
     return state

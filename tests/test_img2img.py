@@ -131,7 +131,9 @@ def test_every_sampler_batches_in_the_original_seed_order(method: str, torch_bac
         assert len(calls) == request.evaluations
         assert 1 < len(request.timesteps()) < 5
     assert torch.isfinite(outs[0]).all()
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    # float32 GEMMs sum in a batch-size-dependent order on some CPUs (up to 4e-5 per element seen on a Zen 4),
+    # so compare the whole tensor: a wrong seed order or noise draw is off by order 1, not 1e-5
+    assert float((outs[1] - outs[0]).norm() / outs[0].norm()) <= 1e-5
 
 
 def test_strength_one_is_exactly_text_to_image(torch_backend: TorchBackend) -> None:

@@ -26,14 +26,14 @@ ZOOM = 3
 LABEL_WIDTH = 150
 
 
-def samples(models: Path, prompts: torch.Tensor, seed: int) -> torch.Tensor:
+def samples(models: Path, prompts: torch.Tensor, seed: int, weight: float = PROMPT_WEIGHT) -> torch.Tensor:
     """One sample per prompt pixels [N, 3, 64, 64] (seed + i for the i-th) -> latents [N, 4, 32, 32]."""
     session = open_session(BackendOptions("torch", "cpu", "fp32").resolved(), ModelSource(ModelFiles.resolve(models)))
     outs = []
     for i, pixels in enumerate(prompts):
-        request = Request(prompts=[], image_prompts=[(Path("crop"), PROMPT_WEIGHT)], seed=seed + i, steps=STEPS,
+        request = Request(prompts=[], image_prompts=[(Path("crop"), weight)], seed=seed + i, steps=STEPS,
                           method=METHOD)
-        conds, weights = conditions(session.backend, request, [(pixels[None], PROMPT_WEIGHT)])
+        conds, weights = conditions(session.backend, request, [(pixels[None], weight)])
         outs.append(sample_latents(session.backend, request, conds, weights).float().cpu())
     return torch.cat(outs)
 
@@ -42,7 +42,7 @@ def _row(rgb: torch.Tensor) -> Image.Image:
     """[N, 3, h, w] in [0, 1] -> one strip, each image zoomed ZOOM times (nearest) with a 4-pixel gap."""
     tiles = [Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for img in rgb]
     size = tiles[0].width * ZOOM
-    strip = Image.new("RGB", (len(tiles) * (size + 4), size + 4), "white")
+    strip = Image.new("RGB", (len(tiles) * (size + 4), size + 4), (160, 160, 160))
     for i, tile in enumerate(tiles):
         strip.paste(tile.resize((size, size), Image.Resampling.NEAREST), (i * (size + 4), 2))
     return strip
@@ -53,8 +53,9 @@ def picture(root: Path, out: Path, seed: int = 0) -> Path:
     twin = random_twin(models, root)
     crops = random_crops(load_photos(photo_paths())[-HELD_OUT:], COLUMNS, seed + 100)
     rows = [("held-out crops (prompts)", latent_to_rgb(crops.latents)),
-            ("proxy samples", latent_to_rgb(samples(models, crops.prompts, seed))),
-            ("random-weight samples", latent_to_rgb(samples(twin, crops.prompts, seed)))]
+            (f"proxy, weight {PROMPT_WEIGHT:g}", latent_to_rgb(samples(models, crops.prompts, seed))),
+            ("proxy, weight 1", latent_to_rgb(samples(models, crops.prompts, seed, 1.0))),
+            (f"random, weight {PROMPT_WEIGHT:g}", latent_to_rgb(samples(twin, crops.prompts, seed)))]
     strips = [_row(rgb) for _, rgb in rows]
     sheet = Image.new("RGB", (LABEL_WIDTH + strips[0].width, sum(s.height for s in strips)), "white")
     draw = ImageDraw.Draw(sheet)

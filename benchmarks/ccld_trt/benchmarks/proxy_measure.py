@@ -216,13 +216,14 @@ def _fp16_emulated(files: ModelFiles) -> tuple[Backend, str]:
     return OnnxRuntimeBackend(emulated, "cpu", "fp32"), note
 
 
-def precision_rows(models: Path, prompt: Prompted, log: Log) -> list[dict[str, Any]]:
+def precision_rows(models: Path, prompt: Prompted, log: Log,
+                   precisions: Sequence[tuple[str, str]] = PRECISIONS) -> list[dict[str, Any]]:
     """Per precision and cell: latent and RGB PSNR and relative error against torch fp32, same noise and
     conditioning (mean and min over the images); a precision that cannot run here gets an ``error``."""
     reference, size, _ = _open(models, "torch", "fp32")
     ref = latents_for(reference, size, prompt, PRECISION_CELLS)
     rows: list[dict[str, Any]] = []
-    for backend_name, precision in PRECISIONS:
+    for backend_name, precision in precisions:
         started = time.perf_counter()
         try:
             backend, size, note = _open(models, backend_name, precision)
@@ -312,7 +313,8 @@ PARTS = ("quality", "precisions")
 
 
 def measure_view(view: str, part: str, root: Path, out: Path, log: Log = print, compact: Path = COMPACT,
-                 config: QualityConfig | None = None, tag: str = "") -> Path:
+                 config: QualityConfig | None = None, tag: str = "",
+                 precisions: Sequence[tuple[str, str]] = PRECISIONS) -> Path:
     """Measure one part (steps to quality or precisions) of one view (the proxy or its random twin) and write
     out/<view>-<part>.json; returns its path. Views and parts are separate processes (one thread each) so that
     they can run side by side on a shared machine."""
@@ -331,7 +333,7 @@ def measure_view(view: str, part: str, root: Path, out: Path, log: Log = print, 
         result["quality"], result["reference"] = quality_rows(directory, prompt, log, config.cells(),
                                                               config.reference_steps)
     else:
-        result["precisions"] = precision_rows(directory, prompt, log)
+        result["precisions"] = precision_rows(directory, prompt, log, precisions)
     result["wall_seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{view}-{part}{tag}.json"
@@ -347,10 +349,9 @@ def load_views(out: Path) -> dict[str, dict[str, Any]]:
             for path in sorted(out.glob(f"{view}-{part}*.json")):
                 doc = json.loads(path.read_text())
                 merged = views.setdefault(view, {})
-                rows = merged.get("quality", []) + doc.get("quality", [])
+                rows = {key: merged.get(key, []) + doc.get(key, []) for key in PARTS}
                 merged.update(doc)
-                if rows:
-                    merged["quality"] = rows
+                merged.update({key: value for key, value in rows.items() if value})
     return views
 
 
@@ -369,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-counts", help="quality part: comma-separated step counts")
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS, help="quality part: steps of "
                         "the converged reference")
+    parser.add_argument("--precisions", help="precisions part: comma-separated backend:precision (default "
+                        + ",".join(f"{b}:{p}" for b, p in PRECISIONS) + ")")
     parser.add_argument("--tag", default="", help="suffix of the result file (parts measured in pieces)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -382,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         for view in args.view or VIEWS:
             for part in args.part or PARTS:
                 measure_view(view, part, args.root, args.out, log=lambda m: print(m, flush=True),
-                             compact=args.compact, config=config, tag=args.tag)
+                             compact=args.compact, config=config, tag=args.tag,
+                             precisions=[tuple(v.split(":", 1)) for v in args.precisions.split(",")]  # type: ignore[misc]
+                             if args.precisions else PRECISIONS)
     text = markdown(load_views(args.out))
     write_atomic(args.out / "tables.md", text)
     print(text)

@@ -79,6 +79,7 @@ def test_held_out_loss_is_below_half_the_untrained_copys(proxy_dir: Path) -> Non
     assert loss <= LEARNED_RATIO * initial, (loss, initial)
 
 
+@pytest.mark.slow  # ~120 U-Net evaluations: ~45 s on an idle 2-core CPU
 def test_fast_presets_against_the_converged_endpoint(proxy_dir: Path) -> None:
     """The fast preset and the proposed one against the converged endpoint from the same noise, one image."""
     session = open_session(BackendOptions("torch", "cpu", "fp32").resolved(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from ccld_trt.export.checkpoints import (
     require_file,
     safetensors_source,
 )
+from ccld_trt.export.onnx_files import build_root
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ DIGESTS = "digests.json"
 
 
 def weights_dir(build_dir: Path | None = None) -> Path:
-    """``<build>/weights``: ``build_dir``, else $CCLD_TRT_BUILD, else ./build."""
-    return Path(build_dir or os.environ.get("CCLD_TRT_BUILD") or "build") / WEIGHTS_DIR
+    """``<build>/weights`` (onnx_files.build_root: ``build_dir``, else $CCLD_TRT_BUILD, else ./build)."""
+    return build_root(build_dir) / WEIGHTS_DIR
 
 
 def _read_digests(directory: Path) -> dict[str, dict[str, Any]]:

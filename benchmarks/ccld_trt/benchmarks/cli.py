@@ -55,7 +55,8 @@ def _cmd_solvers(args: argparse.Namespace) -> None:
 
 def _cmd_cold_start(args: argparse.Namespace) -> None:
     """--cold-start: whole processes' time to the first image per backend, and the servers' start-up."""
-    from ccld_trt.benchmarks.cold_start import ColdConfig, run_cold_start
+    from ccld_trt.benchmarks.cold_start import ColdConfig
+    from ccld_trt.benchmarks.cold_start_report import run_cold_start
     from ccld_trt.benchmarks.plan import BenchConfig
     from ccld_trt.benchmarks.sessions import bench_model_files
 

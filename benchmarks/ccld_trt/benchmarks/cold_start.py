@@ -25,7 +25,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -400,19 +399,3 @@ def _measure_servers(config: ColdConfig, models: Path, root: Path, live: Sequenc
         results.servers.append({"command": command, "variant": variant.label, "url_path": url.split(str(port))[1],
                                 "seconds": seconds, "load_avg_1m": os.getloadavg()[0]})
 
-
-def run_cold_start(config: ColdConfig, models: Path, output: Path, weights: dict[str, Any],
-                   log: Callable[[str], None] = print, root: Path | None = None) -> tuple[dict[str, Any],
-                                                                                        list[Path]]:
-    """Measure (artefacts in ``root``, default a temporary directory removed afterwards), then write the report
-    under ``output``/<machine>/; returns the document and the paths written."""
-    from ccld_trt.benchmarks.cold_start_report import document, write_results
-    from ccld_trt.benchmarks.machine import machine_info, machine_slug
-
-    load_before = os.getloadavg()
-    started = time.time()
-    with tempfile.TemporaryDirectory(prefix="ccld-trt-cold-") as tmp:
-        results = measure(config, models, root or Path(tmp), log)
-    info = machine_info("cpu")
-    doc = document(results, config, info, weights, load_before, os.getloadavg(), time.time() - started)
-    return doc, write_results(doc, output / machine_slug(info))

@@ -1,5 +1,6 @@
 """The cold-start report (``bench --cold-start``): one JSON document and its Markdown, written as
-cold-start-<UTC time>.{json,md} under benchmarks/results/<machine>/ (never overwritten).
+cold-start-<UTC time>.{json,md} under benchmarks/results/<machine>/ (never overwritten); ``run_cold_start``
+measures (``cold_start.measure``) and writes it.
 
 JSON layout::
 
@@ -19,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ccld_trt.benchmarks.cold_start import STAGE_NAMES, ColdConfig, ColdResults, median_stages
+from ccld_trt.benchmarks.cold_start import STAGE_NAMES, ColdConfig, ColdResults, measure, median_stages
 from ccld_trt.export.atomic import write_atomic
 
 
@@ -187,3 +191,19 @@ def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def run_cold_start(config: ColdConfig, models: Path, output: Path, weights: dict[str, Any],
+                   log: Callable[[str], None] = print, root: Path | None = None) -> tuple[dict[str, Any],
+                                                                                        list[Path]]:
+    """Measure (artefacts in ``root``, default a temporary directory removed afterwards), then write the report
+    under ``output``/<machine>/; returns the document and the paths written."""
+    from ccld_trt.benchmarks.machine import machine_info, machine_slug
+
+    load_before = os.getloadavg()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="ccld-trt-cold-") as tmp:
+        results = measure(config, models, root or Path(tmp), log)
+    info = machine_info("cpu")
+    doc = document(results, config, info, weights, load_before, os.getloadavg(), time.time() - started)
+    return doc, write_results(doc, output / machine_slug(info))

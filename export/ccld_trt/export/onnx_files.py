@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from ccld_trt.export.build_dir import build_root
 from ccld_trt.export.models import ModelFiles
 
 
 def onnx_path(out_dir: Path, graph: str, precision: str = "fp32") -> Path:
     """``<out>/<graph>.onnx`` (fp32) or ``<out>/<graph>.fp16.onnx``."""
     return Path(out_dir) / (f"{graph}.fp16.onnx" if precision == "fp16" else f"{graph}.onnx")
-
-
-def build_root(build_dir: Path | None = None) -> Path:
-    """Where derived artefacts go: ``build_dir``, else $CCLD_TRT_BUILD, else ./build."""
-    return Path(build_dir or os.environ.get("CCLD_TRT_BUILD") or "build")
 
 
 def default_onnx_dir(files: ModelFiles, build_dir: Path | None = None) -> Path:

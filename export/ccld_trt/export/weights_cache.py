@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ccld_trt.export.atomic import write_atomic
+from ccld_trt.export.build_dir import build_root
 from ccld_trt.export.checkpoints import (
     SAFETENSORS_SUFFIX,
     cached_sha256,
@@ -28,7 +29,6 @@ from ccld_trt.export.checkpoints import (
     require_file,
     safetensors_source,
 )
-from ccld_trt.export.onnx_files import build_root
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ DIGESTS = "digests.json"
 
 
 def weights_dir(build_dir: Path | None = None) -> Path:
-    """``<build>/weights`` (onnx_files.build_root: ``build_dir``, else $CCLD_TRT_BUILD, else ./build)."""
+    """``<build>/weights`` (build_dir.build_root: ``build_dir``, else $CCLD_TRT_BUILD, else ./build)."""
     return build_root(build_dir) / WEIGHTS_DIR
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+
+from launch import ignoring
 
 SERVER_START_S = 120  # importing torch and gradio, then loading the models, on a busy 2-core CI machine
 JOB_S = 120
@@ -88,16 +89,10 @@ def start_server(models: Path, root: Path, ignore: Iterable[int] | None = None) 
     temp_dir.mkdir()
     env = {**os.environ, "GRADIO_TEMP_DIR": str(root / "gradio-cache"), "PYTHONUNBUFFERED": "1",
            "TMPDIR": str(temp_dir)}
-    ignored = tuple(ignore or ())
-
-    def inherit() -> None:
-        for signum in ignored:
-            signal.signal(signum, signal.SIG_IGN)
-
+    command = [sys.executable, "-m", "ccld_trt", "serve", "--models", str(models), "--port", str(port)]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ccld_trt", "serve", "--models", str(models), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=inherit if ignored else None)
+        process = subprocess.Popen(ignoring(ignore, command) if ignore else command,
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}/", process, log_path, temp_dir)
     try:
         wait_for(lambda: process.poll() is not None or (answers(server.url) and "models ready" in server.log()),

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from launch import ignoring
+
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
@@ -63,14 +65,11 @@ def test_cluster_stops_on_a_signal_with_its_ray_processes(stop: str, seed3_dir: 
     port = free_port()
     log_path = tmp_path / "cluster.log"
 
-    def inherit() -> None:
-        for ignored in inherited:
-            signal.signal(ignored, signal.SIG_IGN)
-
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ccld_trt", "cluster", "--models", str(seed3_dir), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=inherit)
+            ignoring(inherited, [sys.executable, "-m", "ccld_trt", "cluster", "--models", str(seed3_dir),
+                                 "--port", str(port)]),
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     tree: list[int] = []
     try:
         deadline = time.monotonic() + START_S

@@ -116,7 +116,7 @@ def test_pipeline_equals_the_cli(pipe, seed3_dir: Path, images: dict[str, Path],
 
 
 def test_fast_is_the_cli_fast_preset(pipe, seed3_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+    from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
 
     assert cli_run(["sample", "a cat", "--fast", "--seed", "5", "--models", str(seed3_dir), "--output-dir",
                     str(tmp_path / "png"), "--save-latents", str(tmp_path / "latents.npy")]) == 0

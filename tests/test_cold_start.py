@@ -250,3 +250,14 @@ def test_import_ccld_trt_is_cheap() -> None:
                           capture_output=True, text=True, timeout=120)
     modules = set(eval(done.stdout))  # a printed list of str
     assert not {"torch", "numpy", "onnx", "openvino", "onnxruntime"} & modules
+
+
+def test_a_bad_flag_is_answered_before_torch_is_imported() -> None:
+    """The parser (every command's, the bench's included) is built from names only: ``--help`` and a mistyped flag
+    get their answer in a fraction of a second, not after torch's ~1 s import."""
+    probe = _PROBE.replace("MODULES ", "MODULES-AT-EXIT ")
+    done = subprocess.run([sys.executable, "-c", probe, "sample", "a lighthouse", "--no-such-flag"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unrecognized arguments: --no-such-flag" in done.stderr
+    line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES-AT-EXIT "))
+    assert not {"torch", "numpy", "onnxruntime", "openvino"} & set(json.loads(line.split(" ", 1)[1]))

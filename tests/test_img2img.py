@@ -31,7 +31,7 @@ from ccld_trt.pipeline import (
     generate,
     sample_latents,
 )
-from ccld_trt.samplers import METHODS
+from ccld_trt.sampler_names import METHODS
 from ccld_trt.schedule import method_timesteps, sampling_timesteps
 from test_e2e import rel_error  # tests/ is on sys.path under pytest's default import mode
 

@@ -13,7 +13,7 @@ from ccld_trt.export.models import ModelFiles, load_networks
 from ccld_trt.export.unet import DiffusionModel, infer_unet_config
 from ccld_trt.pipeline import sample_latents
 from ccld_trt.runner import BackendOptions, ModelSource, open_session
-from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
 
 # Floors the measurement supports (docs/proxy.md: one image, the 100-step reference this test recomputes; the
 # measured values less ~3 dB for thread-count rounding): the fast preset measured 29.8 dB, far under the 35 dB the

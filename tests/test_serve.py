@@ -208,7 +208,7 @@ def test_page_generates_an_image(server: Server, browser: Any, tmp_path: Path) -
 def test_fast_button_sets_the_fast_preset(server: Server, browser: Any) -> None:
     from playwright.sync_api import expect
 
-    from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+    from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
 
     page = open_page(browser, server, [])
     steps = page.locator("#steps input[type=number]")

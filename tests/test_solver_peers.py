@@ -117,7 +117,7 @@ def test_project_defaults_beat_k_diffusions_best_multistep_setting_on_held_out_m
     from statistics import mean
 
     from ccld_trt.benchmarks.solver_oracle import run
-    from ccld_trt.samplers import FAST_METHODS
+    from ccld_trt.sampler_names import FAST_METHODS
     from ccld_trt.schedule import method_timesteps
 
     _k_diffusion()

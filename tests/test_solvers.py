@@ -20,18 +20,8 @@ from ccld_trt.benchmarks.solver_oracle import (
     run,
     start_noise,
 )
-from ccld_trt.samplers import (
-    FAST_METHOD,
-    FAST_METHODS,
-    FAST_STEPS,
-    METHODS,
-    ddim_sample,
-    dpmpp_sample,
-    evaluations,
-    final_prediction,
-    sample,
-    unipc_sample,
-)
+from ccld_trt.sampler_names import FAST_METHOD, FAST_METHODS, FAST_STEPS, METHODS
+from ccld_trt.samplers import ddim_sample, dpmpp_sample, evaluations, final_prediction, sample, unipc_sample
 from ccld_trt.schedule import (
     SOLVER_SETTINGS,
     log_snr_timesteps,

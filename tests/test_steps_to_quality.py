@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ccld_trt.benchmarks.steps_to_quality import QualityConfig, markdown, measure, write_results
-from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
 
 
 @pytest.fixture(autouse=True, scope="module")

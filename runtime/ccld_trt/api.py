@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 
 from ccld_trt import jobs
+from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 from ccld_trt.export.errors import UserError
 from ccld_trt.jobs import ImagePromptInput, ImageSource, Job, PromptInput
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request
-from ccld_trt.runner import DEFAULT_ENGINE_DIR, BackendOptions, ModelSource, Session, open_session
-from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
+from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
 
 if TYPE_CHECKING:
     from typing import Unpack

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ccld_trt.cpu_features import default_cpu_precision, precision_problem
-from ccld_trt.engines.engine import require_tensorrt
-from ccld_trt.engines.flavor import installed_flavors
-from ccld_trt.engines.sidecar import GPU_KINDS
+from ccld_trt.engines.flavor import GPU_KINDS, installed_flavors, require_tensorrt
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 
@@ -47,7 +43,7 @@ def check_cpu_precision(backend: str, precision: str, device: str = "cpu") -> st
     cpu_features: bf16 dot products for bf16, VNNI for int8): then UserError in one line. Emulated, such a
     precision is no faster than fp32 but many times slower (torch's bf16 U-Net on an AVX2-only CPU), or quietly
     fp32 (OpenVINO's bf16 hint), so an explicit choice is refused rather than run."""
-    if torch.device(device).type == "cpu":
+    if device.strip().lower().split(":")[0] == "cpu":
         problem = precision_problem(f"{backend} {precision}", precision, instead=("fp32", "bf16"))
         if problem:
             raise UserError(problem)
@@ -65,6 +61,8 @@ def require_openvino() -> Any:
 
 def cuda_unavailable_reason() -> str:
     """Why torch sees no CUDA GPU, in words (meant for when torch.cuda.is_available() is False)."""
+    import torch
+
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no NVIDIA GPU or driver"
@@ -73,6 +71,8 @@ def cuda_unavailable_reason() -> str:
 def resolve_backend(name: str, device: str) -> tuple[str, str]:
     """(backend, device) normalised ("TensorRT", "CUDA:0" -> "tensorrt", "cuda:0") once the combination can run
     here; UserError otherwise. Devices: cpu, cuda, cuda:N."""
+    import torch  # here, not at the top: the CLI's parser reads this module's names without waiting for torch
+
     backend = name.strip().lower()
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -65,7 +65,7 @@ def add_backend_args(p: argparse.ArgumentParser, *, variants: bool = False) -> N
     """The flags that say how the networks run (read back by ``backend_options``), shared by every command that
     runs them. ``variants``: the command picks the backends and precisions itself (bench): only --device."""
     from ccld_trt.backend_select import ALL_PRECISIONS, BACKENDS
-    from ccld_trt.runner import DEFAULT_ENGINE_DIR
+    from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 
     g = p.add_argument_group("backend")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")

@@ -16,14 +16,14 @@ from ccld_trt.backends.base import Backend
 from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import load_image_prompt
 from ccld_trt.init_image import encode_init, load_init_image, noised_start
-from ccld_trt.samplers import METHODS, evaluations, needs_step_noise, sample
+from ccld_trt.sampler_names import DEFAULT_STRENGTH, METHODS
+from ccld_trt.samplers import evaluations, needs_step_noise, sample
 from ccld_trt.schedule import method_timesteps, start_timesteps
 from ccld_trt.tokenizer import tokenize
 
 LATENT_CHANNELS = 4
 T = TypeVar("T")
 DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores
-DEFAULT_STRENGTH = 0.9  # image-to-image's starting timestep: the original cfg_sample.py's default
 
 
 class InvalidRequest(UserError):

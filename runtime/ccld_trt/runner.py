@@ -11,12 +11,11 @@ from pathlib import Path
 from ccld_trt import stage_clock
 from ccld_trt.backend_select import check_cpu_precision, check_precision, default_precision, resolve_backend
 from ccld_trt.backends.base import Backend
+from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.models import ModelFiles, Networks, checkpoint_autoencoder_scale, load_networks
 from ccld_trt.limits import unet_shape_problem
-
-DEFAULT_ENGINE_DIR = Path("build/engines")
 
 
 @dataclass(frozen=True)

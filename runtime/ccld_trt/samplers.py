@@ -11,20 +11,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ccld_trt.sampler_names import FAST_METHODS, METHODS
 from ccld_trt.schedule import solver_setting, t_to_alpha_sigma
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int], None]
 
-# The fast ODE solvers: one evaluation per step (DPM-Solver++ and UniPC with a setting per step count:
-# schedule.SOLVER_SETTINGS).
-FAST_METHODS = ("iplms", "dpmpp-2m", "dpmpp-3m", "unipc")
-METHODS = ("ddpm", "ddim", "prk", "plms", "pie", "plms2", *FAST_METHODS)
-# ``--fast``: 7 evaluations. On the mixture-of-Gaussians oracle (docs/solvers.md) unipc/7 gives 37.6-49.9 dB against
-# the converged ODE endpoint over nine mixtures (42.3 mean on the five held out from choosing its setting), the best
-# k-diffusion/diffusers setting at 7 evaluations 36.3 mean there.
-FAST_METHOD = "unipc"
-FAST_STEPS = 7
 
 
 def evaluations(method: str, steps: int) -> int:

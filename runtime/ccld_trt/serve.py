@@ -35,9 +35,9 @@ from ccld_trt.jobs import (  # noqa: F401 (MAX_UPLOAD_PIXELS, check_image_upload
 )
 from ccld_trt.model_loader import ModelLoader as ModelLoader  # re-exported: the page's tests build one
 from ccld_trt.outputs import save_images
-from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, DEFAULT_STRENGTH, InvalidRequest
+from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
-from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, METHODS
+from ccld_trt.sampler_names import DEFAULT_STRENGTH, FAST_METHOD, FAST_STEPS, METHODS
 from ccld_trt.stopping import LAST_RESORT_S, StopSignals, bounded
 
 if TYPE_CHECKING:

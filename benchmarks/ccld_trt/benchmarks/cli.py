@@ -122,7 +122,7 @@ def _runs(value: str) -> tuple[tuple[int, int], ...]:
 
 
 def _backend_list(value: str) -> tuple[str, ...]:
-    from ccld_trt.benchmarks.plan import BACKENDS
+    from ccld_trt.benchmarks.backend_names import BACKENDS
 
     names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
     unknown = [n for n in names if n not in BACKENDS]
@@ -133,7 +133,7 @@ def _backend_list(value: str) -> tuple[str, ...]:
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``bench`` and ``bench compare`` to the main CLI's subcommands ``sub`` (the entry point's target)."""
-    from ccld_trt.benchmarks.plan import BACKENDS
+    from ccld_trt.benchmarks.backend_names import BACKENDS
 
     p = sub.add_parser("bench", help="benchmark every backend and precision that runs here: latency, FLOP/s, "
                                      "memory, correctness against torch fp32")

@@ -10,14 +10,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from ccld_trt.backend_select import BACKENDS as RUNTIME_BACKENDS
 from ccld_trt.backend_select import cuda_unavailable_reason
+from ccld_trt.benchmarks.backend_names import BACKENDS
 from ccld_trt.cpu_features import precision_problem
 from ccld_trt.export.errors import UserError
 from ccld_trt.pipeline import Request
 
-CUDA_GRAPH_BACKEND = "torch-cudagraph"  # torch with CUDA-graph replay, measured as a backend of its own
-BACKENDS = (RUNTIME_BACKENDS[0], CUDA_GRAPH_BACKEND, *RUNTIME_BACKENDS[1:])
 PROFILED_GRAPHS = ("unet_cfg", "decoder")
 GRAPH_BACKENDS = frozenset({"onnxruntime", "openvino", "tensorrt"})  # they run the exported graphs
 # What to try per backend and device type (of what backend_select.PRECISIONS says each runs). A combination that

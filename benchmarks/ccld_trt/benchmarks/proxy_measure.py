@@ -47,7 +47,8 @@ from ccld_trt.export.unet import infer_unet_config, unet_state_shapes
 from ccld_trt.image_prompt import load_image_prompt
 from ccld_trt.pipeline import Request, conditions, draw_noise, sample_latents
 from ccld_trt.runner import BackendOptions, ModelSource, open_session
-from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, sample
+from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
+from ccld_trt.samplers import sample
 from ccld_trt.schedule import log_snr_timesteps
 
 PROXY_DIR = Path(__file__).resolve().parents[2] / "proxy"  # benchmarks/proxy: the committed checkpoint

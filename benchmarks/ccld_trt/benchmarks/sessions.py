@@ -8,7 +8,8 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from ccld_trt.benchmarks.plan import CUDA_GRAPH_BACKEND, BenchConfig, Variant
+from ccld_trt.benchmarks.backend_names import CUDA_GRAPH_BACKEND
+from ccld_trt.benchmarks.plan import BenchConfig, Variant
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.models import ModelFiles, models_dir
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session

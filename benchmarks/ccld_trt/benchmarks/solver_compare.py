@@ -27,7 +27,8 @@ from ccld_trt.benchmarks.solver_oracle import (
     psnr,
 )
 from ccld_trt.benchmarks.solver_peers import best_setting, score_peers
-from ccld_trt.samplers import FAST_METHOD, FAST_METHODS, FAST_STEPS, evaluations, sample
+from ccld_trt.sampler_names import FAST_METHOD, FAST_METHODS, FAST_STEPS
+from ccld_trt.samplers import evaluations, sample
 from ccld_trt.schedule import method_timesteps
 
 COMPARE_STEPS = (5, 7, 10, 15, 20)

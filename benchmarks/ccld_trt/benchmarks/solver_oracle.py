@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ccld_trt.samplers import FAST_METHODS, ModelFn, dpmpp_sample, evaluations, sample, unipc_sample
+from ccld_trt.sampler_names import FAST_METHODS
+from ccld_trt.samplers import ModelFn, dpmpp_sample, evaluations, sample, unipc_sample
 from ccld_trt.schedule import (
     log_snr_timesteps,
     log_snr_to_t,

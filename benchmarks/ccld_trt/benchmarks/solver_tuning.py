@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from ccld_trt.benchmarks.solver_oracle import TUNING_CASES, MixtureCase, converged_endpoint, mixture_model, psnr
-from ccld_trt.samplers import FAST_STEPS, dpmpp_sample, unipc_sample
+from ccld_trt.sampler_names import FAST_STEPS
+from ccld_trt.samplers import dpmpp_sample, unipc_sample
 from ccld_trt.schedule import SolverSetting, log_snr_timesteps
 
 TUNE_STEPS = (5, 6, 7, 8, 9, 10, 12, 15, 20, 30, 50)

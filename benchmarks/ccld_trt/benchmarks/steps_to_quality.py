@@ -25,7 +25,8 @@ from ccld_trt.backends.base import Backend
 from ccld_trt.benchmarks.solver_oracle import REFERENCE_FINAL_LOG_SNR, psnr
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.pipeline import Request, conditions, decode, draw_noise, generate, synchronize
-from ccld_trt.samplers import FAST_METHOD, FAST_STEPS, evaluations, sample
+from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
+from ccld_trt.samplers import evaluations, sample
 from ccld_trt.schedule import log_snr_timesteps
 
 METHODS = ("plms", "iplms", "dpmpp-2m", "dpmpp-3m", "unipc")

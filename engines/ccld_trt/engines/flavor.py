@@ -36,6 +36,9 @@ RTX_GPUS = ("7.5", "8.6", "8.9", "12.0", "12.1")
 RTX_DEFAULT_TARGETS = ("8.6", "8.9", "12.0")
 RTX_WHERE = ("TensorRT-RTX engines run on RTX GPUs of compute capability 7.5, 8.6, 8.9, 12.0 and 12.1; "
              "datacenter GPUs (A100, H100, H200) need regular TensorRT (--trt-flavor tensorrt, built on that GPU)")
+# Which GPUs run which engines, for the line that says a GPU is needed.
+GPU_KINDS = (f"{RTX_WHERE}, of the compute capabilities they were built for; TensorRT engines: the GPU model "
+             "they were built on")
 
 
 def flavor_label(flavor: str) -> str:

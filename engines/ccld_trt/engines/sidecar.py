@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ccld_trt.engines.flavor import RTX_WHERE, Flavor, flavor_label
+from ccld_trt.engines.flavor import GPU_KINDS, Flavor, flavor_label
 from ccld_trt.engines.profiles import GraphProfile, as_profile, outside_profile
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.checkpoints import sha256_file
@@ -23,9 +23,6 @@ from ccld_trt.export.errors import UserError
 
 SIDECAR_VERSION = 2
 REBUILD_HINT = "rebuild the engines (ccld-trt engines build)"
-# Which GPUs run which engines, for the line that says a GPU is needed.
-GPU_KINDS = (f"{RTX_WHERE}, of the compute capabilities they were built for; TensorRT engines: the GPU model "
-             "they were built on")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+DEFAULT_ENGINE_DIR = Path("build/engines")  # where engines build and are looked for unless --engines says
+
 
 def build_root(build_dir: Path | None = None) -> Path:
     """``build_dir``, else $CCLD_TRT_BUILD, else ./build."""

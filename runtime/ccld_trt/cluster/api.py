@@ -132,7 +132,7 @@ def parse_generate(raw: bytes, image_size: int) -> Job:
     if not isinstance(fast, bool):
         raise BadRequest(f"fast must be true or false, got {fast!r}")
     if fast:  # the fast preset, as `ccld-trt sample --fast`: it overrides method and steps
-        from ccld_trt.samplers import FAST_METHOD, FAST_STEPS
+        from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
 
         method, steps = FAST_METHOD, FAST_STEPS
     timeout = _number(body, "timeout_s", DEFAULT_TIMEOUT_S)

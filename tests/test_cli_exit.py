@@ -1,0 +1,41 @@
+"""cli.leave: the CLI's exit skips module teardown but keeps what an exit must do (handlers, streams, threads)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import atexit, sys, tempfile, threading, time, weakref
+from pathlib import Path
+from ccld_trt.cli import leave
+atexit.register(lambda: print("exit handler ran", flush=True))
+scratch = tempfile.TemporaryDirectory()  # removed by its finalizer, an exit handler
+Path(sys.argv[1]).write_text(scratch.name)
+sys.stdout.write("unflushed text")  # a pipe's buffer, not yet written
+if sys.argv[2] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
+leave(int(sys.argv[3]))
+"""
+
+
+def run_child(tmp_path: Path, thread: str, status: int) -> tuple[subprocess.CompletedProcess[str], str]:
+    name_file = tmp_path / "scratch-name"
+    result = subprocess.run([sys.executable, "-c", CHILD, str(name_file), thread, str(status)],
+                            capture_output=True, text=True, timeout=60)
+    return result, name_file.read_text()
+
+
+def test_leave_runs_the_exit_handlers_flushes_and_keeps_the_status(tmp_path: Path) -> None:
+    result, scratch = run_child(tmp_path, "none", 3)
+    assert result.returncode == 3
+    assert "unflushed text" in result.stdout and "exit handler ran" in result.stdout
+    assert not Path(scratch).exists()  # the temporary directory's finalizer ran
+    assert result.stderr == ""
+
+
+def test_leave_waits_for_a_running_thread_like_pythons_own_exit(tmp_path: Path) -> None:
+    result, _ = run_child(tmp_path, "thread", 0)
+    assert result.returncode == 0
+    assert "thread finished" in result.stdout and "exit handler ran" in result.stdout

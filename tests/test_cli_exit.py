@@ -16,6 +16,9 @@ Path(sys.argv[1]).write_text(scratch.name)
 sys.stdout.write("unflushed text")  # a pipe's buffer, not yet written
 if sys.argv[2] == "thread":
     threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
+if sys.argv[2] == "executor":  # an idle worker, as OpenVINO's import leaves one: told to stop, not waited on forever
+    from concurrent.futures import ThreadPoolExecutor
+    ThreadPoolExecutor().submit(print, "task done", flush=True).result()
 leave(int(sys.argv[3]))
 """
 
@@ -39,3 +42,9 @@ def test_leave_waits_for_a_running_thread_like_pythons_own_exit(tmp_path: Path) 
     result, _ = run_child(tmp_path, "thread", 0)
     assert result.returncode == 0
     assert "thread finished" in result.stdout and "exit handler ran" in result.stdout
+
+
+def test_leave_stops_an_idle_executor_worker_instead_of_waiting_forever(tmp_path: Path) -> None:
+    result, _ = run_child(tmp_path, "executor", 5)
+    assert result.returncode == 5
+    assert "task done" in result.stdout and "exit handler ran" in result.stdout

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shlex
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,34 @@ def test_health_is_answered_by_the_ingress_and_a_flood_costs_keyed_clients_nothi
     assert health.count(200) == ingress_module.OPEN_BURST and set(health) == {200, 429}
     other = asyncio.run(ingress.respond("GET", "/v1/health", {}, (), "10.0.0.2", b""))
     assert other[0] == 200 and other[1]["status"] == "ok"  # the flooding address is limited, not others
+
+
+def test_an_open_path_429_is_held_back_and_only_so_many_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flooding address waits REFUSAL_HOLD_S for each 429 (a waiting client sends nothing meanwhile), at most
+    HELD_REFUSALS at once; other addresses are answered at once all the while."""
+    monkeypatch.setattr(ingress_module, "REFUSAL_HOLD_S", 0.5)
+    monkeypatch.setattr(ingress_module, "HELD_REFUSALS", 8)
+    ingress = _ingress(Replicas(), keys=Keys.of([KEY_A]), max_in_flight=2)
+
+    async def timed(address: str) -> tuple[int, float]:
+        start = time.perf_counter()
+        status = (await ingress.respond("GET", "/v1/health", {}, (), address, b""))[0]
+        return status, time.perf_counter() - start
+
+    async def main() -> tuple[list[tuple[int, float]], tuple[int, float], int]:
+        for _ in range(ingress_module.OPEN_BURST):  # the address's burst, spent
+            assert (await timed("10.0.0.66"))[0] == 200
+        flood = [asyncio.create_task(timed("10.0.0.66")) for _ in range(12)]
+        await asyncio.sleep(0.05)
+        held = ingress.held_refusals
+        other = await timed("10.0.0.2")
+        return list(await asyncio.gather(*flood)), other, held
+
+    flood, other, held = asyncio.run(main())
+    assert held == 8 and other[0] == 200 and other[1] < 0.25
+    assert [s for s, _ in flood] == [429] * 12
+    assert sorted(t >= 0.45 for _, t in flood) == [False] * 4 + [True] * 8  # 8 held, 4 answered at once
+    assert ingress.held_refusals == 0
 
 
 class Board:

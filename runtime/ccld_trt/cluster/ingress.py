@@ -43,6 +43,11 @@ LIMITED_PATHS = ("/v1/generate",)  # count toward the per-client limit
 MAX_ONGOING = 4096  # requests the ingress holds at once (waiting on replicas, or refused at once)
 POLICY_POLL_S = 1.0  # a revoked key may still be accepted this long; health may lag a replica this long
 OPEN_RATE_PER_S, OPEN_BURST = 20.0, 40  # open-path answers per address (a load balancer asks every few seconds)
+# An open-path 429 is answered after this wait: a flooding client that waits for its answers (most do) then costs
+# the HTTP proxy and this event loop a request per second per connection instead of hundreds, CPU the keyed
+# clients' requests keep. At most HELD_REFUSALS wait at once; beyond that they are answered at once (the held
+# requests count toward MAX_ONGOING, which keyed requests need).
+REFUSAL_HOLD_S, HELD_REFUSALS = 1.0, 256
 
 Body = Callable[[int], Awaitable[bytes | None]]  # reads the body, at most ``limit`` bytes: None when longer
 
@@ -93,6 +98,7 @@ class Ingress:
         self.ready: int | None = None if stats_board is None else 0  # model replicas that reported lately
         self.limiter = InFlightLimiter(None)
         self.open_limiter = RateLimiter(OPEN_RATE_PER_S, OPEN_BURST)
+        self.held_refusals = 0  # open-path 429s waiting out REFUSAL_HOLD_S now
         self.unauthorized = 0
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
@@ -205,8 +211,14 @@ class Ingress:
 
     async def _open(self, method: str, address: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         """/v1/health, answered here: 200 while a model replica reported lately, else 503; 429 beyond the
-        address's rate."""
+        address's rate (held back a while: REFUSAL_HOLD_S)."""
         if not self.open_limiter.allow(address):
+            if self.held_refusals < HELD_REFUSALS:
+                self.held_refusals += 1
+                try:
+                    await asyncio.sleep(REFUSAL_HOLD_S)
+                finally:
+                    self.held_refusals -= 1
             return 429, {"error": f"too many requests from {address}; retry in a second"}, {"Retry-After": "1"}
         if method != "GET":
             return 405, {"error": f"/v1/health takes GET, not {method}"}, {}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,15 +18,13 @@ from ccld_trt.benchmarks.cold_start import (
     STAGE_NAMES,
     ColdConfig,
     ColdResults,
-    ColdRunFailed,
     ColdVariant,
-    free_port,
     measure,
     read_marks,
     stage_seconds,
-    time_server,
 )
 from ccld_trt.benchmarks.cold_start_report import document, markdown, rows, write_results
+from ccld_trt.benchmarks.cold_start_servers import ColdRunFailed, free_port, replica_restart_seconds, time_server
 
 TORCH = ColdVariant("torch", "fp32")
 TENSORRT = ColdVariant("tensorrt", "fp16")  # never runs on a machine without a GPU: it must be reported as skipped
@@ -138,6 +140,51 @@ def test_time_server_waits_for_the_answer_and_stops_the_server(tmp_path: Path) -
     assert 1.0 <= seconds < 60
     with pytest.raises(ColdRunFailed, match="exited 3 before answering"):
         time_server([sys.executable, "-c", "raise SystemExit(3)"], f"http://127.0.0.1:{free_port()}/", {}, 60)
+
+
+class FakeCluster:
+    """A /v1/stats that lists one replica process, and after it dies a new one (pid 4242) once ``delay`` passed."""
+
+    def __init__(self, delay: float) -> None:
+        self.replica = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        self.delay, self.died_at = delay, None
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                pids = [fake.replica.pid] if fake.replica.poll() is None else []
+                if not pids:
+                    fake.died_at = fake.died_at or time.time()
+                    if time.time() - fake.died_at >= fake.delay:
+                        pids = [4242]
+                body = json.dumps({"replicas": {f"r{p}": {"replica": p} for p in pids}}).encode()
+                self.send_response(200 if pids else 503)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.replica.kill()
+        self.replica.wait()
+
+
+def test_replica_restart_is_timed_from_the_kill_to_a_new_replica_in_the_stats() -> None:
+    cluster = FakeCluster(delay=1.0)
+    try:
+        seconds = replica_restart_seconds(cluster.url, 60)
+        assert cluster.replica.wait(10) == -signal.SIGKILL  # the replica listed was killed
+        assert 1.0 <= seconds < 30
+    finally:
+        cluster.close()
+    with pytest.raises(ColdRunFailed, match="lists no model replica"):
+        replica_restart_seconds(f"http://127.0.0.1:{free_port()}", 5)
 
 
 def test_cli_parses_the_cold_start_flags() -> None:

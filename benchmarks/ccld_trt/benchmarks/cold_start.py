@@ -20,19 +20,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ccld_trt.benchmarks.cold_start_servers import (
+    ColdRunFailed,
+    free_port,
+    last_line,
+    replica_restart_seconds,
+    started_server,
+)
 from ccld_trt.benchmarks.plan import rotated
 from ccld_trt.stage_clock import ENV as STAGES_ENV
 
@@ -43,8 +46,6 @@ STAGE_NAMES = {"python": "interpreter", "cli": "CLI parser + its imports", "impo
                "model files read": "model files read",
                "backend ready": "backend ready", "image": "first image", "written": "write"}
 PARTS = ("first-run", "sample", "load", "serve", "cluster")
-POLL_S = 0.1          # how often a starting server is asked whether it answers
-STOP_WAIT_S = 60.0    # after Ctrl-C, how long a server may take to stop before it is killed
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,6 @@ class ColdConfig:
     budget_s: float | None = None  # once spent, what has not started is reported as not run (a busy machine)
 
 
-class ColdRunFailed(Exception):
-    """A measured process failed or timed out; the message is one line for the report."""
-
-
 def stage_seconds(exec_time: float, marks: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     """The stages of one run: (mark name, seconds since the previous mark), in time order, the first counted from
     ``exec_time`` (epoch seconds). Their sum is the last mark's time after exec, at most the process's wall time."""
@@ -129,11 +126,6 @@ def ccld_trt_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ccld_trt"]
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "no output"
-
-
 def run_sample(variant: ColdVariant, mode: str, models: Path, env: Mapping[str, str], work: Path,
                timeout_s: float) -> dict[str, Any]:
     """One whole ``ccld-trt sample`` process in ``work`` (its output directory emptied first): wall seconds from
@@ -152,7 +144,7 @@ def run_sample(variant: ColdVariant, mode: str, models: Path, env: Mapping[str, 
         raise ColdRunFailed(f"sample {mode} did not finish within {timeout_s:.0f} s") from None
     wall = time.time() - start
     if proc.returncode != 0:
-        raise ColdRunFailed(f"sample {mode} exited {proc.returncode}: {_last_line(proc.stderr)}")
+        raise ColdRunFailed(f"sample {mode} exited {proc.returncode}: {last_line(proc.stderr)}")
     if not list(out_dir.glob("*.png")):
         raise ColdRunFailed(f"sample {mode} wrote no PNG")
     marks = read_marks(stages_file)
@@ -192,60 +184,12 @@ def run_load_probe(variant: ColdVariant, models: Path, env: Mapping[str, str], t
     except subprocess.TimeoutExpired:
         raise ColdRunFailed(f"Pipeline.load did not finish within {timeout_s:.0f} s") from None
     if proc.returncode != 0:
-        raise ColdRunFailed(f"Pipeline.load exited {proc.returncode}: {_last_line(proc.stderr)}")
+        raise ColdRunFailed(f"Pipeline.load exited {proc.returncode}: {last_line(proc.stderr)}")
     try:
         result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        raise ColdRunFailed(f"Pipeline.load printed no result: {_last_line(proc.stdout)}") from None
+        raise ColdRunFailed(f"Pipeline.load printed no result: {last_line(proc.stdout)}") from None
     return result
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def time_server(command: Sequence[str], url: str, env: Mapping[str, str], timeout_s: float) -> float:
-    """Start ``command`` (a server), return the seconds until GET ``url`` is 200, then stop it (Ctrl-C, as a
-    user would; killed if it has not stopped within STOP_WAIT_S). ColdRunFailed when it exits or never answers."""
-    start = time.time()
-    proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        while time.time() - start < timeout_s:
-            if _answers(url):
-                return time.time() - start
-            if proc.poll() is not None:
-                raise ColdRunFailed(f"exited {proc.returncode} before answering: "
-                                    f"{_last_line(proc.stderr.read() if proc.stderr else '')}")
-            time.sleep(POLL_S)
-        raise ColdRunFailed(f"{url} did not answer within {timeout_s:.0f} s")
-    finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """Ctrl-C to ``proc``, then SIGKILL to its process group if it is still running after STOP_WAIT_S."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(STOP_WAIT_S)
-    if proc.stderr:
-        proc.stderr.close()
 
 
 @dataclass
@@ -389,13 +333,16 @@ def _measure_servers(config: ColdConfig, models: Path, root: Path, live: Sequenc
         port = free_port()
         url = f"http://127.0.0.1:{port}/" + ("v1/health" if command == "cluster" else "")
         argv = [*ccld_trt_command(), command, *variant.flags(), "--models", str(models), "--port", str(port)]
+        row = {"command": command, "variant": variant.label, "url_path": url.split(str(port))[1]}
         try:
-            seconds = time_server(argv, url, variant_env(variant, root), config.server_timeout_s)
+            with started_server(argv, url, variant_env(variant, root), config.server_timeout_s) as seconds:
+                log(f"{variant.label} {command}: answering after {seconds:.2f} s")
+                results.servers.append({**row, "seconds": seconds, "load_avg_1m": os.getloadavg()[0]})
+                if command == "cluster":
+                    restart = replica_restart_seconds(f"http://127.0.0.1:{port}", config.server_timeout_s)
+                    log(f"{variant.label} cluster: a killed model replica replaced after {restart:.2f} s")
+                    results.servers.append({**row, "command": "replica", "url_path": "/v1/stats",
+                                            "seconds": restart, "load_avg_1m": os.getloadavg()[0]})
         except Exception as e:  # whatever it was, the report says so and the bench goes on
             results.skip(variant.label, command, str(e))
             log(f"{variant.label} {command}: failed: {e}")
-            continue
-        log(f"{variant.label} {command}: answering after {seconds:.2f} s")
-        results.servers.append({"command": command, "variant": variant.label, "url_path": url.split(str(port))[1],
-                                "seconds": seconds, "load_avg_1m": os.getloadavg()[0]})
-

@@ -163,7 +163,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["servers"]:
         lines += ["### Servers (one start each)", ""]
         what = {"serve": "`ccld-trt serve` until its page answers",
-                "cluster": "`ccld-trt cluster` until `/v1/health` is 200"}
+                "cluster": "`ccld-trt cluster` until `/v1/health` is 200",
+                "replica": "a cluster's model replica, killed, until a new one reports ready"}
         lines += _table(["what", "backend", "seconds"],
                         [[what[s["command"]], s["variant"], _s(s["seconds"])] for s in doc["servers"]], right_from=2)
         lines.append("")

@@ -105,10 +105,7 @@ def held_out():
     return oracles
 
 
-@pytest.mark.parametrize("evaluations", [
-    pytest.param(5, marks=pytest.mark.xfail(strict=True, reason="issue 32's minimum target is missed at 5: unipc/5 "
-                                            "gives 16.3 dB on overlap-24, 6.9 dB under the bound (docs/solvers.md)")),
-    7, 10, 15, 20])
+@pytest.mark.parametrize("evaluations", [5, 7, 10, 15, 20])
 def test_project_defaults_beat_k_diffusions_best_multistep_setting_on_held_out_mixtures(held_out, evaluations):
     """Issue 32's target against the peers' strongest family on these oracles (the full grid of
     ``python -m ccld_trt.benchmarks.solver_compare`` takes minutes): k-diffusion's DPM-Solver++(2M)/(3M) on

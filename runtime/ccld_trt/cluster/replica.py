@@ -26,6 +26,7 @@ from ccld_trt.cluster.api import BadRequest, Job, latents_json, parse_generate, 
 from ccld_trt.cluster.batcher import StepBatcher
 from ccld_trt.cluster.rows import SerialBackend, UNetCall
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.onnx_manifest import graphs_current
 from ccld_trt.jobs import run
 from ccld_trt.runner import BackendOptions, ModelSource, open_session
 
@@ -103,11 +104,13 @@ class Replica:
         self.session = open_session(self.options, models)
         backend = self.session.backend
         onnx_dir = getattr(backend, "onnx_dir", None)
-        if onnx_dir is not None:  # the plain per-row U-Net graph, next to the graphs open_session exported
+        fp16 = getattr(backend, "precision", "") == "fp16"
+        if onnx_dir is not None and not graphs_current(models.files, onnx_dir, ("unet",), fp16=fp16):
+            # the plain per-row U-Net graph, next to the graphs open_session exported (the exporter, and the
+            # torch networks it reads, only when it is missing or stale: a replica's start-up)
             from ccld_trt.export.onnx_export import export_all
 
-            export_all(models.files, onnx_dir, ("unet",), fp16=getattr(backend, "precision", "") == "fp16",
-                       progress=False)
+            export_all(models.files, onnx_dir, ("unet",), fp16=fp16, progress=False)
         self.serial = SerialBackend(backend)
         self.batcher: StepBatcher[UNetCall, torch.Tensor] = StepBatcher(
             self.serial.merged, lambda call: call.rows, settings.max_batch, settings.window_s, settings.batching)

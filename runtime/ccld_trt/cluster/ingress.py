@@ -42,12 +42,12 @@ OPEN_PATHS = ("/v1/health",)  # answered without a key (load balancers' health c
 LIMITED_PATHS = ("/v1/generate",)  # count toward the per-client limit
 MAX_ONGOING = 4096  # requests the ingress holds at once (waiting on replicas, or refused at once)
 POLICY_POLL_S = 1.0  # a revoked key may still be accepted this long; health may lag a replica this long
-OPEN_RATE_PER_S, OPEN_BURST = 20.0, 40  # open-path answers per address (a load balancer asks every few seconds)
+OPEN_RATE_PER_S, OPEN_BURST = 5.0, 10  # open-path answers per address (a load balancer asks every few seconds)
 # An open-path 429 is answered after this wait: a flooding client that waits for its answers (most do) then costs
 # the HTTP proxy and this event loop a request per second per connection instead of hundreds, CPU the keyed
 # clients' requests keep. At most HELD_REFUSALS wait at once; beyond that they are answered at once (the held
 # requests count toward MAX_ONGOING, which keyed requests need).
-REFUSAL_HOLD_S, HELD_REFUSALS = 1.0, 256
+REFUSAL_HOLD_S, HELD_REFUSALS = 2.0, 256
 
 Body = Callable[[int], Awaitable[bytes | None]]  # reads the body, at most ``limit`` bytes: None when longer
 

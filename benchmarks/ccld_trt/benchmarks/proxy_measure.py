@@ -154,7 +154,8 @@ def _per_image(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 
 def quality_rows(models: Path, prompt: Prompted, log: Log, cells: Sequence[tuple[str, int]] | None = None,
-                 reference_steps: int = REFERENCE_STEPS) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                 reference_steps: int = REFERENCE_STEPS,
+                 images: int = IMAGES) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per cell: U-Net evaluations and latent / RGB PSNR against the converged endpoint (mean and min over the
     images); and stats of the converged latents (their std says how stiff the network's ODE is)."""
     from ccld_trt.samplers import evaluations
@@ -163,9 +164,9 @@ def quality_rows(models: Path, prompt: Prompted, log: Log, cells: Sequence[tuple
     session = open_session(BackendOptions("torch", "cpu", "fp32").resolved(), ModelSource(ModelFiles.resolve(models)))
     backend, size = session.backend, session.image_size
     started = time.perf_counter()
-    ref = converged(backend, size, prompt, reference_steps)
+    ref = converged(backend, size, prompt, reference_steps, images)
     log(f"{models.name}: reference {time.perf_counter() - started:.0f} s")
-    outs = latents_for(backend, size, prompt, cells)
+    outs = latents_for(backend, size, prompt, cells, images)
     log(f"{models.name}: cells {time.perf_counter() - started:.0f} s")
     rows = [{"method": m, "steps": k, "evaluations": evaluations(m, k), **_per_image(outs[m, k], ref)}
             for m, k in cells]
@@ -315,7 +316,7 @@ PARTS = ("quality", "precisions")
 
 def measure_view(view: str, part: str, root: Path, out: Path, log: Log = print, compact: Path = COMPACT,
                  config: QualityConfig | None = None, tag: str = "",
-                 precisions: Sequence[tuple[str, str]] = PRECISIONS) -> Path:
+                 precisions: Sequence[tuple[str, str]] = PRECISIONS, images: int = IMAGES) -> Path:
     """Measure one part (steps to quality or precisions) of one view (the proxy or its random twin) and write
     out/<view>-<part>.json; returns its path. Views and parts are separate processes (one thread each) so that
     they can run side by side on a shared machine."""
@@ -328,11 +329,11 @@ def measure_view(view: str, part: str, root: Path, out: Path, log: Log = print, 
     started = time.perf_counter()
     result: dict[str, Any] = {"view": view, "machine": f"{info['cpu_model']}, {info['cores']} cores",
                               "date": info["date"], "threads": torch.get_num_threads(), "seed": SEED,
-                              "images": IMAGES, "prompt": prompt.path.name}
+                              "images": images if part == "quality" else IMAGES, "prompt": prompt.path.name}
     if part == "quality":
         config = config or QualityConfig()
         result["quality"], result["reference"] = quality_rows(directory, prompt, log, config.cells(),
-                                                              config.reference_steps)
+                                                              config.reference_steps, images)
     else:
         result["precisions"] = precision_rows(directory, prompt, log, precisions)
     result["wall_seconds"] = time.perf_counter() - started
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", help="precisions part: comma-separated backend:precision (default "
                         + ",".join(f"{b}:{p}" for b, p in PRECISIONS) + ")")
     parser.add_argument("--tag", default="", help="suffix of the result file (parts measured in pieces)")
+    parser.add_argument("--images", type=int, default=IMAGES, help=f"quality part: images (default {IMAGES})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     defaults = QualityConfig()
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure_view(view, part, args.root, args.out, log=lambda m: print(m, flush=True),
                              compact=args.compact, config=config, tag=args.tag,
                              precisions=[tuple(v.split(":", 1)) for v in args.precisions.split(",")]  # type: ignore[misc]
-                             if args.precisions else PRECISIONS)
+                             if args.precisions else PRECISIONS, images=args.images)
     text = markdown(load_views(args.out))
     write_atomic(args.out / "tables.md", text)
     print(text)

@@ -1,4 +1,5 @@
-"""cli.leave: the CLI's exit skips module teardown but keeps what an exit must do (handlers, streams, threads)."""
+"""stopping.leave, the CLI's exit: it skips module teardown but keeps what an exit must do (handlers, streams,
+threads)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 CHILD = r"""
 import atexit, sys, tempfile, threading, time, weakref
 from pathlib import Path
-from ccld_trt.cli import leave
+from ccld_trt.stopping import leave
 atexit.register(lambda: print("exit handler ran", flush=True))
 scratch = tempfile.TemporaryDirectory()  # removed by its finalizer, an exit handler
 Path(sys.argv[1]).write_text(scratch.name)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import dataclasses
 import os
 import sys
-import threading
 import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -30,6 +27,7 @@ from ccld_trt.cli_args import (
 from ccld_trt.engines.flavor import CHOICES as FLAVOR_CHOICES
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
+from ccld_trt.stopping import leave
 
 # Entry-point group of commands that live in higher layers; see _add_extension_commands.
 COMMANDS_GROUP = "ccld_trt.commands"
@@ -411,17 +409,3 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> NoReturn:
     leave(run())
-
-
-def leave(status: int) -> NoReturn:
-    """Exit with ``status`` as Python would, less its module teardown: after a ``sample`` with torch and a backend
-    loaded, tearing every module down takes 0.4-0.7 s of the user's wait and does nothing the OS does not. What
-    Python's exit does before that still happens, in its order: other threads are waited for (idle executor
-    workers told to stop: OpenVINO's import leaves one), then the exit handlers run (logging, temporary files,
-    Ray, Inductor's workers)."""
-    threading._shutdown()  # type: ignore[attr-defined]  # the first step of Python's own exit (Py_FinalizeEx)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed or broken pipe: nothing more can be said on it
-            stream.flush()
-    os._exit(status)

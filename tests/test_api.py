@@ -125,6 +125,21 @@ def test_fast_is_the_cli_fast_preset(pipe, seed3_dir: Path, tmp_path: Path) -> N
     assert np.array_equal(result.latents.numpy(), np.load(tmp_path / "latents.npy"))
 
 
+def test_a_preset_is_the_cli_preset_and_conflicts_are_refused(pipe, seed3_dir: Path,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    from ccld_trt.sampler_names import PRESETS
+
+    assert cli_run(["sample", "a cat", "--preset", "balanced", "--seed", "5", "--models", str(seed3_dir),
+                    "--output-dir", str(tmp_path / "png"), "--save-latents", str(tmp_path / "latents.npy")]) == 0
+    result = pipe("a cat", preset="balanced", seed=5, steps=50, method="plms")  # the preset wins
+    assert (result.request.method, result.request.steps) == PRESETS["balanced"] == ("dpmpp-3m", 15)
+    assert np.array_equal(result.latents.numpy(), np.load(tmp_path / "latents.npy"))
+    with pytest.raises(UserError, match="preset must be one of fast, balanced, got 'slow'"):
+        pipe("a cat", preset="slow")
+    with pytest.raises(UserError, match="fast=True is preset='fast'"):
+        pipe("a cat", fast=True, preset="balanced")
+
+
 def test_pipeline_errors_and_checkpoint_scale(pipe) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidRequest, match="n must be >= 1, got 0"):
         pipe("a cat", n=0)

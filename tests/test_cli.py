@@ -39,6 +39,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     (["--eta", "2"], "--eta"),
     (["--autoencoder-scale", "big"], "--autoencoder-scale"),
     (["--autoencoder-scale", "-1"], "--autoencoder-scale must be positive"),  # assembled as every front end's
+    (["--preset", "slow"], "--preset"),
+    (["--fast", "--preset", "balanced"], "--fast is --preset fast"),
 ])
 def test_bad_arguments(args, needle, seed3_dir, tmp_path):
     result = cli("sample", "a cat", "--models", str(seed3_dir), "--output-dir", str(tmp_path), *args)

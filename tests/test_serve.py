@@ -205,17 +205,19 @@ def test_page_generates_an_image(server: Server, browser: Any, tmp_path: Path) -
     page.close()
 
 
-def test_fast_button_sets_the_fast_preset(server: Server, browser: Any) -> None:
+def test_preset_buttons_set_their_presets(server: Server, browser: Any) -> None:
     from playwright.sync_api import expect
 
-    from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
+    from ccld_trt.sampler_names import PRESETS
 
     page = open_page(browser, server, [])
     steps = page.locator("#steps input[type=number]")
     expect(steps).to_have_value("50")
-    page.locator("#fast").click()
-    expect(steps).to_have_value(str(FAST_STEPS))
-    expect(page.locator("#sampler input")).to_have_value(FAST_METHOD)
+    for name in ("fast", "balanced", "fast"):
+        page.locator(f"#{name}").click()
+        method, k = PRESETS[name]
+        expect(steps).to_have_value(str(k))
+        expect(page.locator("#sampler input")).to_have_value(method)
     page.close()
 
 

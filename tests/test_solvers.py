@@ -232,6 +232,12 @@ def test_cluster_api_fast_selects_the_preset():
     assert parse_generate(b'{"prompts": ["a cat"]}', 224).request.method == "plms"
     with pytest.raises(BadRequest, match="fast must be true or false"):
         parse_generate(b'{"prompts": ["a cat"], "fast": 1}', 224)
+    job = parse_generate(b'{"prompts": ["a cat"], "preset": "balanced", "steps": 50}', 224)
+    assert (job.request.method, job.request.steps) == ("dpmpp-3m", 15)
+    with pytest.raises(BadRequest, match="preset must be one of fast, balanced, got 'slow'"):
+        parse_generate(b'{"prompts": ["a cat"], "preset": "slow"}', 224)
+    with pytest.raises(BadRequest, match="give one"):
+        parse_generate(b'{"prompts": ["a cat"], "preset": "balanced", "fast": true}', 224)
 
 
 def test_cluster_step_batcher_merges_requests_of_different_methods(seed3_dir):

@@ -27,7 +27,7 @@ from ccld_trt.export.errors import UserError
 from ccld_trt.jobs import ImagePromptInput, ImageSource, Job, PromptInput
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
-from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
+from ccld_trt.sampler_names import PRESETS, preset_problem
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -143,7 +143,7 @@ class Pipeline:
     def __call__(self, prompts: PromptInput | Sequence[PromptInput] = (),
                  image_prompts: ImagePromptInput | Sequence[ImagePromptInput] = (), *,
                  autoencoder_scale: float | str | None = None, init: ImageSource | None = None,
-                 fast: bool = False, callback: Callback | None = None,
+                 fast: bool = False, preset: str | None = None, callback: Callback | None = None,
                  progress: bool | None = None, **fields: Unpack[RequestFields]) -> Result:
         """Generate images, as ``ccld-trt sample`` does.
 
@@ -154,8 +154,9 @@ class Pipeline:
             the starting timestep in (0, 1], default 0.9).
         init: image to image: start from this image (a path, encoded bytes or a PIL image) noised to
             ``strength`` instead of from pure noise.
-        fast: the fast preset (``samplers.FAST_METHOD``/``FAST_STEPS``, as ``sample --fast``): it sets method
-            and steps.
+        fast: the fast preset (as ``sample --fast``); the same as ``preset="fast"``.
+        preset: a named method and step count (``sampler_names.PRESETS``: "fast", "balanced"; as ``sample
+            --preset``): it sets method and steps.
         autoencoder_scale: latents x this before decoding: a number, "checkpoint" (the U-Net checkpoint's
             stored value) or None (2.55, as the published demo).
         callback: ``callback(done, total)`` after each U-Net evaluation (e.g. for a progress bar of your own).
@@ -163,8 +164,13 @@ class Pipeline:
 
         Bad input raises UserError (InvalidRequest for a bad field) with a one-line message naming it.
         """
-        if fast:
-            fields["method"], fields["steps"] = FAST_METHOD, FAST_STEPS
+        if fast and preset not in (None, "fast"):
+            raise UserError(f"fast=True is preset='fast', and preset is {preset!r}: give one of them")
+        preset = "fast" if fast else preset
+        if preset is not None:
+            if problem := preset_problem(preset):
+                raise UserError(problem)
+            fields["method"], fields["steps"] = PRESETS[preset]
         job = self.assemble(prompts, image_prompts, autoencoder_scale=autoencoder_scale, init=init, **fields)
         return self.run(job, callback, progress)
 

@@ -55,10 +55,16 @@ def _init_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sampler_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """``--steps`` and ``--method``, or with ``--fast`` the fast preset's (samplers.FAST_METHOD/FAST_STEPS)."""
-    from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
+    """``--steps`` and ``--method``, or a preset's (``--preset``; ``--fast`` is ``--preset fast``)."""
+    from ccld_trt.sampler_names import PRESETS
 
-    return {"steps": FAST_STEPS, "method": FAST_METHOD} if args.fast else {"steps": args.steps, "method": args.method}
+    if args.fast and args.preset not in (None, "fast"):
+        raise UserError(f"--fast is --preset fast: give --fast or --preset {args.preset}, not both")
+    preset = "fast" if args.fast else args.preset
+    if preset is None:
+        return {"steps": args.steps, "method": args.method}
+    method, steps = PRESETS[preset]
+    return {"steps": steps, "method": method}
 
 
 def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents: str | None) -> None:
@@ -246,7 +252,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ccld_trt.sampler_names import DEFAULT_STRENGTH, FAST_METHOD, FAST_STEPS, METHODS
+    from ccld_trt.sampler_names import DEFAULT_STRENGTH, FAST_METHOD, FAST_STEPS, METHODS, PRESETS
 
     parser = _Parser(prog="ccld-trt", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -265,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the fast preset: --method {FAST_METHOD} --steps {FAST_STEPS} ({FAST_STEPS} U-Net evaluations "
                    "instead of plms/50's 59; overrides --method and --steps). Measured on closed-form "
                    "mixture-of-Gaussians oracles, not a trained model: 37.6-49.9 dB latent PSNR against the exact "
-                   "ODE endpoint over nine mixtures (docs/solvers.md)")
+                   "ODE endpoint over nine mixtures (docs/solvers.md); on a small trained U-Net ~30 dB (docs/proxy.md)")
+    p.add_argument("--preset", choices=PRESETS, help="a named sampler and step count, overriding --method and "
+                   "--steps: " + "; ".join(f"{name}: {m}/{k}" for name, (m, k) in PRESETS.items()) + " (balanced: the "
+                   "fewest evaluations with >= 35 dB latent PSNR against the converged endpoint on the oracles and on "
+                   "the trained proxy, docs/proxy.md)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise amount in [0, 1] (default 0)")
     p.add_argument("--init", metavar="IMAGE", help="image-to-image: start from this image (resized and "
                    "centre-cropped to the output size) instead of pure noise")

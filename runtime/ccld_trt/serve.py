@@ -7,6 +7,7 @@ latency of each stage with the images. Every bad input is answered in the page; 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ from ccld_trt.model_loader import ModelLoader as ModelLoader  # re-exported: the
 from ccld_trt.outputs import save_images
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
-from ccld_trt.sampler_names import DEFAULT_STRENGTH, FAST_METHOD, FAST_STEPS, METHODS
+from ccld_trt.sampler_names import DEFAULT_STRENGTH, METHODS, PRESETS
 from ccld_trt.stopping import LAST_RESORT_S, StopSignals, bounded
 
 if TYPE_CHECKING:
@@ -211,9 +212,10 @@ def _no_analytics() -> None:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 
-def fast_preset() -> tuple[int, str]:
-    """The page's "Fast" button: the fast preset's (steps, sampler), as ``sample --fast``."""
-    return FAST_STEPS, FAST_METHOD
+def preset_fields(name: str) -> tuple[int, str]:
+    """A preset button of the page: that preset's (steps, sampler), as ``sample --preset NAME``."""
+    method, steps = PRESETS[name]
+    return steps, method
 
 
 def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blocks:
@@ -256,7 +258,9 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
                 with gr.Row():
                     steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps", elem_id="steps")
                     method = gr.Dropdown(list(METHODS), value="plms", label="Sampler", elem_id="sampler")
-                    fast = gr.Button(f"Fast: {FAST_METHOD}, {FAST_STEPS} steps", elem_id="fast", size="sm")
+                    with gr.Column(min_width=160):  # the preset buttons, stacked beside steps and sampler
+                        presets = {name: gr.Button(f"{name.capitalize()}: {m}, {k} steps", elem_id=name, size="sm")
+                                   for name, (m, k) in PRESETS.items()}
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                     n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="n")
@@ -279,8 +283,10 @@ def build_app(loader: ModelLoader, demo_weights: bool, work_dir: Path) -> gr.Blo
         button.click(on_generate, inputs=[prompts, image, image_weight, steps, method, seed, n, scale, init, strength],
                      outputs=[gallery, files, timings], api_name="generate", preprocess=False,
                      concurrency_limit=1, concurrency_id="device")
-        # the fast preset (as `sample --fast`) only sets the sampler and steps shown, which the user may change
-        fast.click(fast_preset, outputs=[steps, method], queue=False, api_visibility="private")
+        # a preset (as `sample --preset`) only sets the sampler and steps shown, which the user may change
+        for name, preset_button in presets.items():
+            preset_button.click(functools.partial(preset_fields, name), outputs=[steps, method], queue=False,
+                                api_visibility="private")
         timer = gr.Timer(1.0, active=not loader.finished)
         timer.tick(poll, outputs=[status, timer], queue=False, api_visibility="private")
         app.load(poll, outputs=[status, timer], queue=False, api_visibility="private")

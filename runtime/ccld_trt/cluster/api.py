@@ -27,7 +27,7 @@ from ccld_trt.limits import MAX_BODY_BYTES
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 
 FIELDS = ("prompts", "image_prompts", "seed", "steps", "method", "eta", "n", "batch_size", "autoencoder_scale",
-          "timeout_s", "return_latents", "init_image", "strength", "fast")
+          "timeout_s", "return_latents", "init_image", "strength", "fast", "preset")
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -131,10 +131,15 @@ def parse_generate(raw: bytes, image_size: int) -> Job:
     fast = body.get("fast", False)
     if not isinstance(fast, bool):
         raise BadRequest(f"fast must be true or false, got {fast!r}")
-    if fast:  # the fast preset, as `ccld-trt sample --fast`: it overrides method and steps
-        from ccld_trt.sampler_names import FAST_METHOD, FAST_STEPS
+    preset = body.get("preset", "fast" if fast else None)
+    if fast and preset != "fast":
+        raise BadRequest(f"fast is the preset 'fast', and preset is {preset!r}: give one")
+    if preset is not None:  # as `ccld-trt sample --preset`: it overrides method and steps
+        from ccld_trt.sampler_names import PRESETS, preset_problem
 
-        method, steps = FAST_METHOD, FAST_STEPS
+        if problem := preset_problem(preset):
+            raise BadRequest(problem)
+        method, steps = PRESETS[preset]
     timeout = _number(body, "timeout_s", DEFAULT_TIMEOUT_S)
     if timeout <= 0:
         raise BadRequest(f"timeout_s must be positive, got {timeout}")

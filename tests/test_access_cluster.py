@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ray_in_process import IN_PROCESS_SHUTDOWN_S
+
 pytest.importorskip("ray.serve")
 
 from ccld_trt.access import AccessPolicy, Keys, key_id, load_keys
@@ -82,7 +84,7 @@ def cluster(models: tuple[BackendOptions, ModelSource], ray_dir: str,
                            access=access)
         yield deploy(options, source, spec, port=_free_port())
     finally:
-        shutdown()
+        shutdown(budget_s=IN_PROCESS_SHUTDOWN_S)
 
 
 def solo(models: tuple[BackendOptions, ModelSource], body: dict[str, Any], directory: Path) -> np.ndarray:

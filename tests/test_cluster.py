@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ray_in_process import IN_PROCESS_SHUTDOWN_S
+
 pytest.importorskip("ray.serve")
 
 from ccld_trt.cli import run as cli_run
@@ -96,7 +98,7 @@ def cluster(models: tuple[BackendOptions, ModelSource]) -> Any:
         spec = ClusterSpec(replicas=2, max_queue=32, settings=ReplicaSettings(max_batch=32, max_ongoing=8))
         yield deploy(options, source, spec, port=_free_port())
     finally:
-        shutdown()
+        shutdown(budget_s=IN_PROCESS_SHUTDOWN_S)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from ccld_trt.cluster.local_ray import is_loopback_address
 from ccld_trt.cluster.replica import ReplicaSettings
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.runner import BackendOptions, ModelSource
+from ray_in_process import IN_PROCESS_SHUTDOWN_S
 
 pytest.importorskip("ray.serve")
 psutil = pytest.importorskip("psutil")
@@ -92,7 +93,7 @@ def cluster(seed3_dir: Path, ray_root: str, tmp_path_factory: pytest.TempPathFac
                            access=AccessPolicy(Keys.of([KEY]), max_in_flight=2))
         yield deploy(options, ModelSource(ModelFiles.resolve(seed3_dir)), spec, port=_free_port())
     finally:
-        shutdown()
+        shutdown(budget_s=IN_PROCESS_SHUTDOWN_S)
         if saved is not None:
             os.environ[KEY_ENV] = saved
 
@@ -285,7 +286,7 @@ def test_stats_drop_a_killed_replica(cluster: Deployed) -> None:
 
 
 def test_shutdown_removes_the_private_directory_and_every_port(cluster: Deployed, ray_root: str) -> None:
-    shutdown()
+    shutdown(budget_s=IN_PROCESS_SHUTDOWN_S)
     assert not (Path(ray_root) / "r").exists() and not (Path(ray_root) / "auth_token").exists()
     assert "RAY_AUTH_TOKEN_PATH" not in os.environ
     deadline = time.monotonic() + 30

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+from ccld_trt.benchmarks.cold_start_servers import free_port
 from launch import ignoring
 
 SERVER_START_S = 120  # importing torch and gradio, then loading the models, on a busy 2-core CI machine
@@ -24,11 +24,6 @@ JOB_S = 120
 # evaluation (a fraction of a second on the small demo weights), closes its HTTP server and work directory, exits.
 STOP_S = 15
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> None:

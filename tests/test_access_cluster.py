@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ from ray_in_process import IN_PROCESS_SHUTDOWN_S
 pytest.importorskip("ray.serve")
 
 from ccld_trt.access import AccessPolicy, Keys, key_id, load_keys
+from ccld_trt.benchmarks.cold_start_servers import free_port
 from ccld_trt.cli import run as cli_run
 from ccld_trt.cluster.api import decode_png, latents_from_json
 from ccld_trt.cluster.app import ClusterSpec, Deployed, deploy, shutdown, start_ray, update_access
@@ -35,11 +35,6 @@ KEY_B = "client-b-" + "7" * 23
 LIMIT = 3
 A_STEPS, B_STEPS = 30, 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(url: str, body: Any = None, key: str | None = None,
@@ -82,7 +77,7 @@ def cluster(models: tuple[BackendOptions, ModelSource], ray_dir: str,
         access = AccessPolicy(load_keys(key_file), max_in_flight=LIMIT)
         spec = ClusterSpec(replicas=2, max_queue=32, settings=ReplicaSettings(max_batch=32, max_ongoing=4),
                            access=access)
-        yield deploy(options, source, spec, port=_free_port())
+        yield deploy(options, source, spec, port=free_port())
     finally:
         shutdown(budget_s=IN_PROCESS_SHUTDOWN_S)
 

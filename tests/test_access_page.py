@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from ccld_trt.access import Keys, page_login
+from ccld_trt.benchmarks.cold_start_servers import free_port
 from ccld_trt.export.errors import UserError
 from ccld_trt.serve import ModelLoader, build_app
 
@@ -25,11 +25,6 @@ KEY = "page-key-" + "5" * 23
 OTHER = "page-key-" + "6" * 23
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     loader = ModelLoader(load, "torch on cpu")
     loader.start()
     app = build_app(loader, demo_weights=False, work_dir=tmp_path_factory.mktemp("page"))
-    port = _free_port()
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                auth=page_login(Keys.of([KEY, OTHER])))
     try:

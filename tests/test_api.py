@@ -136,7 +136,7 @@ def test_a_preset_is_the_cli_preset_and_conflicts_are_refused(pipe, seed3_dir: P
     assert np.array_equal(result.latents.numpy(), np.load(tmp_path / "latents.npy"))
     with pytest.raises(UserError, match="preset must be one of fast, balanced, got 'slow'"):
         pipe("a cat", preset="slow")
-    with pytest.raises(UserError, match="fast=True is preset='fast'"):
+    with pytest.raises(UserError, match="fast is the preset 'fast', and preset is 'balanced'"):
         pipe("a cat", fast=True, preset="balanced")
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,12 @@ from ccld_trt.benchmarks.cold_start import (
     stage_seconds,
 )
 from ccld_trt.benchmarks.cold_start_report import document, markdown, rows, write_results
-from ccld_trt.benchmarks.cold_start_servers import ColdRunFailed, free_port, replica_restart_seconds, time_server
+from ccld_trt.benchmarks.cold_start_servers import (
+    ColdRunFailed,
+    free_port,
+    replica_restart_seconds,
+    started_server,
+)
 
 TORCH = ColdVariant("torch", "fp32")
 TENSORRT = ColdVariant("tensorrt", "fp16")  # never runs on a machine without a GPU: it must be reported as skipped
@@ -130,16 +137,20 @@ def test_report_figures_are_medians_and_ratios_of_the_runs(tmp_path: Path) -> No
     assert json.loads(first[0].read_text())["rows"][0]["fast"]["wall_s"] == 2.0
 
 
-def test_time_server_waits_for_the_answer_and_stops_the_server(tmp_path: Path) -> None:
+def test_started_server_waits_for_the_answer_and_stops_the_server(tmp_path: Path) -> None:
     port = free_port()
     # a server that answers only after 1 s: the time measured must include that second
     script = ("import http.server, time; time.sleep(1.0); "
               f"http.server.ThreadingHTTPServer(('127.0.0.1', {port}), http.server.SimpleHTTPRequestHandler)"
               ".serve_forever()")
-    seconds = time_server([sys.executable, "-c", script], f"http://127.0.0.1:{port}/", {"PATH": ""}, 60)
-    assert 1.0 <= seconds < 60
-    with pytest.raises(ColdRunFailed, match="exited 3 before answering"):
-        time_server([sys.executable, "-c", "raise SystemExit(3)"], f"http://127.0.0.1:{free_port()}/", {}, 60)
+    with started_server([sys.executable, "-c", script], f"http://127.0.0.1:{port}/", {"PATH": ""}, 60) as seconds:
+        assert 1.0 <= seconds < 60
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).status == 200  # still serving
+    with pytest.raises(urllib.error.URLError):  # stopped on leaving
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+    with pytest.raises(ColdRunFailed, match="exited 3 before answering"), \
+            started_server([sys.executable, "-c", "raise SystemExit(3)"], f"http://127.0.0.1:{free_port()}/", {}, 60):
+        pass
 
 
 class FakeCluster:

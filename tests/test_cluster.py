@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import tempfile
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from ray_in_process import IN_PROCESS_SHUTDOWN_S
 
 pytest.importorskip("ray.serve")
 
+from ccld_trt.benchmarks.cold_start_servers import free_port
 from ccld_trt.cli import run as cli_run
 from ccld_trt.cluster.api import decode_png, latents_from_json
 from ccld_trt.cluster.app import ClusterSpec, Deployed, deploy, shutdown, start_ray
@@ -57,11 +57,6 @@ REQUESTS: list[dict[str, Any]] = [
                        {"image": _png_base64((80, 48), (20, 130, 230)), "weight": -0.5}]},
 ]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post(url: str, body: Any, timeout: float = 120) -> tuple[int, dict[str, Any]]:
@@ -96,7 +91,7 @@ def cluster(models: tuple[BackendOptions, ModelSource]) -> Any:
     start_ray(temp_dir=temp, num_cpus=4)
     try:
         spec = ClusterSpec(replicas=2, max_queue=32, settings=ReplicaSettings(max_batch=32, max_ongoing=8))
-        yield deploy(options, source, spec, port=_free_port())
+        yield deploy(options, source, spec, port=free_port())
     finally:
         shutdown(budget_s=IN_PROCESS_SHUTDOWN_S)
 

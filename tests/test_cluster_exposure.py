@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from ccld_trt.access import KEY_ENV, AccessPolicy, Keys
+from ccld_trt.benchmarks.cold_start_servers import free_port
 from ccld_trt.cluster import app
 from ccld_trt.cluster import ingress as ingress_module
 from ccld_trt.cluster.app import ClusterSpec, Deployed, deploy, shutdown, start_ray, update_access
@@ -39,11 +40,6 @@ psutil = pytest.importorskip("psutil")
 KEY = "exposure-key-" + "5" * 27
 BODY = {"prompts": ["a quiet harbour:3"], "seed": 1, "steps": 4, "method": "ddim"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(url: str, body: Any = None, key: str | None = None, headers: dict[str, str] | None = None,
@@ -91,7 +87,7 @@ def cluster(seed3_dir: Path, ray_root: str, tmp_path_factory: pytest.TempPathFac
         start_ray(temp_dir=ray_root, num_cpus=3)
         spec = ClusterSpec(replicas=1, max_queue=32, settings=ReplicaSettings(max_batch=32, max_ongoing=4),
                            access=AccessPolicy(Keys.of([KEY]), max_in_flight=2))
-        yield deploy(options, ModelSource(ModelFiles.resolve(seed3_dir)), spec, port=_free_port())
+        yield deploy(options, ModelSource(ModelFiles.resolve(seed3_dir)), spec, port=free_port())
     finally:
         shutdown(budget_s=IN_PROCESS_SHUTDOWN_S)
         if saved is not None:

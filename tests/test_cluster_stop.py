@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ccld_trt.benchmarks.cold_start_servers import free_port
 from launch import ignoring
 
 pytest.importorskip("ray")
@@ -29,11 +29,6 @@ psutil = pytest.importorskip("psutil")
 START_S = 300  # Ray, Serve, the ingress and a replica loading its models, on a busy 2-core machine
 STOP_S = 15
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def long_request(url: str) -> None:

@@ -265,3 +265,15 @@ def test_a_bad_flag_is_answered_before_torch_is_imported() -> None:
     assert done.returncode == 2 and "unrecognized arguments: --no-such-flag" in done.stderr
     line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES-AT-EXIT "))
     assert not {"torch", "numpy", "onnxruntime", "openvino"} & set(json.loads(line.split(" ", 1)[1]))
+
+
+def test_loading_the_networks_imports_no_dynamo(seed3_dir: Path, tmp_path: Path) -> None:
+    """The networks are built on the meta device and take the checkpoints' tensors without drawing random values
+    first: torch's normal_ on meta imports torch._dynamo, ~1 s of every start of the torch backend."""
+    probe = ("import sys; from pathlib import Path; from ccld_trt.export.models import ModelFiles, load_networks; "
+             "nets = load_networks(ModelFiles.resolve(Path(sys.argv[1]))); "
+             "print(nets.text_encoder.embed.weight.is_meta, 'torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, str(seed3_dir)], capture_output=True, text=True,
+                          env={**os.environ, "CCLD_TRT_BUILD": str(tmp_path / "build")}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]

@@ -27,7 +27,7 @@ from ccld_trt.export.errors import UserError
 from ccld_trt.jobs import ImagePromptInput, ImageSource, Job, PromptInput
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
-from ccld_trt.sampler_names import PRESETS, preset_problem
+from ccld_trt.sampler_names import PRESETS, chosen_preset
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -164,13 +164,8 @@ class Pipeline:
 
         Bad input raises UserError (InvalidRequest for a bad field) with a one-line message naming it.
         """
-        if fast and preset not in (None, "fast"):
-            raise UserError(f"fast=True is preset='fast', and preset is {preset!r}: give one of them")
-        preset = "fast" if fast else preset
-        if preset is not None:
-            if problem := preset_problem(preset):
-                raise UserError(problem)
-            fields["method"], fields["steps"] = PRESETS[preset]
+        if (chosen := chosen_preset(fast, preset)) is not None:
+            fields["method"], fields["steps"] = PRESETS[chosen]
         job = self.assemble(prompts, image_prompts, autoencoder_scale=autoencoder_scale, init=init, **fields)
         return self.run(job, callback, progress)
 

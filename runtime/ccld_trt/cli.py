@@ -56,11 +56,12 @@ def _init_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sampler_fields(args: argparse.Namespace) -> dict[str, Any]:
     """``--steps`` and ``--method``, or a preset's (``--preset``; ``--fast`` is ``--preset fast``)."""
-    from ccld_trt.sampler_names import PRESETS
+    from ccld_trt.sampler_names import PRESETS, chosen_preset
 
-    if args.fast and args.preset not in (None, "fast"):
-        raise UserError(f"--fast is --preset fast: give --fast or --preset {args.preset}, not both")
-    preset = "fast" if args.fast else args.preset
+    try:
+        preset = chosen_preset(args.fast, args.preset)  # the parser has checked the name
+    except UserError as e:
+        raise UserError(f"--fast is --preset fast: give --fast or --preset {args.preset}, not both") from e
     if preset is None:
         return {"steps": args.steps, "method": args.method}
     method, steps = PRESETS[preset]

@@ -3,6 +3,8 @@ building the parser (and answering ``--help`` or a bad flag) must not wait for t
 
 from __future__ import annotations
 
+from ccld_trt.export.errors import UserError
+
 # The fast ODE solvers: one evaluation per step (DPM-Solver++ and UniPC with a setting per step count:
 # schedule.SOLVER_SETTINGS).
 FAST_METHODS = ("iplms", "dpmpp-2m", "dpmpp-3m", "unipc")
@@ -24,4 +26,17 @@ def preset_problem(name: object) -> str | None:
     if isinstance(name, str) and name in PRESETS:
         return None
     return f"preset must be one of {', '.join(PRESETS)}, got {name!r}"
+
+
+def chosen_preset(fast: bool, preset: object) -> str | None:
+    """The preset a request names: ``preset``, or "fast" for ``fast`` (the same request, so both at once must
+    agree), or None for neither. UserError in one line otherwise; a front end may say it in its own words."""
+    if fast and preset not in (None, "fast"):
+        raise UserError(f"fast is the preset 'fast', and preset is {preset!r}: give one of them")
+    chosen = "fast" if fast else preset
+    if chosen is not None and (problem := preset_problem(chosen)):
+        raise UserError(problem)
+    return chosen if chosen is None else str(chosen)
+
+
 DEFAULT_STRENGTH = 0.9  # image-to-image's starting timestep: the original cfg_sample.py's default

@@ -67,12 +67,6 @@ def started_server(command: Sequence[str], url: str, env: Mapping[str, str], tim
         _stop(proc)
 
 
-def time_server(command: Sequence[str], url: str, env: Mapping[str, str], timeout_s: float) -> float:
-    """The seconds from starting ``command`` until GET ``url`` is 200 (then it is stopped): started_server."""
-    with started_server(command, url, env, timeout_s) as seconds:
-        return seconds
-
-
 def _stop(proc: subprocess.Popen[str]) -> None:
     """Ctrl-C to ``proc``, then SIGKILL to its process group if it is still running after STOP_WAIT_S."""
     if proc.poll() is None:

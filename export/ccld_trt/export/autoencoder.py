@@ -324,9 +324,7 @@ def load_autoencoder(ckpt_path: Path, yaml_path: Path) -> tuple[AutoencoderEncod
     with torch.device("meta"):
         encoder, decoder = AutoencoderEncoder(embed_dim, ddconfig), AutoencoderDecoder(embed_dim, ddconfig)
     halves = ((encoder, ("decoder.", "post_quant_conv.", "loss.")), (decoder, ("encoder.", "quant_conv.", "loss.")))
-    for model, other in halves:
-        # Allocated without random init: the checkpoint overwrites every tensor.
-        model.to_empty(device="cpu")
+    for model, other in halves:  # built on the meta device: the checkpoint's tensors become theirs
         load_state_into(model, state, ckpt_path, _WHAT, ignore_prefixes=other)
         model.eval().requires_grad_(False)
     return encoder, decoder

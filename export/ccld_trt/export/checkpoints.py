@@ -134,11 +134,21 @@ def _some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def standard_normal(*shape: int) -> torch.Tensor:
+    """N(0, 1) values of ``shape`` from torch's default generator, exactly as ``torch.randn(shape)`` draws them;
+    on the meta device (a module built only to take a checkpoint's tensors) no values at all: drawing them there
+    imports torch._dynamo, ~1 s of every process that loads the networks."""
+    tensor = torch.empty(shape)
+    return tensor if tensor.is_meta else tensor.normal_()
+
+
 def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str,
                     ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Copy ``state`` into ``module`` strictly: missing tensors and shape mismatches are named.
+    """Give ``module`` the tensors of ``state`` strictly: missing tensors and shape mismatches are named.
 
-    Keys starting with one of ``ignore_prefixes`` (e.g. an encoder when only decoding) are skipped.
+    ``module`` may be built on the meta device (no memory, no random init): every tensor it has must be in its
+    state dict, so that none is left on meta. Keys starting with one of ``ignore_prefixes`` (e.g. an encoder when
+    only decoding) are skipped.
     """
     expected = module.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
@@ -154,3 +164,6 @@ def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: 
                             f"the model expects {list(v.shape)}")
     # assign: the module takes the tensors themselves (a mapped safetensors file's, or a pickle's), not copies
     module.load_state_dict({k: state[k].float() for k in expected}, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a tensor outside the state dict (a non-persistent buffer): the module must set it itself
+        raise RuntimeError(f"{what}: {_some(left)} not in the state dict, left without data")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccld_trt.export.checkpoints import standard_normal
 from ccld_trt.export.cloob_pickle import WHAT, ParamShapes, haiku_to_torch, read_cloob_params
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import CONTEXT_LENGTH, EOT_TOKEN
@@ -223,7 +224,8 @@ class CLOOBTextEncoder(nn.Module):
         cfg = config["text_encoder"]
         self.context_length: int = cfg["text_size"]
         self.eot_token: int = cfg["vocab_size"] - 1
-        self.embed = nn.Embedding(cfg["vocab_size"], cfg["d_model"])
+        self.embed = nn.Embedding(cfg["vocab_size"], cfg["d_model"],
+                                  _weight=standard_normal(cfg["vocab_size"], cfg["d_model"]))  # its own init
         self.pos_embed = PositionalEmbedding(cfg["text_size"], cfg["d_model"])
         self.layers = nn.ModuleList(EncoderLayer(cfg["d_model"], cfg["n_heads"]) for _ in range(cfg["n_layers"]))
         self.proj = nn.Linear(cfg["d_model"], config["d_embed"])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccld_trt.export.checkpoints import load_state_into
+from ccld_trt.export.checkpoints import load_state_into, standard_normal
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.weights_cache import load_weights
 
@@ -122,7 +122,7 @@ class FourierFeatures(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         # A parameter (not a buffer) in the original, so it is in the state dict; it is never trained.
-        self.weight = nn.Parameter(torch.randn([out_features // 2, in_features]), requires_grad=False)
+        self.weight = nn.Parameter(standard_normal(out_features // 2, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = 2 * math.pi * x @ self.weight.T
@@ -275,7 +275,5 @@ def load_unet(path: Path, base_channels: int | None = None,
     except ValueError as e:
         raise UserError(f"U-Net base channels {base_channels} × multipliers {list(channel_multipliers)}: {e}") \
             from e
-    # Allocate without the (costly, pointless) random init: every tensor is overwritten by the checkpoint.
-    model = model.to_empty(device="cpu")
-    load_state_into(model, state, path, _WHAT)
+    load_state_into(model, state, path, _WHAT)  # the meta model takes the checkpoint's tensors themselves
     return model.eval().requires_grad_(False), float(model.autoencoder_scale)

@@ -25,6 +25,7 @@ from ccld_trt.export.errors import UserError, first_line
 from ccld_trt.jobs import MAX_UPLOAD_BYTES
 from ccld_trt.limits import MAX_BODY_BYTES
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
+from ccld_trt.sampler_names import PRESETS, chosen_preset
 
 FIELDS = ("prompts", "image_prompts", "seed", "steps", "method", "eta", "n", "batch_size", "autoencoder_scale",
           "timeout_s", "return_latents", "init_image", "strength", "fast", "preset")
@@ -131,14 +132,11 @@ def parse_generate(raw: bytes, image_size: int) -> Job:
     fast = body.get("fast", False)
     if not isinstance(fast, bool):
         raise BadRequest(f"fast must be true or false, got {fast!r}")
-    preset = body.get("preset", "fast" if fast else None)
-    if fast and preset != "fast":
-        raise BadRequest(f"fast is the preset 'fast', and preset is {preset!r}: give one")
+    try:
+        preset = chosen_preset(fast, body.get("preset"))
+    except UserError as e:
+        raise BadRequest(str(e)) from e
     if preset is not None:  # as `ccld-trt sample --preset`: it overrides method and steps
-        from ccld_trt.sampler_names import PRESETS, preset_problem
-
-        if problem := preset_problem(preset):
-            raise BadRequest(problem)
         method, steps = PRESETS[preset]
     timeout = _number(body, "timeout_s", DEFAULT_TIMEOUT_S)
     if timeout <= 0:

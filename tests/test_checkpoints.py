@@ -223,7 +223,8 @@ def test_convert_refuses_safetensors_and_leaves_the_source(published_dir: Path, 
 
 
 def test_jax_haiku_cloob_pickle_gives_the_same_encoders(published_dir: Path, seed3_dir: Path) -> None:
-    from ccld_trt.export.cloob import load_cloob, load_cloob_config
+    from ccld_trt.export.cloob import load_cloob
+    from ccld_trt.export.cloob_config import load_cloob_config
 
     config = load_cloob_config(str(seed3_dir / "cloob_config.json"))
     for ours, reference in zip(load_cloob(published_dir / "cloob.pkl", config),

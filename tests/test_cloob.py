@@ -19,14 +19,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from ccld_trt.export.cloob import (
-    DEFAULT_CLOOB_CONFIG,
-    CLOOBImageEncoder,
-    CLOOBTextEncoder,
-    cloob_param_shapes,
-    load_cloob,
-    load_cloob_config,
-)
+from ccld_trt.export.cloob import CLOOBImageEncoder, CLOOBTextEncoder, cloob_param_shapes, load_cloob
+from ccld_trt.export.cloob_config import DEFAULT_CLOOB_CONFIG, load_cloob_config
 from ccld_trt.export.cloob_pickle import ParamShapes, read_cloob_params
 from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import load_image_prompt

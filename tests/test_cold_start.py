@@ -256,6 +256,16 @@ def test_import_ccld_trt_is_cheap() -> None:
     assert not {"torch", "numpy", "onnx", "openvino", "onnxruntime"} & modules
 
 
+def test_serve_page_code_imports_no_torch() -> None:
+    """``ccld-trt serve`` builds and opens its page before torch is imported (~1.3 s): the model loader and the
+    first job import it, after the page answers."""
+    probe = ("import sys, ccld_trt.cli, ccld_trt.serve, ccld_trt.runner; "
+             "print(sorted({'torch', 'ccld_trt.jobs', 'ccld_trt.pipeline'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_bad_flag_is_answered_before_torch_is_imported() -> None:
     """The parser (every command's, the bench's included) is built from names only: ``--help`` and a mistyped flag
     get their answer in a fraction of a second, not after torch's ~1 s import."""

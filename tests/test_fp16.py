@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
-from ccld_trt.export.cloob import load_cloob_config
+from ccld_trt.export.cloob_config import load_cloob_config
 from ccld_trt.export.fp16 import FP16_TOLERANCE, convert_to_fp16, emulate_fp16, relative_error
 from ccld_trt.export.onnx_checks import check_graph
 from ccld_trt.export.onnx_export import GRAPH_NAMES, onnx_path

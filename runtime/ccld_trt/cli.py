@@ -81,7 +81,7 @@ def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents:
 def cmd_sample(args: argparse.Namespace) -> object:
     stage_clock.mark("cli")  # bench --cold-start's stages (no-op unless $CCLD_TRT_STAGES)
     from ccld_trt.api import Pipeline
-    from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
+    from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
     from ccld_trt.jobs import assemble
     from ccld_trt.limits import autoencoder_scale_problem
     from ccld_trt.outputs import save_latents
@@ -184,7 +184,7 @@ def cmd_engines_build(args: argparse.Namespace) -> None:
     from ccld_trt.engines.flavor import RTX_WHERE, parse_capabilities, resolve_flavor
     from ccld_trt.engines.profiles import ProfileParams
     from ccld_trt.engines.sidecar import local_capability
-    from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
+    from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
     from ccld_trt.export.onnx_export import default_onnx_dir, export_all, onnx_path
 
     # before the (long) export, so a machine without a usable TensorRT gets the one clear line at once

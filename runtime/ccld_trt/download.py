@@ -61,7 +61,7 @@ def convert_checkpoints(directory: Path) -> list[Path]:
 
 def load_cloob_url(cloob_config: str) -> str:
     """The ``url`` of a CLOOB config (a JSON path or a built-in name); UserError when it has none."""
-    from ccld_trt.export.cloob import load_cloob_config
+    from ccld_trt.export.cloob_config import load_cloob_config
 
     url = load_cloob_config(cloob_config).get("url")
     if not url:

@@ -16,6 +16,7 @@ from ccld_trt.backends.base import Backend
 from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import load_image_prompt
 from ccld_trt.init_image import encode_init, load_init_image, noised_start
+from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE as DEFAULT_AUTOENCODER_SCALE  # its importers' name
 from ccld_trt.sampler_names import DEFAULT_STRENGTH, METHODS
 from ccld_trt.samplers import evaluations, needs_step_noise, sample
 from ccld_trt.schedule import method_timesteps, start_timesteps
@@ -23,7 +24,6 @@ from ccld_trt.tokenizer import tokenize
 
 LATENT_CHANNELS = 4
 T = TypeVar("T")
-DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores
 
 
 class InvalidRequest(UserError):

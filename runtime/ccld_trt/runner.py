@@ -7,15 +7,18 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ccld_trt import stage_clock
 from ccld_trt.backend_select import check_cpu_precision, check_precision, default_precision, resolve_backend
-from ccld_trt.backends.base import Backend
 from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
-from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
+from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.models import ModelFiles, Networks, checkpoint_autoencoder_scale, load_networks
 from ccld_trt.limits import unet_shape_problem
+
+if TYPE_CHECKING:  # torch's: the options and the model files are read without it (serve's page starts first)
+    from ccld_trt.backends.base import Backend
 
 
 @dataclass(frozen=True)

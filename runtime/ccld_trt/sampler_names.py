@@ -39,4 +39,5 @@ def chosen_preset(fast: bool, preset: object) -> str | None:
     return chosen if chosen is None else str(chosen)
 
 
+DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores
 DEFAULT_STRENGTH = 0.9  # image-to-image's starting timestep: the original cfg_sample.py's default

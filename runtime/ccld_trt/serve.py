@@ -22,27 +22,23 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from ccld_trt import jobs
 from ccld_trt.access import Keys, check_exposure, page_login
 from ccld_trt.access import check_host as check_host  # the --listen half of the host rule (re-exported)
 from ccld_trt.export.errors import UserError
-from ccld_trt.jobs import (  # noqa: F401 (MAX_UPLOAD_PIXELS, check_image_upload: the page's limits, re-exported)
-    MAX_IMAGES,
-    MAX_STEPS,
-    MAX_UPLOAD_BYTES,
-    MAX_UPLOAD_PIXELS,
-    Job,
-    check_image_upload,
-)
+from ccld_trt.limits import MAX_IMAGE_PIXELS as MAX_UPLOAD_PIXELS  # the page's limit (tests read it here)
+from ccld_trt.limits import MAX_IMAGES, MAX_STEPS, MAX_UPLOAD_BYTES
 from ccld_trt.model_loader import ModelLoader as ModelLoader  # re-exported: the page's tests build one
 from ccld_trt.outputs import save_images
-from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
-from ccld_trt.sampler_names import DEFAULT_STRENGTH, METHODS, PRESETS
+from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE, DEFAULT_STRENGTH, METHODS, PRESETS
 from ccld_trt.stopping import LAST_RESORT_S, StopSignals, bounded
 
+# No torch before the page answers: it is imported (with the jobs' code) by the first job and by the model loader,
+# which starts once the page is up.
 if TYPE_CHECKING:
     import gradio as gr
+
+    from ccld_trt.jobs import Job
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +123,9 @@ def parse_job(prompts: Any, image: Any, image_weight: Any, steps: Any, method: A
         if not init_path:
             raise UserError("the init image upload was not received; upload it again")
         init_fields = {"init": Path(init_path), "strength": _real(strength, "the strength")}
+    from ccld_trt import jobs
+    from ccld_trt.pipeline import InvalidRequest
+
     try:
         return jobs.assemble([line for _, line in numbered], image_prompts, image_size=image_size, untrusted=True,
                              autoencoder_scale=_real(autoencoder_scale, "the autoencoder scale"),
@@ -149,6 +148,8 @@ def run_job(session: Session, job: Job, out_dir: Path, on_stage: Callable[[str],
     ``on_stage`` is called with "conditioning", "sampling" and "decoding" as each stage starts,
     ``on_evaluation`` after each U-Net evaluation.
     """
+    from ccld_trt import jobs
+
     result = jobs.run(session.backend, job, on_evaluation, on_stage)
     timings = Timings(result.seconds["conditioning"], result.seconds["sampling"], result.seconds["decoding"],
                       job.request.evaluations)

@@ -31,7 +31,7 @@ def measure_engine_builds(files: ModelFiles, log: Callable[[str], None],
     from ccld_trt.engines.flavor import require_flavor, resolve_flavor
     from ccld_trt.engines.profiles import ProfileParams
     from ccld_trt.engines.sidecar import local_capability
-    from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
+    from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
     from ccld_trt.export.graph_specs import BACKEND_GRAPHS
     from ccld_trt.export.onnx_export import default_onnx_dir, export_all, onnx_path
 

@@ -39,7 +39,7 @@ from ccld_trt.benchmarks.proxy_train import COMPACT_FILE, PROXY_MARKER, material
 from ccld_trt.benchmarks.solver_oracle import REFERENCE_FINAL_LOG_SNR, psnr
 from ccld_trt.benchmarks.steps_to_quality import REFERENCE_METHOD, REFERENCE_STEPS, QualityConfig
 from ccld_trt.export.atomic import write_atomic
-from ccld_trt.export.cloob import cloob_image_size, load_cloob_config
+from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
 from ccld_trt.export.demo_weights import MARKER as DEMO_MARKER
 from ccld_trt.export.demo_weights import init_tensor
 from ccld_trt.export.models import UNET_FILE, ModelFiles

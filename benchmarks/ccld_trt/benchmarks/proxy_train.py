@@ -139,7 +139,8 @@ def held_out_loss(model: nn.Module, crops: Crops, embeds: torch.Tensor, seed: in
 def image_encoder(recipe: Recipe, scratch: Path) -> nn.Module:
     """The demo CLOOB image tower (seed ``demo_seed``), as ``materialize`` ships it; pixels [N, 3, 64, 64] in [0, 1]
     -> unit embeddings [N, 512]."""
-    from ccld_trt.export.cloob import load_cloob, load_cloob_config
+    from ccld_trt.export.cloob import load_cloob
+    from ccld_trt.export.cloob_config import load_cloob_config
 
     if not (scratch / "cloob.pkl").exists():
         write_demo_weights(scratch, "small", recipe.demo_seed)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ccld_trt.export.autoencoder import autoencoder_state_shapes
-from ccld_trt.export.cloob import cloob_param_shapes, load_cloob_config
+from ccld_trt.export.cloob import cloob_param_shapes
+from ccld_trt.export.cloob_config import load_cloob_config
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.unet import unet_state_shapes
 

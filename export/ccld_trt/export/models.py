@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from ccld_trt.export.cloob import DEFAULT_CLOOB_CONFIG, cloob_image_size
+from ccld_trt.export.cloob_config import DEFAULT_CLOOB_CONFIG, cloob_image_size
 from ccld_trt.export.errors import UserError
+
+if TYPE_CHECKING:  # the networks' type only: the file layout and its checks load without torch
+    from torch import nn
 
 UNET_FILE = "model_student.ckpt"
 AE_FILE = "ae_model.ckpt"
@@ -61,7 +63,7 @@ class ModelFiles:
         ViT-B/16 config; the CLOOB pickle defaults to the file name of the config's URL (which carries its
         SHA-256), or ``cloob.pkl`` for a config without one (demo weights).
         """
-        from ccld_trt.export.cloob import load_cloob_config
+        from ccld_trt.export.cloob_config import load_cloob_config
 
         if cloob_config is None:
             local = directory / CLOOB_CONFIG_FILE
@@ -115,7 +117,8 @@ def load_networks(files: ModelFiles, base_channels: int | None = None,
     """Load all five networks (the autoencoder as its two halves) from their original checkpoint formats (data
     only, no code runs)."""
     from ccld_trt.export.autoencoder import load_autoencoder
-    from ccld_trt.export.cloob import load_cloob, load_cloob_config
+    from ccld_trt.export.cloob import load_cloob
+    from ccld_trt.export.cloob_config import load_cloob_config
     from ccld_trt.export.unet import load_unet
 
     files.check_present()

@@ -86,3 +86,27 @@ def test_parse_prompt_rejects_bad_weight(prompt: str) -> None:
     with pytest.raises(UserError, match="prompt") as e:
         parse_prompt(prompt)
     assert repr(prompt) in str(e.value)
+
+
+def test_text_fix_skips_ftfy_only_where_ftfy_changes_nothing() -> None:
+    """``_fix_text`` leaves printable ASCII without "&" to itself (ftfy's import is ~0.1 s): ftfy returns such
+    text unchanged, and everything else still goes through ftfy."""
+    import random
+    import string
+
+    import ftfy
+
+    from ccld_trt.tokenizer import _fix_text
+
+    rng = random.Random(0)
+    plain = [c for c in string.printable if c.isprintable() and c != "&"]
+    samples = plain + ["".join(rng.choices(plain, k=rng.randint(2, 80))) for _ in range(3000)]
+    samples += ["it''s a ``quoted'' <b>word</b>", "a;b;c:d -- e...", "<|endoftext|> x", "\\x1b[31m red"]
+    for text in samples:
+        assert ftfy.fix_text(text) == text, text
+        assert _fix_text(text) is text
+    others = ["a &amp; b", "&lt;b&gt;", "caf\u00c3\u00a9", "\u201csmart\u201d", "line\r\nbreak", "tab\there",
+              "bell\x07", "\x1b[31mred\x1b[0m", "\ufb01ne", "\uff37ide", "\u00e9t\u00e9"]
+    for text in others:
+        assert _fix_text(text) == ftfy.fix_text(text)
+    assert any(ftfy.fix_text(text) != text for text in others)  # the other path is taken where it matters

@@ -22,7 +22,6 @@ import unicodedata
 import warnings
 from collections.abc import Sequence
 
-import ftfy
 import instant_clip_tokenizer
 import torch
 
@@ -51,8 +50,20 @@ def _bpe() -> instant_clip_tokenizer.Tokenizer:
 
 def clean_text(text: str) -> str:
     """CLIP's normalisation before BPE: ftfy, HTML unescape twice, collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(_fix_text(text))).strip()
     return _WHITESPACE_RUN.sub(" ", text).strip().lower()
+
+
+def _fix_text(text: str) -> str:
+    """``ftfy.fix_text(text)``, without importing ftfy for printable ASCII that holds no "&": every one of its
+    fixes needs a character outside that set (non-ASCII mojibake, quotes, widths and ligatures; control
+    characters and terminal escapes; line breaks; HTML entities), so it returns such text unchanged, and its
+    import (~0.1 s: wcwidth's tables) is most of a short prompt's cost."""
+    if text.isascii() and text.isprintable() and "&" not in text:
+        return text
+    import ftfy
+
+    return ftfy.fix_text(text)
 
 
 def _starts_token(text: str, pos: int, prev_special_end: int) -> bool:

@@ -271,3 +271,15 @@ def test_convert_command_without_checkpoints_is_one_line(tmp_path: Path, capsys:
     assert run(["convert", "--models", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no U-Net or autoencoder checkpoint" in err
+
+
+def test_standard_normal_draws_as_randn_and_nothing_on_meta() -> None:
+    """Modules built for training or demo weights keep torch.randn's draws; on meta nothing is drawn."""
+    from ccld_trt.export.checkpoints import standard_normal
+
+    torch.manual_seed(3)
+    drawn = standard_normal(4, 5)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.randn(4, 5))
+    with torch.device("meta"):
+        assert standard_normal(2, 3).is_meta

@@ -21,22 +21,17 @@ FAST_STEPS = 7
 PRESETS: dict[str, tuple[str, int]] = {"fast": (FAST_METHOD, FAST_STEPS), "balanced": ("dpmpp-3m", 15)}
 
 
-def preset_problem(name: object) -> str | None:
-    """None when ``name`` is a preset, else what is wrong, in one line (for the CLI, the API and the cluster)."""
-    if isinstance(name, str) and name in PRESETS:
-        return None
-    return f"preset must be one of {', '.join(PRESETS)}, got {name!r}"
-
-
 def chosen_preset(fast: bool, preset: object) -> str | None:
     """The preset a request names: ``preset``, or "fast" for ``fast`` (the same request, so both at once must
     agree), or None for neither. UserError in one line otherwise; a front end may say it in its own words."""
     if fast and preset not in (None, "fast"):
         raise UserError(f"fast is the preset 'fast', and preset is {preset!r}: give one of them")
     chosen = "fast" if fast else preset
-    if chosen is not None and (problem := preset_problem(chosen)):
-        raise UserError(problem)
-    return chosen if chosen is None else str(chosen)
+    if chosen is None:
+        return None
+    if not isinstance(chosen, str) or chosen not in PRESETS:
+        raise UserError(f"preset must be one of {', '.join(PRESETS)}, got {chosen!r}")
+    return chosen
 
 
 DEFAULT_AUTOENCODER_SCALE = 2.55  # what the published demo hard-codes, whatever the checkpoint stores

@@ -73,8 +73,10 @@ def optimized_model(root: Path, source: Path) -> Path:
     folder = root / f"{source.name}-{digest[:12]}"
     if root.is_dir():
         for old in root.glob(f"{source.name}-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            if old.is_dir() and old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.is_file():  # a copy saved as one file, before the weights went beside it
+                old.unlink(missing_ok=True)
     return folder / OPTIMIZED_NAME
 
 

@@ -294,7 +294,7 @@ def test_graph_backends_are_charged_for_the_phase_form_decoder(seed3_dir: Path):
 
 
 def test_op_profile_counts_each_node_of_the_measured_runs(tmp_path: Path):
-    from ccld_trt.backends.onnxruntime_backend import session_options
+    from ccld_trt.backends.onnxruntime_sessions import session_options
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Softmax(dim=1)).eval()
     path = tmp_path / "tiny.onnx"

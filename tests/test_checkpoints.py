@@ -19,8 +19,9 @@ from PIL import Image
 
 from ccld_trt.cli import run
 from ccld_trt.export.autoencoder import load_decoder
-from ccld_trt.export.checkpoints import convert_to_safetensors, load_checkpoint, safetensors_source, sha256_file
+from ccld_trt.export.checkpoints import convert_to_safetensors, load_checkpoint
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.file_digests import safetensors_source, sha256_file
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.export.unet import load_unet
 from foreign_pickles import as_jax_haiku, dumps_jax_haiku, under, write_lightning_checkpoint

@@ -102,7 +102,7 @@ def test_onnxruntime_saved_optimised_graph_gives_the_same_image(models: Path, bu
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The first CPU session saves the graph as ONNX Runtime optimised it; the next opens that copy without
     optimising again, bit-identical, and a rewritten graph never opens an old copy."""
-    from ccld_trt.backends.onnxruntime_backend import OPTIMIZED_DIR, OPTIMIZED_NAME
+    from ccld_trt.backends.onnxruntime_sessions import OPTIMIZED_DIR, OPTIMIZED_NAME
 
     session = _open("onnxruntime", models, build, monkeypatch)
     onnx_dir = session.backend.onnx_dir

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from ccld_trt.download import HF_FILES, download_models
-from ccld_trt.export.checkpoints import safetensors_source, sha256_file
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.file_digests import safetensors_source, sha256_file
 
 COMMIT = "3f1c0ffee0ddba11cafe0123456789abcdef0123"
 

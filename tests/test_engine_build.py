@@ -23,8 +23,8 @@ from ccld_trt.engines.engine import engine_file
 from ccld_trt.engines.flavor import RTX_DEFAULT_TARGETS, require_flavor
 from ccld_trt.engines.profiles import ProfileParams, graph_profile
 from ccld_trt.engines.sidecar import read_sidecar, sidecar_path
-from ccld_trt.export.checkpoints import sha256_file
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.file_digests import sha256_file
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.export.onnx_export import export_all, onnx_path
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend, check_precision, session_options
-from ccld_trt.export.checkpoints import sha256_file
+from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend, check_precision
+from ccld_trt.backends.onnxruntime_sessions import session_options
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.file_digests import sha256_file
 from ccld_trt.export.graph_specs import GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, load_networks
 from ccld_trt.export.onnx_checks import TENSORRT_OPS, check_graph, tensorrt_problems

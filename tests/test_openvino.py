@@ -17,14 +17,9 @@ import torch
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
-from ccld_trt.backends.openvino_backend import (
-    CACHE_DIR,
-    OpenVinoBackend,
-    check_precision,
-    compile_config,
-    physical_cores,
-)
-from ccld_trt.cpu_features import default_cpu_precision, runs_natively
+from ccld_trt.backends.openvino_backend import OpenVinoBackend
+from ccld_trt.backends.openvino_compile import CACHE_DIR, check_precision, compile_config
+from ccld_trt.cpu_features import default_cpu_precision, physical_cores, runs_natively
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, load_networks

@@ -26,10 +26,11 @@ from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 from ccld_trt.export.errors import UserError
 from ccld_trt.jobs import ImagePromptInput, ImageSource, Job, PromptInput
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request
-from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
+from ccld_trt.runner import BackendOptions, ModelSource, Opened, Session, open_session
 from ccld_trt.sampler_names import PRESETS, chosen_preset
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
     from typing import Unpack
 
     from ccld_trt.jobs import RequestFields
@@ -66,10 +67,11 @@ class Pipeline:
         self.options = options
 
     @classmethod
-    def open(cls, options: BackendOptions, models: ModelSource) -> Pipeline:
-        """The pipeline of ``models`` run as ``options`` say (UserError when that cannot run here)."""
+    def open(cls, options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None = None) -> Pipeline:
+        """The pipeline of ``models`` run as ``options`` say (UserError when that cannot run here).
+        ``prefetched``: runner.prefetch_graphs's for the same options and models, if it was started."""
         options = options.resolved()
-        return cls(open_session(options, models), options)
+        return cls(open_session(options, models, prefetched), options)
 
     @classmethod
     def load(cls, models: str | Path | None = None, backend: str = "torch", device: str = "cpu",

@@ -71,11 +71,30 @@ def cuda_unavailable_reason() -> str:
 def resolve_backend(name: str, device: str) -> tuple[str, str]:
     """(backend, device) normalised ("TensorRT", "CUDA:0" -> "tensorrt", "cuda:0") once the combination can run
     here; UserError otherwise. Devices: cpu, cuda, cuda:N."""
-    import torch  # here, not at the top: the CLI's parser reads this module's names without waiting for torch
-
     backend = name.strip().lower()
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    # "cpu" is answered without importing torch: `sample` opens the graph files while torch imports
+    dev = None if device.strip().lower() == "cpu" else _torch_device(device)
+    dev_type = "cpu" if dev is None else dev.type
+    if backend == "openvino":
+        if dev_type != "cpu":
+            raise UserError("the openvino backend runs on the CPU only: use the cpu device")
+        require_openvino()  # the one line that says what to install
+    if backend == "tensorrt" and dev_type != "cuda":
+        raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use a cuda device, or the onnxruntime "
+                        "or torch backend on the CPU")
+    if dev is not None and dev_type == "cuda":
+        _check_cuda(backend, dev)
+    if backend == "tensorrt" and not installed_flavors():
+        require_tensorrt()  # the one line that says what to install
+    return backend, "cpu" if dev is None else str(dev)
+
+
+def _torch_device(device: str) -> Any:
+    """``device`` as a torch.device of type cpu or cuda; UserError otherwise."""
+    import torch  # here, not at the top: the CLI's parser reads this module's names without waiting for torch
+
     bad_device = UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
     try:
         dev = torch.device(device.strip().lower())
@@ -83,29 +102,24 @@ def resolve_backend(name: str, device: str) -> tuple[str, str]:
         raise bad_device from e
     if dev.type not in ("cpu", "cuda"):
         raise bad_device
-    if backend == "openvino":
-        if dev.type != "cpu":
-            raise UserError("the openvino backend runs on the CPU only: use the cpu device")
-        require_openvino()  # the one line that says what to install
-    if backend == "tensorrt":
-        if dev.type != "cuda":
-            raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use a cuda device, or the onnxruntime "
-                            "or torch backend on the CPU")
-        if not torch.cuda.is_available():
+    return dev
+
+
+def _check_cuda(backend: str, dev: Any) -> None:
+    """UserError unless torch can use the CUDA device ``dev`` and ``backend`` has what it needs to run there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        if backend == "tensorrt":
             raise UserError(f"the tensorrt backend needs an NVIDIA GPU ({GPU_KINDS}), and "
                             f"{cuda_unavailable_reason()}")
-        if not installed_flavors():
-            require_tensorrt()  # the one line that says what to install
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {dev} is not usable: {cuda_unavailable_reason()}")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device {dev} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)")
-        if backend == "onnxruntime":
-            import onnxruntime as ort
+        raise UserError(f"device {dev} is not usable: {cuda_unavailable_reason()}")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {dev} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if backend == "onnxruntime":
+        import onnxruntime as ort
 
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider (it offers "
-                                f"{', '.join(ort.get_available_providers())}): pip install 'ccld-trt[gpu]' "
-                                "for onnxruntime-gpu, or use the cpu device")
-    return backend, str(dev)
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider (it offers "
+                            f"{', '.join(ort.get_available_providers())}): pip install 'ccld-trt[gpu]' "
+                            "for onnxruntime-gpu, or use the cpu device")

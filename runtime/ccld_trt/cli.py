@@ -80,6 +80,11 @@ def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents:
 
 def cmd_sample(args: argparse.Namespace) -> object:
     stage_clock.mark("cli")  # bench --cold-start's stages (no-op unless $CCLD_TRT_STAGES)
+    from ccld_trt.runner import prefetch_graphs
+
+    options, models = backend_options(args), model_source(args)
+    # a graph backend's files open in a thread while this one imports torch: both cores at work
+    prefetched = prefetch_graphs(options, models)
     from ccld_trt.api import Pipeline
     from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
     from ccld_trt.jobs import assemble
@@ -88,7 +93,6 @@ def cmd_sample(args: argparse.Namespace) -> object:
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
 
     stage_clock.mark("imports")
-    models = model_source(args)
     scale = args.autoencoder_scale
     try:
         # every input is read here, before the (slow) model loading, so that a bad one fails at once
@@ -103,7 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> object:
     # where the results go is checked before the work too: made, written to and cleaned up again
     out_dir = Path(args.output_dir)
     _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
-    pipe = Pipeline.open(backend_options(args), models)
+    pipe = Pipeline.open(options, models, prefetched)
     stage_clock.mark("backend ready")
     print(f"backend: {pipe.backend}", file=sys.stderr)  # which backend and precision make these images
     if pipe.demo_weights:

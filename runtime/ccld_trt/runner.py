@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ccld_trt import stage_clock
 from ccld_trt.backend_select import check_cpu_precision, check_precision, default_precision, resolve_backend
 from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, ON_DEMAND_GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, checkpoint_autoencoder_scale, load_networks
 from ccld_trt.limits import unet_shape_problem
 
@@ -110,15 +112,60 @@ class Session:
         return float(source() if callable(source) else source)
 
 
-def open_session(options: BackendOptions, models: ModelSource) -> Session:
+# {graph: (key, handle)}: the graphs prefetch_graphs opened, each with what it was opened from (base.take_opened)
+Opened = dict[str, tuple[Hashable, Any]]
+
+
+def prefetch_graphs(options: BackendOptions, models: ModelSource) -> Future[Opened] | None:
+    """Start opening, in a thread, the graphs ``open_session`` will open for ``options``, from what earlier runs
+    built (OpenVINO's cached blobs, ONNX Runtime's saved optimised copies; nothing is written). A fresh ``sample``
+    process calls this before it imports torch, which keeps one core busy for ~1 s while the other opens the
+    graphs. Hand the result to ``open_session``. None where there is nothing to gain: the torch and tensorrt
+    backends, CUDA devices, OpenVINO's int8 (its graphs may still have to be made)."""
+    if (options.backend.strip().lower() not in ("onnxruntime", "openvino")
+            or options.device.strip().lower() != "cpu" or options.precision == "int8"):
+        return None
+    executor = ThreadPoolExecutor(1, thread_name_prefix="ccld-trt-prefetch")
+    future = executor.submit(_open_built_graphs, options, models.files)
+    executor.shutdown(wait=False)  # the thread ends with its one task
+    return future
+
+
+def _open_built_graphs(options: BackendOptions, files: ModelFiles) -> Opened:
+    from ccld_trt.export.onnx_files import default_onnx_dir
+
+    options = options.resolved()
+    onnx_dir = options.onnx_dir or default_onnx_dir(files)
+    graphs = [graph for graph in BACKEND_GRAPHS if graph not in ON_DEMAND_GRAPHS]
+    if options.backend == "openvino":
+        from ccld_trt.backends.openvino_compile import open_cached_graphs
+
+        return open_cached_graphs(onnx_dir, graphs, options.precision or "fp32")
+    from ccld_trt.backends.onnxruntime_sessions import open_saved_sessions
+
+    return open_saved_sessions(onnx_dir, graphs, options.precision or "fp32")
+
+
+def _prefetched(future: Future[Opened] | None) -> Opened:
+    """What ``prefetch_graphs`` opened, once it is done; {} when it opened nothing or failed (the backend then
+    opens every graph itself, and says what is wrong in its own words)."""
+    try:
+        return future.result() if future is not None else {}
+    except Exception:  # whatever it was is met again on the backend's own path, and reported there
+        return {}
+
+
+def open_session(options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None = None) -> Session:
     """Open the backend ``options`` name (torch | onnxruntime | openvino | tensorrt) on the model files of
-    ``models``; UserError when that cannot run here, said before anything loads.
+    ``models``; UserError when that cannot run here, said before anything loads. ``prefetched``: what
+    ``prefetch_graphs`` is opening (waited for before anything here reads or writes the graphs' directory).
 
     Only the torch backend reads the torch networks up front. The backends that run exported graphs (onnxruntime,
     openvino) or engines (tensorrt) read none while their artefacts are current for these files (the ONNX
     manifest's checkpoint digests, cached by path, size and mtime, say so without reading the weights); the
     networks are loaded only when a graph must be exported, and then once.
     """
+    opened = _prefetched(prefetched)
     options = options.resolved()
     files = models.files
     precision = options.precision or default_precision(options.backend, options.device)  # resolved: set
@@ -139,9 +186,9 @@ def open_session(options: BackendOptions, models: ModelSource) -> Session:
 
         check_precision(options.backend, precision)
         onnx_dir = _exported(options, models, fp16=precision == "fp16")
-        backend = OnnxRuntimeBackend(onnx_dir, options.device, precision)
+        backend = OnnxRuntimeBackend(onnx_dir, options.device, precision, opened=opened)
     elif options.backend == "openvino":
-        backend = _open_openvino(options, precision, models)
+        backend = _open_openvino(options, precision, models, opened)
     else:
         raise UserError(f"unknown backend {options.backend!r}")
     return Session(backend, cloob_image_size(load_cloob_config(files.cloob_config)),
@@ -166,7 +213,7 @@ def _exported(options: BackendOptions, models: ModelSource, fp16: bool) -> Path:
     return onnx_dir
 
 
-def _open_openvino(options: BackendOptions, precision: str, models: ModelSource) -> Backend:
+def _open_openvino(options: BackendOptions, precision: str, models: ModelSource, opened: Opened) -> Backend:
     """The OpenVINO backend over the fp32 graphs (exported unless up to date) and, for int8, the quantised ones
     (made unless up to date: calibration runs the sampler on the fp32 graphs, minutes on a small CPU)."""
     from ccld_trt.backends.openvino_backend import OpenVinoBackend
@@ -178,4 +225,4 @@ def _open_openvino(options: BackendOptions, precision: str, models: ModelSource)
 
         # the decoder's calibration (if its scheme needs one) sees latents at the published scale
         ensure_int8(onnx_dir, DEFAULT_AUTOENCODER_SCALE)
-    return OpenVinoBackend(onnx_dir, precision)
+    return OpenVinoBackend(onnx_dir, precision, opened=opened)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ccld_trt.export.checkpoints import sha256_file
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.file_digests import sha256_file
 
 LATENT_SIZE = 32
 PROMPT_SIZE = 64  # the demo CLOOB's image size: the conditioning encodes the same crop at this size

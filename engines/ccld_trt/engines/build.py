@@ -44,8 +44,8 @@ from ccld_trt.engines.sidecar import (
     write_sidecar,
 )
 from ccld_trt.export.atomic import write_atomic
-from ccld_trt.export.checkpoints import require_file, sha256_file
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, require_file
+from ccld_trt.export.file_digests import sha256_file
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ import torch
 from ccld_trt.engines.flavor import GPU_KINDS, Flavor, flavor_label
 from ccld_trt.engines.profiles import GraphProfile, as_profile, outside_profile
 from ccld_trt.export.atomic import write_atomic
-from ccld_trt.export.checkpoints import sha256_file
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.file_digests import sha256_file
 
 SIDECAR_VERSION = 2
 REBUILD_HINT = "rebuild the engines (ccld-trt engines build)"

@@ -16,8 +16,8 @@ import torch
 import yaml
 from torch import nn
 
-from ccld_trt.export.checkpoints import load_state_into, require_file
-from ccld_trt.export.errors import UserError, first_line
+from ccld_trt.export.checkpoints import load_state_into
+from ccld_trt.export.errors import UserError, first_line, require_file
 from ccld_trt.export.weights_cache import load_weights
 
 _WHAT = "autoencoder checkpoint"

@@ -2,51 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ccld_trt.export import restricted_pickle
 from ccld_trt.export.atomic import write_atomic
-from ccld_trt.export.errors import UserError, first_line
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cached_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
-    """SHA-256 of ``path`` from ``cache`` ({resolved path: {size, mtime_ns, sha256}}) while the file's size and
-    mtime_ns are the recorded ones; else hashed (hundreds of MiB: ~1 s) and recorded in ``cache``."""
-    stat = path.stat()
-    entry = cache.get(str(path.resolve()))
-    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return str(entry["sha256"])
-    digest = sha256_file(path)
-    cache[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    return digest
-
-
-def require_file(path: Path, what: str) -> Path:
-    """The path if it is a readable file, else a UserError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise UserError(f"{what} is not a file: {path}")
-    return path
-
-
-SAFETENSORS_SUFFIX = ".safetensors"
+from ccld_trt.export.errors import UserError, first_line, require_file
+from ccld_trt.export.file_digests import SAFETENSORS_SUFFIX, safetensors_source, sha256_file
 
 
 def _read_torch(path: Path, what: str) -> object:
@@ -118,14 +83,6 @@ def safetensors_copy(source: Path, what: str) -> Path:
     if target.exists() and safetensors_source(target).get("source_sha256") == digest:
         return target
     return convert_to_safetensors(source, what, digest)
-
-
-def safetensors_source(path: Path) -> dict[str, str]:
-    """The metadata ``convert_to_safetensors`` stored (``source``, ``source_sha256``); empty for other files."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
 
 
 def _some(names: list[str], shown: int = 5) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ccld_trt.export.checkpoints import require_file, sha256_file
-from ccld_trt.export.errors import UserError, first_line
+from ccld_trt.export.errors import UserError, first_line, require_file
+from ccld_trt.export.file_digests import sha256_file
 
 WHAT = "CLOOB checkpoint"
 

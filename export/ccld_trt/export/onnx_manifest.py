@@ -14,9 +14,9 @@ from torch import nn
 
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.autoencoder import load_autoencoder_config
-from ccld_trt.export.checkpoints import cached_sha256
 from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
 from ccld_trt.export.export_versions import EXPORTER_VERSION, FP16_VERSION, OPSET
+from ccld_trt.export.file_digests import cached_sha256
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.export.unet import infer_unet_config

@@ -15,20 +15,15 @@ import logging
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.build_dir import build_root
-from ccld_trt.export.checkpoints import (
-    SAFETENSORS_SUFFIX,
-    cached_sha256,
-    load_checkpoint,
-    read_safetensors,
-    require_file,
-    safetensors_source,
-)
+from ccld_trt.export.errors import require_file
+from ccld_trt.export.file_digests import SAFETENSORS_SUFFIX, cached_sha256, safetensors_source
+
+if TYPE_CHECKING:  # which file to read is decided without torch (ModelFiles.resolve, as `sample` starts)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +83,8 @@ def converted(source: Path, what: str, convert: Callable[[], Mapping[str, torch.
     digest = source_sha256(source, build_dir)
     copy = copy_path(source, digest, build_dir)
     if matches(copy, digest):
+        from ccld_trt.export.checkpoints import read_safetensors
+
         return read_safetensors(copy, f"{what} (converted copy of {source})")
     state = {k: v.detach().contiguous() for k, v in convert().items()}
     try:
@@ -120,6 +117,8 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_weights(path: Path, what: str, build_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict the fast way: a safetensors file mapped as it is; a torch pickle through its
     converted copy (``converted``; made from ``load_checkpoint``'s reading, so its errors are the same)."""
+    from ccld_trt.export.checkpoints import load_checkpoint
+
     path = Path(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         return load_checkpoint(path, what)

@@ -8,8 +8,8 @@ where the backend's buffers live; a backend converts at its own boundary if its 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Hashable, Mapping
+from typing import Any, Protocol
 
 import torch
 
@@ -48,6 +48,14 @@ class Backend(Protocol):
         """images float32 [N, 3, 8h, 8w] in [-1, 1] -> the autoencoder posterior's mean float32 [N, 4, h, w]
         (deterministic), before the autoencoder scale (image-to-image's init)."""
         ...
+
+
+def take_opened(opened: dict[str, tuple[Hashable, Any]], graph: str, key: Hashable) -> Any | None:
+    """``graph``'s handle (a session, a compiled model) from ``opened`` ({graph: (key, handle)}, what
+    runner.prefetch_graphs opened in its thread), removed from it, if it was opened from what ``key`` names (the
+    same graph file version and settings as the backend would open now); else None, and the backend opens it."""
+    key_and_handle = opened.pop(graph, None)
+    return key_and_handle[1] if key_and_handle is not None and key_and_handle[0] == key else None
 
 
 class GraphBackend:

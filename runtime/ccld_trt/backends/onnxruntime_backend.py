@@ -4,23 +4,18 @@ providers of onnxruntime-gpu.
 
 Each session is created once; the graphs a text-only request does not run (graph_specs.ON_DEMAND_GRAPHS) on their
 first call, or by ``open_all``. On the CPU a session opens from the graph as ONNX Runtime optimised it the first
-time (``optimized_model``: saved once per graph file, ONNX Runtime version and CPU, then loaded without optimising
-again: ~1 s less per start on the full-size U-Net, outputs bit-identical to optimising anew), its weights in a
-file beside it that ONNX Runtime maps into memory instead of copying out of the graph (the three graphs of a
-text prompt open in ~0.4 s, not ~1.4 s, on a 2-core AMD EPYC). A call binds the
-caller's torch tensors' memory as the graph inputs (IO binding, no copy) and has ONNX Runtime write into an output
-tensor allocated once per output shape; the caller gets a copy of it, because samplers keep earlier outputs
-(PLMS's history) while the buffer is reused by the next call.
+time (onnxruntime_sessions.optimized_model: saved once per graph file, ONNX Runtime version and CPU, then loaded
+without optimising again: ~1 s less per start on the full-size U-Net, outputs bit-identical to optimising anew),
+its weights in a file beside it that ONNX Runtime maps into memory instead of copying out of the graph (the three
+graphs of a text prompt open in ~0.4 s, not ~1.4 s, on a 2-core AMD EPYC). A call binds the caller's torch
+tensors' memory as the graph inputs (IO binding, no copy) and has ONNX Runtime write into an output tensor
+allocated once per output shape; the caller gets a copy of it, because samplers keep earlier outputs (PLMS's
+history) while the buffer is reused by the next call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import platform
-import shutil
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,106 +23,19 @@ import numpy as np
 import torch
 
 from ccld_trt import backend_select
-from ccld_trt.backends.base import GraphBackend
-from ccld_trt.export.checkpoints import require_file
-from ccld_trt.export.errors import UserError
+from ccld_trt.backends.base import GraphBackend, take_opened
+from ccld_trt.backends.onnxruntime_sessions import OPTIMIZED_DIR, open_cpu_session, session_key, session_options
+from ccld_trt.export.errors import UserError, require_file
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
 from ccld_trt.export.onnx_files import onnx_path
 from ccld_trt.export.shapes import output_shapes
 
-OPTIMIZED_DIR = "ort-optimized"  # under the graphs' directory: each graph as ONNX Runtime optimised it on this CPU
-OPTIMIZED_NAME = "model.onnx"  # the optimised graph in its folder (its weights: model.onnx.data)
 GPU_HINT = "pip install 'ccld-trt[gpu]' (onnxruntime-gpu) and use an NVIDIA GPU, or the cpu device"
 
 
 def check_precision(precision: str) -> str:
     """``precision`` if this backend has graphs for it (fp32, fp16), else UserError."""
     return backend_select.check_precision("onnxruntime", precision)
-
-
-def session_options(threads: int | None = None) -> Any:
-    """CPU-tuned session options: every graph optimisation (fusions, NCHWc layouts), ops run one after another
-    (these graphs are chains, so parallel branches gain nothing), ``threads`` per op (None: ONNX Runtime's
-    default, one per physical core)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    options.intra_op_num_threads = threads or 0
-    options.log_severity_level = 3  # errors only: the optimiser's notes are not for users
-    return options
-
-
-def optimized_model(root: Path, source: Path) -> Path:
-    """``<root>/<graph file name>-<digest>/model.onnx``: where the CPU-optimised copy of ``source`` is kept, its
-    weights in ``model.onnx.data`` beside it. The digest covers the source's size and mtime (and its external
-    data's), the ONNX Runtime version and the CPU (the optimiser's NCHWc layouts are specific to it), so a changed
-    graph, library or machine never opens an old copy; copies of older versions of the same file are removed."""
-    import onnxruntime as ort
-
-    parts = [source, *(p for p in (source.with_name(source.name + ".data"),) if p.exists())]
-    ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
-    digest = hashlib.sha256(repr((ident, ort.__version__, platform.machine(), _cpu_model())).encode()).hexdigest()
-    folder = root / f"{source.name}-{digest[:12]}"
-    if root.is_dir():
-        for old in root.glob(f"{source.name}-*"):
-            if old.is_dir() and old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-            elif old.is_file():  # a copy saved as one file, before the weights went beside it
-                old.unlink(missing_ok=True)
-    return folder / OPTIMIZED_NAME
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
-def open_cpu_session(source: Path, options: Any, root: Path) -> Any:
-    """A CPU session of ``source``: from its optimised copy under ``root`` when there is one (no optimising
-    again), else optimised now and the result saved there for the next start. Graphs with external data (past
-    2 GB) are not copied."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if source.with_name(source.name + ".data").exists():
-        return ort.InferenceSession(str(source), options, providers=providers)
-    target = optimized_model(root, source)
-    if target.is_file():
-        saved = _copy_options(options)
-        saved.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(str(target), saved, providers=providers)
-    staged = target.parent.with_name(f".{target.parent.name}.{os.getpid()}")
-    staged.mkdir(parents=True, exist_ok=True)
-    writing = _copy_options(options)
-    writing.optimized_model_filepath = str(staged / target.name)
-    # the weights (initializers past 1 KiB) to a data file: ONNX Runtime maps it into memory when the copy is
-    # opened, where weights inside the graph's protobuf are parsed and copied
-    writing.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                     f"{target.name}.data")
-    try:
-        session = ort.InferenceSession(str(source), writing, providers=providers)
-        with contextlib.suppress(OSError):  # another process saved the same copy first: theirs is kept
-            os.rename(staged, target.parent)  # the folder whole or not at all: another process may be opening it
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    return session
-
-
-def _copy_options(options: Any) -> Any:
-    """A new SessionOptions with the same settings as ``options`` (the ones ``session_options`` sets)."""
-    import onnxruntime as ort
-
-    copy = ort.SessionOptions()
-    for name in ("graph_optimization_level", "execution_mode", "inter_op_num_threads", "intra_op_num_threads",
-                 "log_severity_level"):
-        setattr(copy, name, getattr(options, name))
-    return copy
 
 
 def execution_providers(device: torch.device, precision: str, cache_dir: Path) -> list[Any]:
@@ -165,7 +73,7 @@ class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -179,20 +87,23 @@ class OnnxRuntimeBackend(GraphBackend):
         self.sessions: dict[str, Any] = {}
         for graph in BACKEND_GRAPHS:
             if graph not in ON_DEMAND_GRAPHS:
-                self._open(graph)
+                self._open(graph, opened or {})
         self._ort_device = self.device.type
         self._device_id = self.device.index or 0
         # (graph, output shape) -> the IO binding with its output bound, and that output tensor
         self._bound: dict[tuple[str, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
 
-    def _open(self, graph: str) -> None:
-        """Open ``graph``'s session (on the CPU from its saved optimised copy when there is one)."""
+    def _open(self, graph: str, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
+        """Open ``graph``'s session (on the CPU from its saved optimised copy when there is one; taken from
+        ``opened``, onnxruntime_sessions.open_saved_sessions's result, where that opened the same copy alike)."""
         import onnxruntime as ort
 
         path = self.files.get(graph) or require_file(onnx_path(self.onnx_dir, graph, self.precision),
                                                      f"{graph} ONNX graph")
         if self.device.type == "cpu":
-            self.sessions[graph] = open_cpu_session(path, self.options, self.onnx_dir / OPTIMIZED_DIR)
+            root = self.onnx_dir / OPTIMIZED_DIR
+            session = take_opened(opened or {}, graph, session_key(root, path, self.options))
+            self.sessions[graph] = session if session is not None else open_cpu_session(path, self.options, root)
         else:
             self.sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
 

@@ -8,81 +8,35 @@ none, its fp32 graph runs), the rest at bf16 where the CPU has it. The CPU's ins
 anything compiles, so a precision that cannot run is one clear line, not a slow or silently-fp32 run.
 
 Each graph is compiled once per model file: OpenVINO's model cache keeps the compiled blob under the graphs'
-directory, so later starts load it instead of compiling again. One ``Core`` serves every graph; the graphs a
-text-only request does not run (graph_specs.ON_DEMAND_GRAPHS: the CLOOB image encoder, the autoencoder's encoder)
-are compiled on their first call, or by ``open_all``. One inference request per graph, as the pipeline makes one
-call at a time.
+directory, so later starts load it instead of compiling again (openvino_compile: the torch-free part, with which a
+fresh ``sample`` process compiles the graphs from the cache while it imports torch). One ``Core`` serves the
+graphs the backend compiles itself; the graphs a text-only request does not run (graph_specs.ON_DEMAND_GRAPHS:
+the CLOOB image encoder, the autoencoder's encoder) are compiled on their first call, or by ``open_all``. One
+inference request per graph, as the pipeline makes one call at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ccld_trt import backend_select
 from ccld_trt.backend_select import require_openvino
-from ccld_trt.backends.base import GraphBackend
+from ccld_trt.backends.base import GraphBackend, take_opened
+from ccld_trt.backends.openvino_compile import (
+    CACHE_DIR,
+    cache_folder,
+    check_precision,
+    compile_config,
+    compile_graph,
+    graph_file,
+    graph_files,
+)
 from ccld_trt.cpu_features import default_cpu_precision, physical_cores
-from ccld_trt.export.checkpoints import require_file
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
-from ccld_trt.export.onnx_files import onnx_path
-
-CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, one folder per graph file version
-# OpenVINO's names for the inference precision hint
-_HINTS = {"fp32": "f32", "bf16": "bf16"}
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` if this backend runs it and this CPU has its instructions (cpu_features), else UserError
-    (one line)."""
-    backend_select.check_precision("openvino", precision)
-    return backend_select.check_cpu_precision("openvino", precision)
-
-
-def graph_file(onnx_dir: Path, graph: str, precision: str) -> Path:
-    """The file ``graph`` runs from: the int8 model where ``precision`` is int8 and one was made for the graph
-    (see export.quantize), else the fp32 ONNX graph. A missing file is a UserError."""
-    int8 = None
-    if precision == "int8":
-        from ccld_trt.export.quantize import quantized_path  # the quantiser (and the exporter) only for int8
-
-        int8 = quantized_path(onnx_dir, graph)
-    return require_file(int8 or onnx_path(onnx_dir, graph), f"{graph} graph")
-
-
-def graph_files(onnx_dir: Path, precision: str) -> dict[str, Path]:
-    """The file each backend graph runs from (``graph_file``); missing files are a UserError."""
-    return {graph: graph_file(onnx_dir, graph, precision) for graph in BACKEND_GRAPHS}
-
-
-def compile_config(precision: str, threads: int) -> dict[str, Any]:
-    """OpenVINO CPU properties: one stream, ``threads`` threads, latency-first, and the inference precision
-    (int8 graphs run their unquantised ops at bf16 where the CPU has it)."""
-    hint = _HINTS.get(precision) or _HINTS[default_cpu_precision()]
-    return {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY"}
-
-
-def cache_folder(root: Path, path: Path, config: Mapping[str, Any]) -> Path:
-    """``<root>/<graph file stem>-<digest>``: the model cache of one version of one graph file and one
-    configuration. OpenVINO's cache key for a model compiled from a path does not cover every byte of the file,
-    so the folder's name does (size and mtime of the file and of its weights beside it); folders of older
-    versions of the same file are removed."""
-    parts = [path, *(p for p in (path.with_suffix(".bin"), path.with_name(path.name + ".data")) if p.exists())]
-    ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
-    digest = hashlib.sha256(repr((ident, sorted(config.items()))).encode()).hexdigest()[:12]
-    folder = root / f"{path.name}-{digest}"
-    if root.is_dir():
-        for old in root.glob(f"{path.name}-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 class OpenVinoBackend(GraphBackend):
@@ -92,12 +46,13 @@ class OpenVinoBackend(GraphBackend):
 
     name = "openvino"
 
-    def __init__(self, onnx_dir: Path, precision: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, onnx_dir: Path, precision: str | None = None, threads: int | None = None,
+                 opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
         self.device = torch.device("cpu")
         self.precision = check_precision(precision or default_cpu_precision())
         ov = require_openvino()
         onnx_dir = Path(onnx_dir)
-        self.files = graph_files(onnx_dir, self.precision)
+        self.files = graph_files(onnx_dir, BACKEND_GRAPHS, self.precision)
         self.threads = threads or physical_cores()
         self.config = compile_config(self.precision, self.threads)
         self._core = ov.Core()
@@ -105,13 +60,17 @@ class OpenVinoBackend(GraphBackend):
         self._requests: dict[str, Any] = {}
         for graph in BACKEND_GRAPHS:
             if graph not in ON_DEMAND_GRAPHS:
-                self._open(graph)
+                self._open(graph, opened or {})
 
-    def _open(self, graph: str) -> None:
-        """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob) and make its request."""
+    def _open(self, graph: str, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
+        """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob; taken from ``opened``,
+        openvino_compile.open_cached_graphs's result, where that compiled the same file version alike) and make
+        its request."""
         path = self.files.get(graph) or graph_file(self.onnx_dir, graph, self.precision)
         folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
-        model = self._core.compile_model(str(path), "CPU", {**self.config, "CACHE_DIR": str(folder)})
+        model = take_opened(opened or {}, graph, folder)
+        if model is None:
+            model = compile_graph(self._core, path, self.config, folder)
         self.compiled[graph], self._requests[graph] = model, model.create_infer_request()
 
     def open_all(self) -> None:

@@ -27,8 +27,7 @@ from ccld_trt.engines.engine import Engine, engine_file
 from ccld_trt.engines.flavor import FLAVORS, Flavor, parse_flavor, require_flavor
 from ccld_trt.engines.profiles import ShapeRange
 from ccld_trt.engines.sidecar import Sidecar, check_sidecar, checkpoint_digests, gpu_identity, read_sidecar
-from ccld_trt.export.checkpoints import require_file
-from ccld_trt.export.errors import UserError
+from ccld_trt.export.errors import UserError, require_file
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPH_PRECISIONS, GRAPHS, GraphSpec
 from ccld_trt.export.models import ModelFiles
 from ccld_trt.export.onnx_manifest import COMPONENT

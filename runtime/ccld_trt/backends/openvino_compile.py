@@ -1,0 +1,89 @@
+"""How the OpenVINO backend compiles the graph files, without torch: which file each graph runs from, the CPU
+properties, and where OpenVINO's model cache keeps each compiled blob. A fresh ``sample`` process compiles the
+graphs from that cache while it imports torch (``open_cached_graphs``, started by runner.prefetch_graphs)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Hashable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ccld_trt import backend_select
+from ccld_trt.cpu_features import default_cpu_precision, physical_cores
+from ccld_trt.export.errors import require_file
+from ccld_trt.export.onnx_files import onnx_path
+
+CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, one folder per graph file version
+# OpenVINO's names for the inference precision hint
+_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if this backend runs it and this CPU has its instructions (cpu_features), else UserError
+    (one line)."""
+    backend_select.check_precision("openvino", precision)
+    return backend_select.check_cpu_precision("openvino", precision)
+
+
+def graph_file(onnx_dir: Path, graph: str, precision: str) -> Path:
+    """The file ``graph`` runs from: the int8 model where ``precision`` is int8 and one was made for the graph
+    (see export.quantize), else the fp32 ONNX graph. A missing file is a UserError."""
+    int8 = None
+    if precision == "int8":
+        from ccld_trt.export.quantize import quantized_path  # the quantiser (and the exporter) only for int8
+
+        int8 = quantized_path(onnx_dir, graph)
+    return require_file(int8 or onnx_path(onnx_dir, graph), f"{graph} graph")
+
+
+def graph_files(onnx_dir: Path, graphs: Iterable[str], precision: str) -> dict[str, Path]:
+    """The file each of ``graphs`` runs from (``graph_file``); missing files are a UserError."""
+    return {graph: graph_file(onnx_dir, graph, precision) for graph in graphs}
+
+
+def compile_config(precision: str, threads: int) -> dict[str, Any]:
+    """OpenVINO CPU properties: one stream, ``threads`` threads, latency-first, and the inference precision
+    (int8 graphs run their unquantised ops at bf16 where the CPU has it)."""
+    hint = _HINTS.get(precision) or _HINTS[default_cpu_precision()]
+    return {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY"}
+
+
+def cache_folder(root: Path, path: Path, config: Mapping[str, Any]) -> Path:
+    """``<root>/<graph file stem>-<digest>``: the model cache of one version of one graph file and one
+    configuration. OpenVINO's cache key for a model compiled from a path does not cover every byte of the file,
+    so the folder's name does (size and mtime of the file and of its weights beside it); folders of older
+    versions of the same file are removed."""
+    parts = [path, *(p for p in (path.with_suffix(".bin"), path.with_name(path.name + ".data")) if p.exists())]
+    ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
+    digest = hashlib.sha256(repr((ident, sorted(config.items()))).encode()).hexdigest()[:12]
+    folder = root / f"{path.name}-{digest}"
+    if root.is_dir():
+        for old in root.glob(f"{path.name}-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def compile_graph(core: Any, path: Path, config: Mapping[str, Any], folder: Path) -> Any:
+    """``path`` compiled for the CPU with ``config`` (an ov.CompiledModel), through the model cache ``folder``:
+    from its blob when it holds one, else compiled and the blob saved there."""
+    return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
+
+
+def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> dict[str, tuple[Hashable, Any]]:
+    """{graph: (cache folder, compiled model)} for those of ``graphs`` (fp32 or bf16) whose blob the model cache
+    already holds; the others are left to the backend (nothing is compiled anew here). The cache folder is the key
+    the backend checks before using one (``OpenVinoBackend(opened=...)``): the same file version and properties."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = compile_config(precision, physical_cores())
+    opened: dict[str, tuple[Hashable, Any]] = {}
+    for graph, path in graph_files(onnx_dir, graphs, precision).items():
+        folder = cache_folder(onnx_dir / CACHE_DIR, path, config)
+        if folder.is_dir():
+            opened[graph] = folder, compile_graph(core, path, config, folder)
+    return opened

@@ -191,6 +191,7 @@ def open_session(options: BackendOptions, models: ModelSource, prefetched: Futur
         backend = _open_openvino(options, precision, models, opened)
     else:
         raise UserError(f"unknown backend {options.backend!r}")
+    opened.clear()  # what the backend did not take (a graph changed since) is let go now, not at exit
     return Session(backend, cloob_image_size(load_cloob_config(files.cloob_config)),
                    functools.partial(checkpoint_autoencoder_scale, files.unet), files.is_demo())
 

@@ -216,7 +216,8 @@ def test_network_distance_to_a_converged_reference_falls_with_steps(small_networ
 
 
 def test_fast_flag_selects_the_preset():
-    from ccld_trt.cli import _sampler_fields, build_parser
+    from ccld_trt.cli import build_parser
+    from ccld_trt.cli_sample import _sampler_fields
 
     fast = build_parser().parse_args(["sample", "a cat", "--fast", "--steps", "50"])
     assert _sampler_fields(fast) == {"steps": FAST_STEPS, "method": FAST_METHOD}

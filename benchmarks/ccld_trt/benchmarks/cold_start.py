@@ -41,7 +41,7 @@ from ccld_trt.stage_clock import ENV as STAGES_ENV
 
 PROMPT = "a lighthouse at dusk, oil on canvas"
 MODES: dict[str, tuple[str, ...]] = {"fast": ("--fast",), "default": ()}  # sample's flags per mode
-# Stage marks written by cli.cmd_sample / runner (ccld_trt.stage_clock) and the names the report gives them
+# Stage marks written by cli_sample.cmd_sample / runner (ccld_trt.stage_clock) and the names the report gives them
 STAGE_NAMES = {"python": "interpreter", "cli": "CLI parser + its imports", "imports": "sample's imports",
                "model files read": "model files read",
                "backend ready": "backend ready", "image": "first image", "written": "write"}

@@ -174,11 +174,16 @@ def test_model_cache_is_per_file_version(ov_dir: Path, tmp_path: Path) -> None:
     # a second start loads the cached blobs (same folders) and computes the same function
     assert torch.equal(OpenVinoBackend(graphs, "fp32").decode(*inputs.values()), first)
     assert sorted(p.name for p in (graphs / CACHE_DIR).iterdir()) == folders
-    # a graph written again (a re-export) gets a fresh folder; its stale one is removed
+    # the same files compiled otherwise (another thread count here; another precision alike) get folders of their
+    # own, and keep the first ones: switching back compiles nothing again
+    OpenVinoBackend(graphs, "fp32", threads=1).open_all()
+    both = sorted(p.name for p in (graphs / CACHE_DIR).iterdir())
+    assert len(both) == 2 * len(BACKEND_GRAPHS) and set(folders) < set(both)
+    # a graph written again (a re-export) gets a fresh folder; its stale ones (both configurations) are removed
     shutil.copy(ov_dir / "decoder.onnx", graphs / "decoder.onnx")
     OpenVinoBackend(graphs, "fp32").open_all()
     after = sorted(p.name for p in (graphs / CACHE_DIR).iterdir())
-    assert len(after) == len(BACKEND_GRAPHS)
+    assert len(after) == 2 * len(BACKEND_GRAPHS) - 1
     assert [f for f in after if f.startswith("decoder")] != [f for f in folders if f.startswith("decoder")]
 
 

@@ -63,15 +63,16 @@ class OpenVinoBackend(GraphBackend):
                 self._open(graph, opened or {})
 
     def _open(self, graph: str, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
-        """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob; taken from ``opened``,
-        openvino_compile.open_cached_graphs's result, where that compiled the same file version alike) and make
-        its request."""
+        """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob) and make its request; or
+        take both from ``opened`` (openvino_compile.open_cached_graphs's result, the request warmed up) where that
+        compiled the same file version alike."""
         path = self.files.get(graph) or graph_file(self.onnx_dir, graph, self.precision)
         folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
-        model = take_opened(opened or {}, graph, folder)
-        if model is None:
+        handle = take_opened(opened or {}, graph, folder)
+        if handle is None:
             model = compile_graph(self._core, path, self.config, folder)
-        self.compiled[graph], self._requests[graph] = model, model.create_infer_request()
+            handle = model, model.create_infer_request()
+        self.compiled[graph], self._requests[graph] = handle
 
     def open_all(self) -> None:
         """Compile the on-demand graphs now (a server may do this at start-up, off the request path)."""

@@ -64,8 +64,8 @@ class OpenVinoBackend(GraphBackend):
 
     def _open(self, graph: str, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
         """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob) and make its request; or
-        take both from ``opened`` (openvino_compile.open_cached_graphs's result, the request warmed up) where that
-        compiled the same file version alike."""
+        take both from ``opened`` (openvino_compile.open_cached_graphs's result) where that compiled the same file
+        version alike."""
         path = self.files.get(graph) or graph_file(self.onnx_dir, graph, self.precision)
         folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
         handle = take_opened(opened or {}, graph, folder)

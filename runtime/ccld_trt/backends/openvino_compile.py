@@ -13,17 +13,11 @@ from typing import Any
 from ccld_trt import backend_select
 from ccld_trt.cpu_features import default_cpu_precision, physical_cores
 from ccld_trt.export.errors import require_file
-from ccld_trt.export.graph_specs import GRAPHS
 from ccld_trt.export.onnx_files import onnx_path
-from ccld_trt.export.shapes import resolve_dim
 
-CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, one folder per graph file version
+CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, a folder per file version and configuration
 # OpenVINO's names for the inference precision hint
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
-# The warm-up call's dimensions: OpenVINO's CPU plugin does most of a graph's one-off set-up on its first inference
-# whatever the shapes (measured on the full-size U-Net, bf16: a first 32x32 call 0.6-0.7 s against 0.2 s warm,
-# and 0.3 s after an 8x8 call; the decoder's ~0.4 s likewise), and later calls compute the same bits.
-WARM_UP_DIMS = {"batch": 1, "conds": 1, "height": 8, "width": 8}
 
 
 def check_precision(precision: str) -> str:
@@ -84,20 +78,11 @@ def compile_graph(core: Any, path: Path, config: Mapping[str, Any], folder: Path
     return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
 
 
-def warm_up(request: Any, graph: str) -> None:
-    """One inference of ``graph`` on zeros of WARM_UP_DIMS through ``request`` (an ov.InferRequest), so that its
-    first real call does not pay the one-off set-up."""
-    import numpy as np
-
-    request.infer({t.name: np.zeros([resolve_dim(d, WARM_UP_DIMS) for d in t.shape], t.dtype)
-                   for t in GRAPHS[graph].inputs})
-
-
 def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> dict[str, tuple[Hashable, Any]]:
     """{graph: (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or bf16) whose blob
-    the model cache already holds, each request warmed up (``warm_up``); the others are left to the backend
-    (nothing is compiled anew here). The cache folder is the key the backend checks before using one
-    (``OpenVinoBackend(opened=...)``): the same file version and properties."""
+    the model cache already holds; the others are left to the backend (nothing is compiled anew here). The cache
+    folder is the key the backend checks before using one (``OpenVinoBackend(opened=...)``): the same file version
+    and properties."""
     import openvino as ov
 
     core = ov.Core()
@@ -107,7 +92,5 @@ def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) ->
         folder = cache_folder(onnx_dir / CACHE_DIR, path, config)
         if folder.is_dir():
             model = compile_graph(core, path, config, folder)
-            request = model.create_infer_request()
-            warm_up(request, graph)
-            opened[graph] = folder, (model, request)
+            opened[graph] = folder, (model, model.create_infer_request())
     return opened

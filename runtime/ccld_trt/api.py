@@ -26,13 +26,14 @@ from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 from ccld_trt.export.errors import UserError
 from ccld_trt.jobs import ImagePromptInput, ImageSource, Job, PromptInput
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request
-from ccld_trt.runner import BackendOptions, ModelSource, Opened, Session, open_session
+from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 from ccld_trt.sampler_names import PRESETS, chosen_preset
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
     from typing import Unpack
 
+    from ccld_trt.backends.base import Opened
     from ccld_trt.jobs import RequestFields
 
 # callback(done, total) after each U-Net evaluation of a job

@@ -84,7 +84,7 @@ def resolve_backend(name: str, device: str) -> tuple[str, str]:
     if backend == "tensorrt" and dev_type != "cuda":
         raise UserError("the tensorrt backend runs on NVIDIA GPUs only: use a cuda device, or the onnxruntime "
                         "or torch backend on the CPU")
-    if dev is not None and dev_type == "cuda":
+    if dev_type == "cuda":
         _check_cuda(backend, dev)
     if backend == "tensorrt" and not installed_flavors():
         require_tensorrt()  # the one line that says what to install

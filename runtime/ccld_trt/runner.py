@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ccld_trt import stage_clock
 from ccld_trt.backend_select import check_cpu_precision, check_precision, default_precision, resolve_backend
@@ -20,7 +20,7 @@ from ccld_trt.export.models import ModelFiles, Networks, checkpoint_autoencoder_
 from ccld_trt.limits import unet_shape_problem
 
 if TYPE_CHECKING:  # torch's: the options and the model files are read without it (serve's page starts first)
-    from ccld_trt.backends.base import Backend
+    from ccld_trt.backends.base import Backend, Opened
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,6 @@ class Session:
         """The U-Net checkpoint's stored ``autoencoder_scale`` buffer (read on first use)."""
         source = self.scale_source
         return float(source() if callable(source) else source)
-
-
-# {graph: (key, handle)}: the graphs prefetch_graphs opened, each with what it was opened from (base.take_opened)
-Opened = dict[str, tuple[Hashable, Any]]
 
 
 def prefetch_graphs(options: BackendOptions, models: ModelSource) -> Future[Opened] | None:

@@ -50,11 +50,16 @@ class Backend(Protocol):
         ...
 
 
-def take_opened(opened: dict[str, tuple[Hashable, Any]], graph: str, key: Hashable) -> Any | None:
-    """``graph``'s handle (a session, a compiled model) from ``opened`` ({graph: (key, handle)}, what
-    runner.prefetch_graphs opened in its thread), removed from it, if it was opened from what ``key`` names (the
-    same graph file version and settings as the backend would open now); else None, and the backend opens it."""
-    key_and_handle = opened.pop(graph, None)
+# {graph: (key, handle)}: graphs opened ahead of the backend (runner.prefetch_graphs, in its thread), each with what
+# it was opened from (a graph file version and settings)
+Opened = dict[str, tuple[Hashable, Any]]
+
+
+def take_opened(opened: Opened | None, graph: str, key: Hashable) -> Any | None:
+    """``graph``'s handle (a session; a compiled model and its request) from ``opened``, removed from it, if it was
+    opened from what ``key`` names (the same graph file version and settings as the backend would open now); else
+    None, and the backend opens it."""
+    key_and_handle = opened.pop(graph, None) if opened else None
     return key_and_handle[1] if key_and_handle is not None and key_and_handle[0] == key else None
 
 

@@ -15,7 +15,7 @@ history) while the buffer is reused by the next call.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ccld_trt import backend_select
-from ccld_trt.backends.base import GraphBackend, take_opened
+from ccld_trt.backends.base import GraphBackend, Opened, take_opened
 from ccld_trt.backends.onnxruntime_sessions import OPTIMIZED_DIR, open_cpu_session, session_key, session_options
 from ccld_trt.export.errors import UserError, require_file
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
@@ -73,7 +73,7 @@ class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32",
-                 threads: int | None = None, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
+                 threads: int | None = None, opened: Opened | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -87,13 +87,13 @@ class OnnxRuntimeBackend(GraphBackend):
         self.sessions: dict[str, Any] = {}
         for graph in BACKEND_GRAPHS:
             if graph not in ON_DEMAND_GRAPHS:
-                self._open(graph, opened or {})
+                self._open(graph, opened)
         self._ort_device = self.device.type
         self._device_id = self.device.index or 0
         # (graph, output shape) -> the IO binding with its output bound, and that output tensor
         self._bound: dict[tuple[str, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
 
-    def _open(self, graph: str, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
+    def _open(self, graph: str, opened: Opened | None = None) -> None:
         """Open ``graph``'s session (on the CPU from its saved optimised copy when there is one; taken from
         ``opened``, onnxruntime_sessions.open_saved_sessions's result, where that opened the same copy alike)."""
         import onnxruntime as ort
@@ -102,7 +102,7 @@ class OnnxRuntimeBackend(GraphBackend):
                                                      f"{graph} ONNX graph")
         if self.device.type == "cpu":
             root = self.onnx_dir / OPTIMIZED_DIR
-            session = take_opened(opened or {}, graph, session_key(root, path, self.options))
+            session = take_opened(opened, graph, session_key(root, path, self.options))
             self.sessions[graph] = session if session is not None else open_cpu_session(path, self.options, root)
         else:
             self.sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)

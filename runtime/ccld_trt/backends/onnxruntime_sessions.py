@@ -6,15 +6,19 @@ opens the saved copies while it imports torch (``open_saved_sessions``, started 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import platform
 import shutil
 from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccld_trt.export.onnx_files import onnx_path
+
+if TYPE_CHECKING:  # the backend's module imports torch; this one must not (it runs while torch imports)
+    from ccld_trt.backends.base import Opened
 
 OPTIMIZED_DIR = "ort-optimized"  # under the graphs' directory: each graph as ONNX Runtime optimised it on this CPU
 OPTIMIZED_NAME = "model.onnx"  # the optimised graph in its folder (its weights: model.onnx.data)
@@ -56,6 +60,7 @@ def optimized_model(root: Path, source: Path) -> Path:
     return folder / OPTIMIZED_NAME
 
 
+@functools.cache  # read once per process: every session's key and copy name include it
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -122,13 +127,13 @@ def open_cpu_session(source: Path, options: Any, root: Path) -> Any:
     return session
 
 
-def open_saved_sessions(onnx_dir: Path, graphs: Iterable[str], precision: str) -> dict[str, tuple[Hashable, Any]]:
+def open_saved_sessions(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:
     """{graph: (session_key, session)} for those of ``graphs`` that ``open_saved_session`` can open with the
     backend's default options; the others are left to the backend. The key is what the backend checks before
     using one (``OnnxRuntimeBackend(opened=...)``)."""
     options = session_options()
     root = onnx_dir / OPTIMIZED_DIR
-    opened: dict[str, tuple[Hashable, Any]] = {}
+    opened: Opened = {}
     for graph in graphs:
         source = onnx_path(onnx_dir, graph, precision)
         session = open_saved_session(source, options, root) if source.is_file() else None

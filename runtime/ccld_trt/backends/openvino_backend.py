@@ -17,7 +17,7 @@ inference request per graph, as the pipeline makes one call at a time.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ccld_trt.backend_select import require_openvino
-from ccld_trt.backends.base import GraphBackend, take_opened
+from ccld_trt.backends.base import GraphBackend, Opened, take_opened
 from ccld_trt.backends.openvino_compile import (
     CACHE_DIR,
     cache_folder,
@@ -47,7 +47,7 @@ class OpenVinoBackend(GraphBackend):
     name = "openvino"
 
     def __init__(self, onnx_dir: Path, precision: str | None = None, threads: int | None = None,
-                 opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
+                 opened: Opened | None = None) -> None:
         self.device = torch.device("cpu")
         self.precision = check_precision(precision or default_cpu_precision())
         ov = require_openvino()
@@ -60,15 +60,15 @@ class OpenVinoBackend(GraphBackend):
         self._requests: dict[str, Any] = {}
         for graph in BACKEND_GRAPHS:
             if graph not in ON_DEMAND_GRAPHS:
-                self._open(graph, opened or {})
+                self._open(graph, opened)
 
-    def _open(self, graph: str, opened: dict[str, tuple[Hashable, Any]] | None = None) -> None:
+    def _open(self, graph: str, opened: Opened | None = None) -> None:
         """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob) and make its request; or
         take both from ``opened`` (openvino_compile.open_cached_graphs's result) where that compiled the same file
         version alike."""
         path = self.files.get(graph) or graph_file(self.onnx_dir, graph, self.precision)
         folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
-        handle = take_opened(opened or {}, graph, folder)
+        handle = take_opened(opened, graph, folder)
         if handle is None:
             model = compile_graph(self._core, path, self.config, folder)
             handle = model, model.create_infer_request()

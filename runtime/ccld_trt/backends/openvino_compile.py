@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccld_trt import backend_select
 from ccld_trt.cpu_features import default_cpu_precision, physical_cores
 from ccld_trt.export.errors import require_file
 from ccld_trt.export.onnx_files import onnx_path
+
+if TYPE_CHECKING:  # the backend's module imports torch; this one must not (it runs while torch imports)
+    from ccld_trt.backends.base import Opened
 
 CACHE_DIR = "openvino-cache"  # under the graphs' directory: compiled blobs, a folder per file version and configuration
 # OpenVINO's names for the inference precision hint
@@ -78,7 +81,7 @@ def compile_graph(core: Any, path: Path, config: Mapping[str, Any], folder: Path
     return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
 
 
-def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> dict[str, tuple[Hashable, Any]]:
+def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:
     """{graph: (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or bf16) whose blob
     the model cache already holds; the others are left to the backend (nothing is compiled anew here). The cache
     folder is the key the backend checks before using one (``OpenVinoBackend(opened=...)``): the same file version
@@ -87,7 +90,7 @@ def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) ->
 
     core = ov.Core()
     config = compile_config(precision, physical_cores())
-    opened: dict[str, tuple[Hashable, Any]] = {}
+    opened: Opened = {}
     for graph, path in graph_files(onnx_dir, graphs, precision).items():
         folder = cache_folder(onnx_dir / CACHE_DIR, path, config)
         if folder.is_dir():

@@ -154,16 +154,19 @@ def test_started_server_waits_for_the_answer_and_stops_the_server(tmp_path: Path
 
 
 class FakeCluster:
-    """A /v1/stats that lists one replica process, and after it dies a new one (pid 4242) once ``delay`` passed."""
+    """A /v1/stats that lists one replica process (and a replica that died earlier, as Serve's stats still do for
+    a while), and after it dies a new one (pid 4242) once ``delay`` passed."""
 
     def __init__(self, delay: float) -> None:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
         self.replica = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         self.delay, self.died_at = delay, None
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                pids = [fake.replica.pid] if fake.replica.poll() is None else []
+                pids = [dead.pid, fake.replica.pid] if fake.replica.poll() is None else []
                 if not pids:
                     fake.died_at = fake.died_at or time.time()
                     if time.time() - fake.died_at >= fake.delay:
@@ -190,11 +193,11 @@ def test_replica_restart_is_timed_from_the_kill_to_a_new_replica_in_the_stats() 
     cluster = FakeCluster(delay=1.0)
     try:
         seconds = replica_restart_seconds(cluster.url, 60)
-        assert cluster.replica.wait(10) == -signal.SIGKILL  # the replica listed was killed
+        assert cluster.replica.wait(10) == -signal.SIGKILL  # the live replica listed was killed
         assert 1.0 <= seconds < 30
     finally:
         cluster.close()
-    with pytest.raises(ColdRunFailed, match="lists no model replica"):
+    with pytest.raises(ColdRunFailed, match="lists no live model replica"):
         replica_restart_seconds(f"http://127.0.0.1:{free_port()}", 5)
 
 

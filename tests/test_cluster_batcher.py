@@ -190,3 +190,34 @@ def test_requests_stepping_together_keep_merging() -> None:
     assert stats["evaluations"] == 20
     assert stats["unet_calls"] <= 12 and stats["merged_calls"] >= 8, stats
     batcher.close()
+
+
+class GatedBackend:
+    """A row backend whose U-Net calls wait for ``gate``; it records the rows of each call."""
+
+    name = "fake"
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.rows: list[int] = []
+
+    def unet_rows(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        assert self.gate.wait(10)
+        self.rows.append(int(x.shape[0]))
+        return torch.zeros_like(x)
+
+
+def test_replica_is_ready_before_its_warm_up_which_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccld_trt.cluster import replica as replica_module
+    from ccld_trt.runner import BackendOptions, Session
+
+    backend = GatedBackend()
+    monkeypatch.setattr(replica_module, "open_session",
+                        lambda options, models: Session(backend, 224, 1.0, demo=True))  # type: ignore[arg-type]
+    replica = replica_module.Replica(BackendOptions("torch"), None,  # type: ignore[arg-type]
+                                     replica_module.ReplicaSettings())
+    assert backend.rows == []  # init returned with the warm-up call still waiting
+    backend.gate.set()
+    replica.close()  # waits for the warm-up
+    assert backend.rows == [2]  # one merged call of two evaluations, one row each

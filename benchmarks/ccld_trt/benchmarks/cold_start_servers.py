@@ -90,13 +90,14 @@ def replica_pids(base_url: str) -> set[int]:
 
 
 def replica_restart_seconds(base_url: str, timeout_s: float) -> float:
-    """Kill one model replica of the cluster at ``base_url`` (SIGKILL, as a crash would) and return the seconds
+    """Kill one live model replica of the cluster at ``base_url`` (SIGKILL, as a crash would) and return the seconds
     until another reports ready in ``/v1/stats``: Serve noticing the death, starting a replica process and that
     replica loading its models. ColdRunFailed when there is none to kill or none comes back in ``timeout_s``."""
     before = replica_pids(base_url)
-    if not before:
-        raise ColdRunFailed(f"{base_url}/v1/stats lists no model replica")
-    victim = min(before)
+    alive = sorted(pid for pid in before if _alive(pid))  # /v1/stats lists a dead replica for a while
+    if not alive:
+        raise ColdRunFailed(f"{base_url}/v1/stats lists no live model replica")
+    victim = alive[0]
     start = time.time()
     os.kill(victim, signal.SIGKILL)
     while not replica_pids(base_url) - before:
@@ -104,3 +105,13 @@ def replica_restart_seconds(base_url: str, timeout_s: float) -> float:
             raise ColdRunFailed(f"no new model replica reported within {timeout_s:.0f} s of killing {victim}")
         time.sleep(POLL_S)
     return time.time() - start
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True

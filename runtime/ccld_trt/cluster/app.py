@@ -42,8 +42,10 @@ DEFAULT_PORT = 8000
 KEY_POLL_S = 5.0  # how often a running cluster looks at its key file
 # After SIGINT or SIGTERM, the clean-up (Serve, then Ray's processes) gets this long: gone within 15 s of the signal
 SHUTDOWN_S = 10.0
-HEALTH_PERIOD_S = 2.0  # Serve checks each model replica this often (and the replica reports its stats then)
-REPLICA_STALE_S = 5 * HEALTH_PERIOD_S  # a replica silent this long is dead to /v1/stats and /v1/health
+# Serve checks each model replica this often (and the replica reports its stats then). Serve learns of a replica's
+# death at its next check, so this bounds how long a crashed one goes unreplaced (2 s added up to 2 s to a restart).
+HEALTH_PERIOD_S = 0.5
+REPLICA_STALE_S = 10.0  # a replica silent this long (20 checks) is dead to /v1/stats and /v1/health
 INSTALL_HINT = "pip install 'ccld-trt[cluster]' (Ray Serve)"
 _local_ray: LocalRay | None = None  # the local Ray start_ray started (shutdown stops it and removes its files)
 

@@ -40,9 +40,8 @@ from ccld_trt.benchmarks.solver_oracle import REFERENCE_FINAL_LOG_SNR, psnr
 from ccld_trt.benchmarks.steps_to_quality import REFERENCE_METHOD, REFERENCE_STEPS, QualityConfig
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
-from ccld_trt.export.demo_weights import MARKER as DEMO_MARKER
 from ccld_trt.export.demo_weights import init_tensor
-from ccld_trt.export.models import UNET_FILE, ModelFiles
+from ccld_trt.export.models import DEMO_MARKER, UNET_FILE, ModelFiles
 from ccld_trt.export.unet import infer_unet_config, unet_state_shapes
 from ccld_trt.image_prompt import load_image_prompt
 from ccld_trt.pipeline import Request, conditions, draw_noise, sample_latents

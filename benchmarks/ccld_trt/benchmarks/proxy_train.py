@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccld_trt.benchmarks.proxy_data import Crops, train_and_held_out
-from ccld_trt.export.demo_weights import MARKER as DEMO_MARKER
 from ccld_trt.export.demo_weights import init_tensor, write_demo_weights
-from ccld_trt.export.models import UNET_FILE
+from ccld_trt.export.models import DEMO_MARKER, UNET_FILE
 from ccld_trt.export.unet import COND_DIM, DiffusionModel, Modulation2d
 from ccld_trt.schedule import t_to_alpha_sigma
 

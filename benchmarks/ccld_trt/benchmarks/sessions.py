@@ -29,10 +29,11 @@ def bench_model_files(config: BenchConfig, log: Callable[[str], None]) -> tuple[
         return files, {"dir": str(directory), "demo": files.is_demo(), "size": None}
     except UserError:
         pass
-    from ccld_trt.export.demo_weights import MARKER, write_demo_weights
+    from ccld_trt.export.demo_weights import write_demo_weights
+    from ccld_trt.export.models import DEMO_MARKER
 
     cache = config.weights_cache / f"{config.demo_size}-seed0"
-    if not (cache / MARKER).exists():
+    if not (cache / DEMO_MARKER).exists():
         log(f"{directory} lacks model weights: writing {config.demo_size} RANDOM demo weights to {cache} (once)")
         # written under a temporary name and renamed, so an interrupted write never looks complete
         partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")

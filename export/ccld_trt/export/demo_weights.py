@@ -22,11 +22,11 @@ from ccld_trt.export.autoencoder import autoencoder_state_shapes
 from ccld_trt.export.cloob import cloob_param_shapes
 from ccld_trt.export.cloob_config import load_cloob_config
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.models import DEMO_MARKER
 from ccld_trt.export.unet import unet_state_shapes
 
 Shape = tuple[int, ...]
 
-MARKER = "DEMO_WEIGHTS.txt"
 
 SMALL_AE: dict[str, Any] = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -99,7 +99,7 @@ def write_demo_weights(out_dir: Path, size: str = "small", seed: int = 0) -> lis
     if size not in SIZES:
         raise UserError(f"unknown demo size {size!r}; choose from {', '.join(SIZES)}")
     out_dir = Path(out_dir)
-    names = ["model_student.ckpt", "ae_model.ckpt", "ae_model.yaml", "cloob_config.json", "cloob.pkl", MARKER]
+    names = ["model_student.ckpt", "ae_model.ckpt", "ae_model.yaml", "cloob_config.json", "cloob.pkl", DEMO_MARKER]
     existing = [n for n in names if (out_dir / n).exists()]
     if existing:
         raise UserError(f"{out_dir} already holds {', '.join(existing)}; refusing to overwrite (choose another DIR)")
@@ -118,7 +118,7 @@ def write_demo_weights(out_dir: Path, size: str = "small", seed: int = 0) -> lis
     params = (_haiku_params(image_spec, seed), _haiku_params(text_spec, seed))
     with open(out_dir / "cloob.pkl", "wb") as f:
         pickle.dump({"params": params, "epoch": 16}, f)
-    (out_dir / MARKER).write_text(
+    (out_dir / DEMO_MARKER).write_text(
         f"RANDOM DEMO WEIGHTS (size {size}, seed {seed}) written by `ccld-trt demo-weights`.\n"
         "They exercise the whole pipeline but make noise-like images, not paintings.\n"
         "Run `ccld-trt download` for the real huggan/distill-ccld-wa weights.\n")

@@ -18,6 +18,7 @@ AE_FILE = "ae_model.ckpt"
 AE_CONFIG_FILE = "ae_model.yaml"
 CLOOB_CONFIG_FILE = "cloob_config.json"
 DEMO_CLOOB_FILE = "cloob.pkl"
+DEMO_MARKER = "DEMO_WEIGHTS.txt"  # written beside random demo weights (export.demo_weights)
 # The short names the reference kit's synthetic checkpoints use; found when the published names are absent.
 _SHORT_NAMES = {UNET_FILE: "unet.ckpt", AE_FILE: "ae.ckpt"}
 
@@ -90,9 +91,7 @@ class ModelFiles:
 
     def is_demo(self) -> bool:
         """Whether these are the random weights of ``ccld-trt demo-weights``."""
-        from ccld_trt.export.demo_weights import MARKER
-
-        return (self.unet.parent / MARKER).exists()
+        return (self.unet.parent / DEMO_MARKER).exists()
 
 
 @dataclass

@@ -102,6 +102,37 @@ def test_a_spent_time_budget_starts_nothing_and_says_so(tmp_path: Path) -> None:
         (part, "not run: the time budget (0 min) was spent") for part in ("first run", "sample fast", "load")]
 
 
+def test_without_a_first_run_an_untimed_run_makes_the_artefacts_first(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipeline.load and the servers must not time an export: the artefacts are made before them."""
+    from ccld_trt.benchmarks import cold_start
+
+    calls: list[str] = []
+
+    def run_sample(variant: object, mode: str, *_: object) -> dict[str, object]:
+        calls.append(f"sample {mode}")
+        return {"wall_s": 1.0, "to_png_s": 0.9, "stages": []}
+
+    def run_load_probe(*_: object) -> dict[str, float]:
+        calls.append("load")
+        return {"import_s": 1.0, "load_s": 0.5, "first_image_s": 1.0, "warm_image_s": 1.0}
+
+    monkeypatch.setattr(cold_start, "run_sample", run_sample)
+    monkeypatch.setattr(cold_start, "run_load_probe", run_load_probe)
+    config = ColdConfig(variants=(TORCH,), modes=("fast",), repeats=2, parts=("load",), server_variants=())
+    results = measure(config, tmp_path, tmp_path, log=lambda _: None)
+    assert calls == ["sample fast", "load", "load"]
+    assert not results.first_run and not results.sample  # the untimed run is reported nowhere
+    # the servers alone: only their variants are made (the others are not timed at all)
+    calls.clear()
+    monkeypatch.setattr(cold_start, "_measure_servers", lambda *_: calls.append("servers"))
+    onnxruntime = ColdVariant("onnxruntime", "fp32")
+    config = ColdConfig(variants=(onnxruntime, TORCH), modes=("fast",), repeats=1, parts=("serve",),
+                        server_variants=(TORCH,))
+    measure(config, tmp_path, tmp_path, log=lambda _: None)
+    assert calls == ["sample fast", "servers"]  # torch's alone
+
+
 def _results() -> tuple[ColdResults, ColdConfig]:
     """Hand-made runs whose medians are known: fast walls 3, 1, 2 (median 2); the warm image 0.5 s."""
     def run(wall: float) -> dict[str, object]:

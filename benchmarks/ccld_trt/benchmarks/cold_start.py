@@ -276,15 +276,17 @@ def _measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], 
         log(f"{variant.label} {what}: {run['wall_s']:.2f} s")
         return run
 
-    # From nothing first: it makes the artefacts every later run finds (an empty build dir and Inductor cache)
-    for variant in list(live):
-        run = sample(variant, "fast", "first run") if "first-run" in config.parts else None
-        if run is not None:
+    # From nothing first: it makes the artefacts every later part finds (an empty build dir and Inductor cache);
+    # without it, an untimed --fast run makes them (else Pipeline.load and the servers would time an export)
+    processes = {"first-run", "sample", "load"} & set(config.parts)
+    for variant in [v for v in live if processes or v in config.server_variants]:
+        run = sample(variant, "fast", "first run" if "first-run" in config.parts else "fast warm-up")
+        if run is not None and "first-run" in config.parts:
             results.first_run[variant.label] = run
 
     def sample_rounds(mode: str) -> None:
         for variant in list(live):
-            if not (mode == "fast" and variant.label in results.first_run):  # that run was --fast's warm-up
+            if mode != "fast":  # the run above was --fast's warm-up
                 sample(variant, mode, f"{mode} warm-up")
         for r in range(config.repeats):
             for variant in rotated(list(live), r):
@@ -316,38 +318,69 @@ def _measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], 
 def _measure_servers(config: ColdConfig, models: Path, root: Path, live: Sequence[ColdVariant],
                      results: ColdResults, log: Callable[[str], None],
                      out_of_time: Callable[[ColdVariant, str], bool]) -> None:
-    """``serve`` until its page answers (each server variant), ``cluster`` until /v1/health is 200 (the first)."""
+    """``serve`` until its page answers (each server variant, ``repeats`` starts interleaved), ``cluster`` until
+    /v1/health is 200 (the first variant, one start) and then ``repeats`` kills of one of its model replicas."""
     servers = [v for v in config.server_variants if v in live]
     for variant in [v for v in config.server_variants if v not in live]:
         results.skip(variant.label, "servers", "cannot run here (see above)")
-    jobs = ([("serve", v) for v in servers] if "serve" in config.parts else []) + \
-           ([("cluster", v) for v in servers[:1]] if "cluster" in config.parts else [])
-    for command, variant in jobs:
-        if out_of_time(variant, command):
-            continue
-        if command == "cluster":
-            import importlib.util
+    if "serve" in config.parts:
+        _measure_serve(config, models, root, servers, results, log, out_of_time)
+    if "cluster" in config.parts and servers and not out_of_time(servers[0], "cluster"):
+        import importlib.util
 
-            if importlib.util.find_spec("ray") is None:
-                results.skip(variant.label, "cluster", "Ray is not installed (pip install 'ccld-trt[cluster]')")
-                continue
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/" + ("v1/health" if command == "cluster" else "")
-        argv = [*ccld_trt_command(), command, *variant.flags(), "--models", str(models), "--port", str(port)]
-        row = {"command": command, "variant": variant.label, "url_path": url.split(str(port))[1]}
-        try:
-            with started_server(argv, url, variant_env(variant, root), config.server_timeout_s) as seconds:
-                log(f"{variant.label} {command}: answering after {seconds:.2f} s")
-                results.servers.append({**row, "seconds": seconds, "load_avg_1m": os.getloadavg()[0]})
-                if command == "cluster":
-                    restarts = []
-                    for _ in range(config.repeats):
-                        time.sleep(REPLICA_SETTLE_S)
-                        restarts.append(replica_restart_seconds(f"http://127.0.0.1:{port}", config.server_timeout_s))
-                        log(f"{variant.label} cluster: a killed model replica replaced after {restarts[-1]:.2f} s")
-                    results.servers.append({**row, "command": "replica", "url_path": "/v1/stats",
-                                            "seconds": statistics.median(restarts), "runs": restarts,
-                                            "load_avg_1m": os.getloadavg()[0]})
-        except Exception as e:  # whatever it was, the report says so and the bench goes on
-            results.skip(variant.label, command, str(e))
-            log(f"{variant.label} {command}: failed: {e}")
+        if importlib.util.find_spec("ray") is None:
+            results.skip(servers[0].label, "cluster", "Ray is not installed (pip install 'ccld-trt[cluster]')")
+        else:
+            _measure_cluster(config, models, root, servers[0], results, log)
+
+
+def _server(command: str, variant: ColdVariant, models: Path) -> tuple[list[str], str, dict[str, Any]]:
+    """(argv, the URL that answers once it is up, the report row's fields) of a ``command`` server on a free port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/" + ("v1/health" if command == "cluster" else "")
+    argv = [*ccld_trt_command(), command, *variant.flags(), "--models", str(models), "--port", str(port)]
+    return argv, url, {"command": command, "variant": variant.label, "url_path": url.split(str(port))[1]}
+
+
+def _measure_serve(config: ColdConfig, models: Path, root: Path, servers: Sequence[ColdVariant],
+                   results: ColdResults, log: Callable[[str], None],
+                   out_of_time: Callable[[ColdVariant, str], bool]) -> None:
+    runs: dict[ColdVariant, list[float]] = {v: [] for v in servers}
+    failed: dict[ColdVariant, str] = {}
+    for _ in range(config.repeats):
+        for variant in [v for v in servers if v not in failed and not out_of_time(v, "serve")]:
+            argv, url, _ = _server("serve", variant, models)
+            try:
+                with started_server(argv, url, variant_env(variant, root), config.server_timeout_s) as seconds:
+                    runs[variant].append(seconds)
+                    log(f"{variant.label} serve: answering after {seconds:.2f} s")
+            except Exception as e:  # whatever it was, the report says so and the bench goes on
+                failed[variant] = str(e)
+                log(f"{variant.label} serve: failed: {e}")
+    for variant, times in runs.items():
+        if times:
+            results.servers.append({"command": "serve", "variant": variant.label, "url_path": "/",
+                                    "seconds": statistics.median(times), "runs": times,
+                                    "load_avg_1m": os.getloadavg()[0]})
+        if variant in failed:
+            results.skip(variant.label, "serve", failed[variant])
+
+
+def _measure_cluster(config: ColdConfig, models: Path, root: Path, variant: ColdVariant, results: ColdResults,
+                     log: Callable[[str], None]) -> None:
+    argv, url, row = _server("cluster", variant, models)
+    try:
+        with started_server(argv, url, variant_env(variant, root), config.server_timeout_s) as seconds:
+            log(f"{variant.label} cluster: answering after {seconds:.2f} s")
+            results.servers.append({**row, "seconds": seconds, "load_avg_1m": os.getloadavg()[0]})
+            restarts = []
+            for _ in range(config.repeats):
+                time.sleep(REPLICA_SETTLE_S)
+                restarts.append(replica_restart_seconds(url.removesuffix("/v1/health"), config.server_timeout_s))
+                log(f"{variant.label} cluster: a killed model replica replaced after {restarts[-1]:.2f} s")
+            results.servers.append({**row, "command": "replica", "url_path": "/v1/stats",
+                                    "seconds": statistics.median(restarts), "runs": restarts,
+                                    "load_avg_1m": os.getloadavg()[0]})
+    except Exception as e:  # whatever it was, the report says so and the bench goes on
+        results.skip(variant.label, "cluster", str(e))
+        log(f"{variant.label} cluster: failed: {e}")

@@ -11,7 +11,7 @@ JSON layout::
                "first_run": {"wall_s", "to_png_s", "stages"} | null,
                "load": {"import_s", "load_s", "first_image_s", "warm_image_s", "runs"} | null,
                "overhead_s": fast wall - warm image | null, "cold_over_warm": fast wall / warm image | null}],
-     "servers": [{"command", "variant", "url_path", "seconds", "load_avg_1m", "runs" (replica: each kill's)}],
+     "servers": [{"command", "variant", "url_path", "seconds", "load_avg_1m", "runs" (serve, replica)}],
      "skipped": [{"variant", "part", "reason"}],
      "raw": {"sample", "first_run", "load"}}
 """
@@ -161,7 +161,8 @@ def markdown(doc: dict[str, Any]) -> str:
                           _s(r["load"]["first_image_s"]), _s(r["load"]["warm_image_s"])] for r in with_load])
         lines.append("")
     if doc["servers"]:
-        lines += ["### Servers (one start each; a replica: the median of its kills)", ""]
+        lines += ["### Servers (`serve`: the median of its starts, interleaved; `cluster`: one start; a replica: the "
+                  "median of its kills)", ""]
         what = {"serve": "`ccld-trt serve` until its page answers",
                 "cluster": "`ccld-trt cluster` until `/v1/health` is 200",
                 "replica": "a cluster's model replica, killed, until a new one reports ready"}

@@ -157,8 +157,13 @@ def test_report_figures_are_medians_and_ratios_of_the_runs(tmp_path: Path) -> No
     assert row["overhead_s"] == pytest.approx(1.5) and row["cold_over_warm"] == pytest.approx(4.0)
     assert row["first_run"]["wall_s"] == 7.0
     doc = document(results, config, INFO, {"demo": True, "size": "full"}, (3.0, 2.0, 1.0), (2.0, 2.0, 1.0), 120.0)
-    assert doc["load_avg"]["runs_1m"] == {"min": 2.5, "median": 2.5, "max": 2.5}
+    assert doc["load_avg"]["runs_1m"] == {"min": 2.0, "median": 2.5, "max": 2.5}  # the server's start included
     text = markdown(doc)
+    assert "is one --fast run, which is also the --fast cells' warm-up" in text
+    servers_only = markdown(document(ColdResults(servers=results.servers), ColdConfig(parts=("serve",)), INFO,
+                                     {"demo": True}, (1.0,), (1.0,), 60.0))
+    assert "an untimed --fast run per variant made them" in servers_only and "load average during the runs 2.0" \
+        in servers_only
     assert "| torch fp32 | 2.00 | 9.00 | 0.50 | 4.0x | 1.50 | 7.00 |" in text
     assert "| `ccld-trt serve` until its page answers | torch fp32 | 4.25 |" in text
     assert "load average during the runs 2.5" in text and "busy-machine" in text

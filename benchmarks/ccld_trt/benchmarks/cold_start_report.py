@@ -76,7 +76,7 @@ def document(results: ColdResults, config: ColdConfig, info: dict[str, Any], wei
     from ccld_trt.benchmarks.cold_start import PROMPT
 
     loads = [r["load_avg_1m"] for modes in results.sample.values() for runs in modes.values() for r in runs]
-    loads += [r["load_avg_1m"] for r in results.first_run.values()]
+    loads += [r["load_avg_1m"] for r in [*results.first_run.values(), *results.servers]]
     weights_text = (f"{weights.get('size') or ''} random demo weights".strip() if weights.get("demo")
                     else f"weights from {weights.get('dir')}")
     return {
@@ -113,13 +113,15 @@ def markdown(doc: dict[str, Any]) -> str:
             if runs_load else "no runs to take the load average of")
     shared = " — other work shared the cores, so these are busy-machine figures" if runs_load and \
         runs_load["median"] > 0.5 * doc["machine_info"]["cores"] else ""
+    made = ("the first run from nothing (an empty build directory and Inductor cache: export and compile "
+            "included) is one --fast run, which is also the --fast cells' warm-up"
+            if "first-run" in setup.get("parts", ["first-run"]) else
+            "without a first run from nothing, an untimed --fast run per variant made them")
     lines = [f"## Cold start — {doc['machine']}, {doc['date']}", "",
              f"{setup['weights']}, one 256x256 image of {setup['prompt']!r}. Whole `ccld-trt sample` processes, "
              f"exec to exit: the median of {setup['repeats']} run(s) per cell after one warm-up, the cells "
              "interleaved round by round, with the artefacts (ONNX graphs, OpenVINO's cache, Inductor's cache) "
-             "already made; the first run from nothing (an empty build directory and Inductor cache: export and "
-             "compile included) is one --fast run, which is also the --fast cells' warm-up. The file cache was "
-             "warm (a new process, not a cold disk). "
+             f"already made; {made}. The file cache was warm (a new process, not a cold disk). "
              f"Machine: {busy}{shared}. The whole bench took {setup['seconds'] / 60:.1f} min.", ""]
     rows = doc["rows"]
     modes = setup["modes"]

@@ -27,7 +27,6 @@ from ccld_trt.export.unet import unet_state_shapes
 
 Shape = tuple[int, ...]
 
-
 SMALL_AE: dict[str, Any] = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}

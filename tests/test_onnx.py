@@ -19,7 +19,7 @@ from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend, check_prec
 from ccld_trt.backends.onnxruntime_sessions import session_options
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.file_digests import sha256_file
-from ccld_trt.export.graph_specs import GRAPHS
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, load_networks
 from ccld_trt.export.onnx_checks import TENSORRT_OPS, check_graph, tensorrt_problems
 from ccld_trt.export.onnx_export import GRAPH_NAMES, default_onnx_dir, export_all, onnx_path
@@ -205,6 +205,26 @@ def test_backend_outputs_are_not_overwritten_by_later_calls(onnx_dir: Path) -> N
     # a non-contiguous input is bound through a contiguous copy
     x_t = inputs["x"].transpose(2, 3).contiguous().transpose(2, 3)
     assert torch.equal(backend.unet(x_t, *list(inputs.values())[1:]), first)
+
+
+def test_cpu_sessions_open_two_at_a_time(onnx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager graphs' sessions open on two threads (two cores): each opener here waits for another to start."""
+    import threading
+
+    from ccld_trt.backends import onnxruntime_backend
+
+    together = threading.Barrier(2, timeout=30)
+    opened: list[str] = []
+
+    def open_cpu_session(path: Path, options: object, root: Path) -> str:
+        if not opened:  # the first two meet; on one thread the first would wait alone and break the barrier
+            together.wait()
+        opened.append(path.name)
+        return path.name
+
+    monkeypatch.setattr(onnxruntime_backend, "open_cpu_session", open_cpu_session)
+    backend = OnnxRuntimeBackend(onnx_dir)
+    assert sorted(backend.sessions) == sorted(set(BACKEND_GRAPHS) - set(ON_DEMAND_GRAPHS))
 
 
 def test_backend_precision_is_checked() -> None:

@@ -24,7 +24,7 @@ from ray_in_process import IN_PROCESS_SHUTDOWN_S
 
 pytest.importorskip("ray.serve")
 
-from ccld_trt.benchmarks.cold_start_servers import free_port
+from ccld_trt.benchmarks.cold_start_servers import free_port, process_alive
 from ccld_trt.cli import run as cli_run
 from ccld_trt.cluster.api import decode_png, latents_from_json
 from ccld_trt.cluster.app import ClusterSpec, Deployed, deploy, shutdown, start_ray
@@ -192,7 +192,7 @@ def test_killed_replica_is_replaced_and_no_answer_is_wrong(cluster: Deployed, so
 
     _, stats = get(f"{cluster.url}/v1/stats")
     pids = {s["replica"] for s in stats["replicas"].values()}
-    live = sorted(pid for pid in pids if _alive(pid))
+    live = sorted(pid for pid in pids if process_alive(pid))
     assert live
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answers = pool.submit(_generate_all, cluster.url, REQUESTS)
@@ -220,11 +220,3 @@ def test_killed_replica_is_replaced_and_no_answer_is_wrong(cluster: Deployed, so
     status, body = post(f"{cluster.url}/v1/generate", {**REQUESTS[0], "return_latents": True})
     assert status == 200
     _check_equal_to_solo(body, solo[0])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

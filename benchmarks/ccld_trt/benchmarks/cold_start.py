@@ -346,10 +346,11 @@ def _measure_serve(config: ColdConfig, models: Path, root: Path, servers: Sequen
                    results: ColdResults, log: Callable[[str], None],
                    out_of_time: Callable[[ColdVariant, str], bool]) -> None:
     runs: dict[ColdVariant, list[float]] = {v: [] for v in servers}
+    rows: dict[ColdVariant, dict[str, Any]] = {}
     failed: dict[ColdVariant, str] = {}
     for _ in range(config.repeats):
         for variant in [v for v in servers if v not in failed and not out_of_time(v, "serve")]:
-            argv, url, _ = _server("serve", variant, models)
+            argv, url, rows[variant] = _server("serve", variant, models)
             try:
                 with started_server(argv, url, variant_env(variant, root), config.server_timeout_s) as seconds:
                     runs[variant].append(seconds)
@@ -359,8 +360,7 @@ def _measure_serve(config: ColdConfig, models: Path, root: Path, servers: Sequen
                 log(f"{variant.label} serve: failed: {e}")
     for variant, times in runs.items():
         if times:
-            results.servers.append({"command": "serve", "variant": variant.label, "url_path": "/",
-                                    "seconds": statistics.median(times), "runs": times,
+            results.servers.append({**rows[variant], "seconds": statistics.median(times), "runs": times,
                                     "load_avg_1m": os.getloadavg()[0]})
         if variant in failed:
             results.skip(variant.label, "serve", failed[variant])

@@ -94,7 +94,7 @@ def replica_restart_seconds(base_url: str, timeout_s: float) -> float:
     until another reports ready in ``/v1/stats``: Serve noticing the death, starting a replica process and that
     replica loading its models. ColdRunFailed when there is none to kill or none comes back in ``timeout_s``."""
     before = replica_pids(base_url)
-    alive = sorted(pid for pid in before if _alive(pid))  # /v1/stats lists a dead replica for a while
+    alive = sorted(pid for pid in before if process_alive(pid))  # /v1/stats lists a dead replica for a while
     if not alive:
         raise ColdRunFailed(f"{base_url}/v1/stats lists no live model replica")
     victim = alive[0]
@@ -107,7 +107,8 @@ def replica_restart_seconds(base_url: str, timeout_s: float) -> float:
     return time.time() - start
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,6 +18,7 @@ import torch
 
 from ccld_trt.export.cloob import cloob_param_shapes
 from ccld_trt.export.cloob_pickle import haiku_to_torch, read_cloob_params
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 from ccld_trt.export.models import ModelFiles, load_networks
 from ccld_trt.export.weights_cache import WEIGHTS_DIR, copy_path, source_sha256
 from ccld_trt.runner import BackendOptions, ModelSource, open_session
@@ -96,6 +97,47 @@ def test_on_demand_graphs_open_on_first_use_with_the_same_result(backend: str, m
     assert set(ON_DEMAND_GRAPHS) <= set(eager.sessions if backend == "onnxruntime" else eager.compiled)
     assert torch.equal(lazy.encode_image(pixels), eager.encode_image(pixels))
     assert "image_encoder" in opened
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_first_open_exports_only_what_a_text_prompt_runs(backend: str, models: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first run exports the graphs its request runs, not the CLOOB image encoder nor the autoencoder's encoder
+    (a fifth to a third of a first run's export on the full-size models); an image prompt later exports the image
+    encoder then, reading the networks once more, and gets the torch backend's embedding."""
+    from ccld_trt.export.graph_specs import EAGER_GRAPHS, ON_DEMAND_GRAPHS
+    from ccld_trt.export.onnx_files import onnx_path
+
+    build = tmp_path / "build"
+    lazy = _open(backend, models, build, monkeypatch)
+    onnx_dir = lazy.backend.onnx_dir
+    assert all(onnx_path(onnx_dir, graph, "fp32").is_file() for graph in EAGER_GRAPHS)
+    assert not any(onnx_path(onnx_dir, graph, "fp32").exists() for graph in ON_DEMAND_GRAPHS)
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    embed = lazy.backend.encode_image(pixels)
+    assert onnx_path(onnx_dir, "image_encoder", "fp32").is_file()
+    assert not onnx_path(onnx_dir, "encoder", "fp32").exists()
+    reference = _open("torch", models, build, monkeypatch).backend.encode_image(pixels)
+    torch.testing.assert_close(embed, reference, rtol=1e-4, atol=1e-5)
+    # a server's start exports every graph, so no request waits for an export
+    open_session(BackendOptions(backend=backend, precision="fp32"), ModelSource(ModelFiles.resolve(models)),
+                 graphs=BACKEND_GRAPHS)
+    assert onnx_path(onnx_dir, "encoder", "fp32").is_file()
+
+
+def test_a_job_names_the_graphs_it_runs(models: Path) -> None:
+    """``sample`` exports, before its image, what its job runs: the image encoder with image prompts, the
+    autoencoder's encoder with an init image, neither for text alone."""
+    from PIL import Image
+
+    from ccld_trt.export.graph_specs import EAGER_GRAPHS
+    from ccld_trt.jobs import assemble, graphs_run
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    text = assemble(["a lighthouse"], image_size=64)
+    both = assemble(["a lighthouse"], [image], image_size=64, init=image, strength=0.5)
+    assert graphs_run(text) == EAGER_GRAPHS
+    assert sorted(graphs_run(both)) == sorted([*EAGER_GRAPHS, "image_encoder", "encoder"])
 
 
 def test_onnxruntime_saved_optimised_graph_gives_the_same_image(models: Path, build: Path,

@@ -24,6 +24,7 @@ from PIL import Image
 from ccld_trt import jobs
 from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import EAGER_GRAPHS
 from ccld_trt.jobs import ImagePromptInput, ImageSource, Job, PromptInput
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Request
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
@@ -68,11 +69,13 @@ class Pipeline:
         self.options = options
 
     @classmethod
-    def open(cls, options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None = None) -> Pipeline:
+    def open(cls, options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None = None,
+             graphs: Sequence[str] = EAGER_GRAPHS) -> Pipeline:
         """The pipeline of ``models`` run as ``options`` say (UserError when that cannot run here).
-        ``prefetched``: runner.prefetch_graphs's for the same options and models, if it was started."""
+        ``prefetched``: runner.prefetch_graphs's for the same options and models, if it was started. ``graphs``:
+        the backend graphs exported now where they are not (runner.open_session; the others on first use)."""
         options = options.resolved()
-        return cls(open_session(options, models, prefetched), options)
+        return cls(open_session(options, models, prefetched, graphs), options)
 
     @classmethod
     def load(cls, models: str | Path | None = None, backend: str = "torch", device: str = "cpu",

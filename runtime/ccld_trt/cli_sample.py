@@ -61,7 +61,7 @@ def cmd_sample(args: argparse.Namespace) -> object:
     prefetched = prefetch_graphs(options, models)
     from ccld_trt.api import Pipeline
     from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
-    from ccld_trt.jobs import assemble
+    from ccld_trt.jobs import assemble, graphs_run
     from ccld_trt.limits import autoencoder_scale_problem
     from ccld_trt.outputs import save_latents
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
@@ -81,7 +81,8 @@ def cmd_sample(args: argparse.Namespace) -> object:
     # where the results go is checked before the work too: made, written to and cleaned up again
     out_dir = Path(args.output_dir)
     _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
-    pipe = Pipeline.open(options, models, prefetched)
+    # the graphs this job runs are exported now if they must be (one read of the networks); others wait for a use
+    pipe = Pipeline.open(options, models, prefetched, graphs_run(job))
     stage_clock.mark("backend ready")
     print(f"backend: {pipe.backend}", file=sys.stderr)  # which backend and precision make these images
     if pipe.demo_weights:

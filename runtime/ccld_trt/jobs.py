@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ccld_trt import limits
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import EAGER_GRAPHS
 from ccld_trt.image_prompt import load_image_prompt, parse_prompt, resize_and_center_crop, to_tensor
 from ccld_trt.init_image import init_pixels, load_init_image
 from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Generation, InvalidRequest, Request, generate
@@ -65,6 +66,13 @@ class Job:
     image_pixels: list[tuple[torch.Tensor, float]]
     autoencoder_scale: float
     init_pixels: torch.Tensor | None = None  # image-to-image: float32 [1, 3, 8h, 8w] in [-1, 1] (init_image)
+
+
+def graphs_run(job: Job) -> tuple[str, ...]:
+    """The backend graphs ``job`` runs (graph_specs.BACKEND_GRAPHS): a text-only job's, the CLOOB image encoder
+    for image prompts, the autoencoder's encoder for an init image."""
+    return (*EAGER_GRAPHS, *(["image_encoder"] if job.image_pixels else []),
+            *(["encoder"] if job.init_pixels is not None else []))
 
 
 def check_image_upload(path: Path, what: str = "the image prompt") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ from ccld_trt.backend_select import check_cpu_precision, check_precision, defaul
 from ccld_trt.export.build_dir import DEFAULT_ENGINE_DIR
 from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
 from ccld_trt.export.errors import UserError
-from ccld_trt.export.graph_specs import BACKEND_GRAPHS, ON_DEMAND_GRAPHS
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS, EAGER_GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, checkpoint_autoencoder_scale, load_networks
 from ccld_trt.limits import unet_shape_problem
 
@@ -132,14 +132,13 @@ def _open_built_graphs(options: BackendOptions, files: ModelFiles) -> Opened:
 
     options = options.resolved()
     onnx_dir = options.onnx_dir or default_onnx_dir(files)
-    graphs = [graph for graph in BACKEND_GRAPHS if graph not in ON_DEMAND_GRAPHS]
     if options.backend == "openvino":
         from ccld_trt.backends.openvino_compile import open_cached_graphs
 
-        return open_cached_graphs(onnx_dir, graphs, options.precision or "fp32")
+        return open_cached_graphs(onnx_dir, EAGER_GRAPHS, options.precision or "fp32")
     from ccld_trt.backends.onnxruntime_sessions import open_saved_sessions
 
-    return open_saved_sessions(onnx_dir, graphs, options.precision or "fp32")
+    return open_saved_sessions(onnx_dir, EAGER_GRAPHS, options.precision or "fp32")
 
 
 def _prefetched(future: Future[Opened] | None) -> Opened:
@@ -151,15 +150,20 @@ def _prefetched(future: Future[Opened] | None) -> Opened:
         return {}
 
 
-def open_session(options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None = None) -> Session:
+def open_session(options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None = None,
+                 graphs: Sequence[str] = EAGER_GRAPHS) -> Session:
     """Open the backend ``options`` name (torch | onnxruntime | openvino | tensorrt) on the model files of
     ``models``; UserError when that cannot run here, said before anything loads. ``prefetched``: what
     ``prefetch_graphs`` is opening (waited for before anything here reads or writes the graphs' directory).
+    ``graphs``: the backend graphs (graph_specs.BACKEND_GRAPHS) the onnxruntime and openvino backends export now
+    where they are not current; the default, a text-only request's, leaves the CLOOB image encoder and the
+    autoencoder's encoder to be exported when a request first runs them (a server that must not export on a
+    request's path passes them all).
 
     Only the torch backend reads the torch networks up front. The backends that run exported graphs (onnxruntime,
     openvino) or engines (tensorrt) read none while their artefacts are current for these files (the ONNX
     manifest's checkpoint digests, cached by path, size and mtime, say so without reading the weights); the
-    networks are loaded only when a graph must be exported, and then once.
+    networks are loaded only when a graph must be exported, and then for all the graphs that must.
     """
     opened = _prefetched(prefetched)
     options = options.resolved()
@@ -181,10 +185,10 @@ def open_session(options: BackendOptions, models: ModelSource, prefetched: Futur
         from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         check_precision(options.backend, precision)
-        onnx_dir = _exported(options, models, fp16=precision == "fp16")
-        backend = OnnxRuntimeBackend(onnx_dir, options.device, precision, opened=opened)
+        export = functools.partial(_exported, options, models, precision == "fp16")
+        backend = OnnxRuntimeBackend(export(graphs), options.device, precision, opened=opened, export=export)
     elif options.backend == "openvino":
-        backend = _open_openvino(options, precision, models, opened)
+        backend = _open_openvino(options, precision, models, opened, graphs)
     else:
         raise UserError(f"unknown backend {options.backend!r}")
     opened.clear()  # what the backend did not take (a graph changed since) is let go now, not at exit
@@ -192,34 +196,36 @@ def open_session(options: BackendOptions, models: ModelSource, prefetched: Futur
                    functools.partial(checkpoint_autoencoder_scale, files.unet), files.is_demo())
 
 
-def _exported(options: BackendOptions, models: ModelSource, fp16: bool) -> Path:
+def _exported(options: BackendOptions, models: ModelSource, fp16: bool, graphs: Sequence[str]) -> Path:
     """The directory of the backend graphs of ``models`` (``options.onnx_dir``, else the default one per set of
-    model files), exported there first unless the manifest shows them up to date; the torch networks are read
-    only for an export."""
-    from ccld_trt.export.graph_specs import BACKEND_GRAPHS
+    model files), with ``graphs`` exported there first unless the manifest shows them up to date; the torch
+    networks are read only for an export."""
     from ccld_trt.export.onnx_files import default_onnx_dir
     from ccld_trt.export.onnx_manifest import graphs_current
 
     onnx_dir = options.onnx_dir or default_onnx_dir(models.files)
-    if not graphs_current(models.files, onnx_dir, BACKEND_GRAPHS, fp16=fp16):
+    if not graphs_current(models.files, onnx_dir, graphs, fp16=fp16):
         from ccld_trt.export.onnx_export import export_all
 
-        export_all(models.files, onnx_dir, BACKEND_GRAPHS, fp16=fp16, networks=models.load())
+        export_all(models.files, onnx_dir, graphs, fp16=fp16, networks=models.load())
     else:
         stage_clock.mark("model files read")  # the manifest and the digest cache, not the weights
     return onnx_dir
 
 
-def _open_openvino(options: BackendOptions, precision: str, models: ModelSource, opened: Opened) -> Backend:
-    """The OpenVINO backend over the fp32 graphs (exported unless up to date) and, for int8, the quantised ones
-    (made unless up to date: calibration runs the sampler on the fp32 graphs, minutes on a small CPU)."""
+def _open_openvino(options: BackendOptions, precision: str, models: ModelSource, opened: Opened,
+                   graphs: Sequence[str]) -> Backend:
+    """The OpenVINO backend over the fp32 graphs (``graphs`` exported unless up to date, the others when first
+    run) and, for int8, the quantised ones (made unless up to date, from every fp32 graph: calibration runs the
+    sampler on the fp32 graphs, minutes on a small CPU)."""
     from ccld_trt.backends.openvino_backend import OpenVinoBackend
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE
 
-    onnx_dir = _exported(options, models, fp16=False)
+    export = functools.partial(_exported, options, models, False)
+    onnx_dir = export(BACKEND_GRAPHS if precision == "int8" else graphs)
     if precision == "int8":
         from ccld_trt.int8 import ensure_int8
 
         # the decoder's calibration (if its scheme needs one) sees latents at the published scale
         ensure_int8(onnx_dir, DEFAULT_AUTOENCODER_SCALE)
-    return OpenVinoBackend(onnx_dir, precision, opened=opened)
+    return OpenVinoBackend(onnx_dir, precision, opened=opened, export=export)

@@ -25,6 +25,7 @@ from PIL import Image
 from ccld_trt.access import Keys, check_exposure, page_login
 from ccld_trt.access import check_host as check_host  # the --listen half of the host rule (re-exported)
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 from ccld_trt.limits import MAX_IMAGE_PIXELS as MAX_UPLOAD_PIXELS  # the page's limit (tests read it here)
 from ccld_trt.limits import MAX_IMAGES, MAX_STEPS, MAX_UPLOAD_BYTES
 from ccld_trt.model_loader import ModelLoader as ModelLoader  # re-exported: the page's tests build one
@@ -316,7 +317,8 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
         print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
     # Then PIL refuses, in Image.open, anything over twice the upload limit wherever this process opens it.
     Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
-    loader = ModelLoader(lambda: open_session(options, models), options.describe())
+    # every graph exported at start-up, off the requests' path (an image prompt's encoder included)
+    loader = ModelLoader(lambda: open_session(options, models, graphs=BACKEND_GRAPHS), options.describe())
     # The handlers first: a signal while Gradio imports or the port opens stops the server as soon as it is up.
     with StopSignals("ccld-trt serve", exit_within=LAST_RESORT_S) as stop, \
             tempfile.TemporaryDirectory(prefix="ccld-trt-serve-", ignore_cleanup_errors=True) as work_dir:

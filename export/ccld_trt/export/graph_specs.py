@@ -75,3 +75,5 @@ GRAPH_PRECISIONS = ("fp32", "fp16")
 # Backend graphs that only some requests run (image prompts, an init image): a backend opens them on first use,
 # so that a text-only request does not wait for them.
 ON_DEMAND_GRAPHS = ("image_encoder", "encoder")
+# The backend graphs every request runs (a text-only request runs only these)
+EAGER_GRAPHS = tuple(graph for graph in BACKEND_GRAPHS if graph not in ON_DEMAND_GRAPHS)

@@ -8,7 +8,7 @@ where the backend's buffers live; a backend converts at its own boundary if its 
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -53,6 +53,9 @@ class Backend(Protocol):
 # {graph: (key, handle)}: graphs opened ahead of the backend (runner.prefetch_graphs, in its thread), each with what
 # it was opened from (a graph file version and settings)
 Opened = dict[str, tuple[Hashable, Any]]
+# Makes the named graphs current in a graph backend's directory (exported from the model files unless up to date):
+# what runner.open_session gives the backend for the graphs it did not export up front
+Export = Callable[[Sequence[str]], object]
 
 
 def take_opened(opened: Opened | None, graph: str, key: Hashable) -> Any | None:

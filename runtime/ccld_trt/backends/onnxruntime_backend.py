@@ -3,14 +3,14 @@ image_encoder, encoder) of one directory, on the CPU, or on a CUDA GPU through t
 providers of onnxruntime-gpu.
 
 Each session is created once; the graphs a text-only request does not run (graph_specs.ON_DEMAND_GRAPHS) on their
-first call, or by ``open_all``. On the CPU a session opens from the graph as ONNX Runtime optimised it the first
-time (onnxruntime_sessions.optimized_model: saved once per graph file, ONNX Runtime version and CPU, then loaded
-without optimising again: ~1 s less per start on the full-size U-Net, outputs bit-identical to optimising anew),
-its weights in a file beside it that ONNX Runtime maps into memory instead of copying out of the graph (the three
-graphs of a text prompt open in ~0.4 s, not ~1.4 s, on a 2-core AMD EPYC). A call binds the caller's torch
-tensors' memory as the graph inputs (IO binding, no copy) and has ONNX Runtime write into an output tensor
-allocated once per output shape; the caller gets a copy of it, because samplers keep earlier outputs (PLMS's
-history) while the buffer is reused by the next call.
+first call (exported then, through ``export``, where they are not current), or by ``open_all``. On the CPU a session
+opens from the graph as ONNX Runtime optimised it the first time (onnxruntime_sessions.optimized_model: saved once
+per graph file, ONNX Runtime version and CPU, then loaded without optimising again: ~1 s less per start on the
+full-size U-Net, outputs bit-identical to optimising anew), its weights in a file beside it that ONNX Runtime maps
+into memory instead of copying out of the graph (the three graphs of a text prompt open in ~0.4 s, not ~1.4 s, on a
+2-core AMD EPYC). A call binds the caller's torch tensors' memory as the graph inputs (IO binding, no copy) and has
+ONNX Runtime write into an output tensor allocated once per output shape; the caller gets a copy of it, because
+samplers keep earlier outputs (PLMS's history) while the buffer is reused by the next call.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ccld_trt import backend_select
-from ccld_trt.backends.base import GraphBackend, Opened, take_opened
+from ccld_trt.backends.base import Export, GraphBackend, Opened, take_opened
 from ccld_trt.backends.onnxruntime_sessions import OPTIMIZED_DIR, open_cpu_session, session_key, session_options
 from ccld_trt.export.errors import UserError, require_file
-from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
+from ccld_trt.export.graph_specs import EAGER_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
 from ccld_trt.export.onnx_files import onnx_path
 from ccld_trt.export.shapes import output_shapes
 
@@ -67,6 +67,8 @@ def execution_providers(device: torch.device, precision: str, cache_dir: Path) -
 class OnnxRuntimeBackend(GraphBackend):
     """Backend over ``<onnx_dir>/<graph>.onnx`` (``precision`` fp32) or ``<graph>.fp16.onnx`` (fp16),
     as written by ``ccld_trt.export.onnx_export.export_all``. ``threads``: intra-op threads on the CPU.
+    ``export``: called with an on-demand graph's name before it opens (runner.open_session's; None: the graph
+    must be there).
 
     One call at a time (as the pipeline makes them): calls share their bindings and output buffers.
     """
@@ -74,7 +76,7 @@ class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32",
-                 threads: int | None = None, opened: Opened | None = None) -> None:
+                 threads: int | None = None, opened: Opened | None = None, export: Export | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -84,13 +86,13 @@ class OnnxRuntimeBackend(GraphBackend):
         self.providers = execution_providers(self.device, precision, onnx_dir / "ort-tensorrt-cache")
         self.options = session_options(threads)
         self.files = {graph: require_file(onnx_path(onnx_dir, graph, precision), f"{graph} ONNX graph")
-                      for graph in BACKEND_GRAPHS}
+                      for graph in EAGER_GRAPHS}
+        self._export = export
         self.sessions: dict[str, Any] = {}
-        eager = [graph for graph in BACKEND_GRAPHS if graph not in ON_DEMAND_GRAPHS]
         # ONNX Runtime builds a CPU session without the GIL: two at once use two cores (the three of a text prompt
         # 0.45 -> 0.35 s on 2 cores); on a GPU one at a time (TensorRT's builds would share its memory)
         with ThreadPoolExecutor(2 if self.device.type == "cpu" else 1) as pool:
-            list(pool.map(lambda graph: self._open(graph, opened), eager))
+            list(pool.map(lambda graph: self._open(graph, opened), EAGER_GRAPHS))
         self._ort_device = self.device.type
         self._device_id = self.device.index or 0
         # (graph, output shape) -> the IO binding with its output bound, and that output tensor
@@ -101,8 +103,11 @@ class OnnxRuntimeBackend(GraphBackend):
         ``opened``, onnxruntime_sessions.open_saved_sessions's result, where that opened the same copy alike)."""
         import onnxruntime as ort
 
-        path = self.files.get(graph) or require_file(onnx_path(self.onnx_dir, graph, self.precision),
-                                                     f"{graph} ONNX graph")
+        if graph not in self.files:  # first run now: exported first where it is not current (``export``)
+            if self._export is not None:
+                self._export([graph])
+            self.files[graph] = require_file(onnx_path(self.onnx_dir, graph, self.precision), f"{graph} ONNX graph")
+        path = self.files[graph]
         if self.device.type == "cpu":
             root = self.onnx_dir / OPTIMIZED_DIR
             session = take_opened(opened, graph, session_key(root, path, self.options))

@@ -11,8 +11,9 @@ Each graph is compiled once per model file: OpenVINO's model cache keeps the com
 directory, so later starts load it instead of compiling again (openvino_compile: the torch-free part, with which a
 fresh ``sample`` process compiles the graphs from the cache while it imports torch). One ``Core`` serves the
 graphs the backend compiles itself; the graphs a text-only request does not run (graph_specs.ON_DEMAND_GRAPHS:
-the CLOOB image encoder, the autoencoder's encoder) are compiled on their first call, or by ``open_all``. One
-inference request per graph, as the pipeline makes one call at a time.
+the CLOOB image encoder, the autoencoder's encoder) are compiled on their first call (exported then, through
+``export``, where they are not current), or by ``open_all``. One inference request per graph, as the pipeline
+makes one call at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from ccld_trt.backend_select import require_openvino
-from ccld_trt.backends.base import GraphBackend, Opened, take_opened
+from ccld_trt.backends.base import Export, GraphBackend, Opened, take_opened
 from ccld_trt.backends.openvino_compile import (
     CACHE_DIR,
     cache_folder,
@@ -36,37 +37,42 @@ from ccld_trt.backends.openvino_compile import (
     graph_files,
 )
 from ccld_trt.cpu_features import default_cpu_precision, physical_cores
-from ccld_trt.export.graph_specs import BACKEND_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
+from ccld_trt.export.graph_specs import EAGER_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
 
 
 class OpenVinoBackend(GraphBackend):
     """Backend over the graphs of ``onnx_dir`` (as written by ``export_all``, plus ``quantize`` for int8), on
     the CPU. ``precision``: fp32, bf16 or int8 (None: bf16 where the CPU has it, else fp32). ``threads``: per
-    inference (None: the physical cores). One call at a time (as the pipeline makes them)."""
+    inference (None: the physical cores). ``export``: called with an on-demand graph's name before it compiles
+    (runner.open_session's; None: the graph must be there). One call at a time (as the pipeline makes them)."""
 
     name = "openvino"
 
     def __init__(self, onnx_dir: Path, precision: str | None = None, threads: int | None = None,
-                 opened: Opened | None = None) -> None:
+                 opened: Opened | None = None, export: Export | None = None) -> None:
         self.device = torch.device("cpu")
         self.precision = check_precision(precision or default_cpu_precision())
         ov = require_openvino()
         onnx_dir = Path(onnx_dir)
-        self.files = graph_files(onnx_dir, BACKEND_GRAPHS, self.precision)
+        self.files = graph_files(onnx_dir, EAGER_GRAPHS, self.precision)
+        self._export = export
         self.threads = threads or physical_cores()
         self.config = compile_config(self.precision, self.threads)
         self._core = ov.Core()
         self.compiled: dict[str, Any] = {}
         self._requests: dict[str, Any] = {}
-        for graph in BACKEND_GRAPHS:
-            if graph not in ON_DEMAND_GRAPHS:
-                self._open(graph, opened)
+        for graph in EAGER_GRAPHS:
+            self._open(graph, opened)
 
     def _open(self, graph: str, opened: Opened | None = None) -> None:
         """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob) and make its request; or
         take both from ``opened`` (openvino_compile.open_cached_graphs's result) where that compiled the same file
         version alike."""
-        path = self.files.get(graph) or graph_file(self.onnx_dir, graph, self.precision)
+        if graph not in self.files:  # first run now: exported first where it is not current (``export``)
+            if self._export is not None:
+                self._export([graph])
+            self.files[graph] = graph_file(self.onnx_dir, graph, self.precision)
+        path = self.files[graph]
         folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
         handle = take_opened(opened, graph, folder)
         if handle is None:

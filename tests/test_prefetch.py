@@ -142,3 +142,39 @@ def test_choosing_and_opening_the_graphs_imports_no_torch(backend: str, models: 
                           env={**os.environ, "CCLD_TRT_BUILD": str(build)}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f".safetensors {EAGER} False"
+
+
+_FIRST_IMPORTS = """
+import sys
+import threading
+from pathlib import Path
+
+first = {}  # module -> the thread that imported it first
+
+
+class Watch:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        first.setdefault(name, threading.current_thread().name)
+
+
+sys.meta_path.insert(0, Watch)
+from ccld_trt.export.models import ModelFiles
+from ccld_trt.runner import BackendOptions, ModelSource, prefetch_graphs
+
+prefetch_graphs(BackendOptions(sys.argv[2], precision="fp32"), ModelSource(ModelFiles.resolve(Path(sys.argv[1])))
+                ).exception()  # nothing was built: what matters is what the thread imported on its way
+print(first["numpy"], first[sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_numpy_is_imported_before_the_thread_starts(backend: str, seed3_dir: Path, tmp_path: Path) -> None:
+    """The thread's library and the main thread's torch both import numpy; two threads importing it at once can
+    meet its circular imports half done (ImportError: partially initialized module, seen in a first run), so the
+    main thread imports it before it starts the thread. Models without converted copies: resolving those imports
+    numpy by itself."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_IMPORTS, str(seed3_dir), backend], capture_output=True,
+                          text=True, env={**os.environ, "CCLD_TRT_BUILD": str(tmp_path)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["MainThread", "ccld-trt-prefetch_0"]

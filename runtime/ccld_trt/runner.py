@@ -121,6 +121,11 @@ def prefetch_graphs(options: BackendOptions, models: ModelSource) -> Future[Open
     if (options.backend.strip().lower() not in ("onnxruntime", "openvino")
             or options.device.strip().lower() != "cpu" or options.precision == "int8"):
         return None
+    # numpy is imported here first: the thread's library (OpenVINO, ONNX Runtime) and torch both import it, and two
+    # threads importing it at once can meet its circular imports half done ("ImportError: cannot import name
+    # '__cpu_features__' from partially initialized module"; seen once in eight first runs)
+    import numpy  # noqa: F401
+
     executor = ThreadPoolExecutor(1, thread_name_prefix="ccld-trt-prefetch")
     future = executor.submit(_open_built_graphs, options, models.files)
     executor.shutdown(wait=False)  # the thread ends with its one task

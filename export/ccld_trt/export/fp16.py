@@ -26,10 +26,11 @@ which ONNX Runtime keeps): that is what the validation runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -230,6 +231,29 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+@contextlib.contextmanager
+def large_contents_aside(model: onnx.ModelProto) -> Iterator[dict[str, bytes]]:
+    """The contents of ``model``'s initializers over 1 KB, taken out of it while the block runs and put back after
+    ({name: raw bytes}): for work that reads only their dims (shape inference). Small ones stay: they may hold
+    shapes."""
+    contents = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > 1024:
+            contents[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    try:
+        yield contents
+    finally:
+        put_contents_back(model, contents)
+
+
+def put_contents_back(model: onnx.ModelProto, contents: Mapping[str, bytes]) -> None:
+    """Give ``model``'s initializers named in ``contents`` (``large_contents_aside``'s) their raw bytes again."""
+    for tensor in model.graph.initializer:
+        if tensor.name in contents:
+            tensor.raw_data = contents[tensor.name]
+
+
 def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> None:
     """Replace ``model``'s value_info by freshly inferred types and shapes, in place, at any model size.
 
@@ -237,17 +261,8 @@ def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> None:
     large tensors, so their contents are set aside meanwhile; small ones stay, as they may hold shapes.
     """
     model.graph.ClearField("value_info")  # stale or duplicate entries would be kept as they are
-    contents = {}
-    for tensor in model.graph.initializer:
-        if len(tensor.raw_data) > 1024:
-            contents[tensor.name] = tensor.raw_data
-            tensor.ClearField("raw_data")
-    try:
+    with large_contents_aside(model):
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
-    finally:
-        for tensor in model.graph.initializer:
-            if tensor.name in contents:
-                tensor.raw_data = contents[tensor.name]
     model.graph.value_info.extend(inferred.graph.value_info)
     model.graph.ClearField("output")
     model.graph.output.extend(inferred.graph.output)

@@ -45,6 +45,7 @@ from ccld_trt.export.onnx_manifest import (
 )
 from ccld_trt.export.onnx_trace import graph_modules, save_onnx, trace, traced_module
 from ccld_trt.export.onnx_validate import FP32_TOLERANCE, compare_with_torch, validate_fp16
+from ccld_trt.export.slim import slim
 
 # What callers import from here: this module's API, and names of the modules it was split into that other code
 # imported from here before.
@@ -110,13 +111,11 @@ def say(logger: logging.Logger, message: str, progress: bool) -> None:
 def _export_fp32(graph: str, module: nn.Module, out_dir: Path, metadata: Mapping[str, str],
                  image_size: int) -> dict[str, Any]:
     """Trace, simplify, stamp, check and validate one fp32 graph in a staging directory, then install it."""
-    import onnxslim
-
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         traced = Path(tmp) / "traced" / "model.onnx"  # torch may write external data files beside it
         traced.parent.mkdir()
         trace(traced_module(graph, module), graph, random_inputs(graph, TRACE_DIMS, image_size), traced)
-        model = onnxslim.slim(onnx.load(traced))
+        model = slim(onnx.load(traced))
         infer_shapes(model)  # onnxslim leaves duplicate value_info entries
         onnx.helper.set_model_props(model, dict(metadata))
         staged = onnx_path(Path(tmp), graph)

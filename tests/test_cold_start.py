@@ -125,6 +125,33 @@ def test_first_open_exports_only_what_a_text_prompt_runs(backend: str, models: P
     assert onnx_path(onnx_dir, "encoder", "fp32").is_file()
 
 
+def test_a_stale_on_demand_graph_is_exported_again_when_first_run(seed3_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """After the autoencoder checkpoint changes, opening exports its decoder again at once and its encoder (which
+    only image-to-image runs) when first run, saying so, with the new weights' result."""
+    models = _copy_models(seed3_dir, tmp_path / "models")
+    build = tmp_path / "build"
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
+    open_session(BackendOptions(backend="onnxruntime", precision="fp32"), ModelSource(ModelFiles.resolve(models)),
+                 graphs=BACKEND_GRAPHS)  # every graph current
+    checkpoint = torch.load(models / "ae_model.ckpt", weights_only=True)
+    for name, tensor in checkpoint["state_dict"].items():
+        if name.endswith("weight") and tensor.dim() == 4:
+            checkpoint["state_dict"][name] = tensor * 1.25  # a changed autoencoder: both of its halves
+    torch.save(checkpoint, models / "ae_model.ckpt")
+    capsys.readouterr()
+    lazy = _open("onnxruntime", models, build, monkeypatch)
+    err = capsys.readouterr().err
+    assert "onnx: exporting decoder.onnx: its autoencoder checkpoint changed" in err, err
+    assert "encoder.onnx" not in err.replace("decoder.onnx", "")
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents = lazy.backend.encode_latents(images)
+    assert "onnx: exporting encoder.onnx: its autoencoder checkpoint changed" in capsys.readouterr().err
+    reference = _open("torch", models, build, monkeypatch).backend.encode_latents(images)
+    torch.testing.assert_close(latents, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_a_job_names_the_graphs_it_runs(models: Path) -> None:
     """``sample`` exports, before its image, what its job runs: the image encoder with image prompts, the
     autoencoder's encoder with an init image, neither for text alone."""

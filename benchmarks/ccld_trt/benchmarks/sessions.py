@@ -11,6 +11,7 @@ from typing import Any
 from ccld_trt.benchmarks.backend_names import CUDA_GRAPH_BACKEND
 from ccld_trt.benchmarks.plan import BenchConfig, Variant
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.graph_specs import BACKEND_GRAPHS
 from ccld_trt.export.models import ModelFiles, models_dir
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 
@@ -51,9 +52,10 @@ def variant_options(variant: Variant, device: str) -> BackendOptions:
 
 
 def open_variant(variant: Variant, device: str, files: ModelFiles) -> Session:
-    """``runner.open_session`` for the variant; UserError with a one-line reason when it cannot run here (said
+    """``runner.open_session`` for the variant, every graph exported (the bench times the image encoder too, and
+    an export must not land in a timed call); UserError with a one-line reason when it cannot run here (said
     before anything loads)."""
-    session = open_session(variant_options(variant, device), ModelSource(files))
+    session = open_session(variant_options(variant, device), ModelSource(files), graphs=BACKEND_GRAPHS)
     opened = getattr(session.backend, "precision", variant.precision)
     if opened != variant.precision:
         raise UserError(f"opened at precision {opened}, not {variant.precision}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -56,6 +57,17 @@ Opened = dict[str, tuple[Hashable, Any]]
 # Makes the named graphs current in a graph backend's directory (exported from the model files unless up to date):
 # what runner.open_session gives the backend for the graphs it did not export up front
 Export = Callable[[Sequence[str]], object]
+
+
+def graph_path(files: dict[str, Path], graph: str, export: Export | None, locate: Callable[[], Path]) -> Path:
+    """``graph``'s file from ``files`` (a graph backend's, by graph); one not there yet (an on-demand graph, first
+    run now) is exported first where it is not current (``export``; None: it must be there), then ``locate``d and
+    added."""
+    if graph not in files:
+        if export is not None:
+            export([graph])
+        files[graph] = locate()
+    return files[graph]
 
 
 def take_opened(opened: Opened | None, graph: str, key: Hashable) -> Any | None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ccld_trt import backend_select
-from ccld_trt.backends.base import Export, GraphBackend, Opened, take_opened
+from ccld_trt.backends.base import Export, GraphBackend, Opened, graph_path, take_opened
 from ccld_trt.backends.onnxruntime_sessions import OPTIMIZED_DIR, open_cpu_session, session_key, session_options
 from ccld_trt.export.errors import UserError, require_file
 from ccld_trt.export.graph_specs import EAGER_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
@@ -85,8 +85,7 @@ class OnnxRuntimeBackend(GraphBackend):
         # what each session was opened with, kept so that tools (the benchmark's profiler) can open them alike
         self.providers = execution_providers(self.device, precision, onnx_dir / "ort-tensorrt-cache")
         self.options = session_options(threads)
-        self.files = {graph: require_file(onnx_path(onnx_dir, graph, precision), f"{graph} ONNX graph")
-                      for graph in EAGER_GRAPHS}
+        self.files = {graph: self._graph_file(graph) for graph in EAGER_GRAPHS}
         self._export = export
         self.sessions: dict[str, Any] = {}
         # ONNX Runtime builds a CPU session without the GIL: two at once use two cores (the three of a text prompt
@@ -98,16 +97,16 @@ class OnnxRuntimeBackend(GraphBackend):
         # (graph, output shape) -> the IO binding with its output bound, and that output tensor
         self._bound: dict[tuple[str, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
 
+    def _graph_file(self, graph: str) -> Path:
+        """``<onnx_dir>/<graph>[.fp16].onnx``; UserError when it is missing."""
+        return require_file(onnx_path(self.onnx_dir, graph, self.precision), f"{graph} ONNX graph")
+
     def _open(self, graph: str, opened: Opened | None = None) -> None:
         """Open ``graph``'s session (on the CPU from its saved optimised copy when there is one; taken from
         ``opened``, onnxruntime_sessions.open_saved_sessions's result, where that opened the same copy alike)."""
         import onnxruntime as ort
 
-        if graph not in self.files:  # first run now: exported first where it is not current (``export``)
-            if self._export is not None:
-                self._export([graph])
-            self.files[graph] = require_file(onnx_path(self.onnx_dir, graph, self.precision), f"{graph} ONNX graph")
-        path = self.files[graph]
+        path = graph_path(self.files, graph, self._export, lambda: self._graph_file(graph))
         if self.device.type == "cpu":
             root = self.onnx_dir / OPTIMIZED_DIR
             session = take_opened(opened, graph, session_key(root, path, self.options))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ccld_trt.backend_select import require_openvino
-from ccld_trt.backends.base import Export, GraphBackend, Opened, take_opened
+from ccld_trt.backends.base import Export, GraphBackend, Opened, graph_path, take_opened
 from ccld_trt.backends.openvino_compile import (
     CACHE_DIR,
     cache_folder,
@@ -68,11 +68,7 @@ class OpenVinoBackend(GraphBackend):
         """Compile ``graph`` (from OpenVINO's model cache when it holds this file's blob) and make its request; or
         take both from ``opened`` (openvino_compile.open_cached_graphs's result) where that compiled the same file
         version alike."""
-        if graph not in self.files:  # first run now: exported first where it is not current (``export``)
-            if self._export is not None:
-                self._export([graph])
-            self.files[graph] = graph_file(self.onnx_dir, graph, self.precision)
-        path = self.files[graph]
+        path = graph_path(self.files, graph, self._export, lambda: graph_file(self.onnx_dir, graph, self.precision))
         folder = cache_folder(self.onnx_dir / CACHE_DIR, path, self.config)
         handle = take_opened(opened, graph, folder)
         if handle is None:

@@ -1,6 +1,6 @@
 """onnxslim's simplification (constant folding, dead code, fusions) without its cost in weights: onnxslim infers
 shapes after each of its passes until the graph stops changing, and its shape inference serialises the whole
-model, weights and all, several times over (7.6 of the full-size U-Net's 15.5 s of simplification on a 2-core AMD
+model, weights and all, several times over (7.5 of the full-size U-Net's 15.5 s of simplification on a 2-core AMD
 EPYC). Shape inference reads only the dims of a large initializer, so here its contents are set aside while it
 runs; the graph that comes out is the one onnxslim makes with them (a test checks every exported graph)."""
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,3 +42,40 @@ def golden() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def e2e_cases() -> dict[str, dict]:
     return json.loads((FIXTURES / "e2e_cases.json").read_text())
+
+
+# The suite writes many checkpoints and graph files (over 20 GB in all): a module's directories go when it ends, so
+# a run needs a few GB of disk at a time, not all of it (pyproject's retention policy does the same for tmp_path).
+_MODULE_DIRS: dict[Any, list[Path]] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
+                         request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
+    """Records the directories a module-scoped fixture makes with ``tmp_path_factory.mktemp``."""
+    if fixturedef.scope != "module":
+        return (yield)
+    factory = request.config._tmp_path_factory  # type: ignore[attr-defined]  # what the tmp_path_factory fixture returns
+    outer = factory.__dict__.get("mktemp")
+    made = _MODULE_DIRS.setdefault(fixturedef, [])
+
+    def mktemp(basename: str, numbered: bool = True) -> Path:
+        path = (outer or type(factory).mktemp.__get__(factory))(basename, numbered)
+        made.append(path)
+        return path
+
+    factory.mktemp = mktemp
+    try:
+        return (yield)
+    finally:
+        if outer is None:
+            del factory.mktemp
+        else:
+            factory.mktemp = outer
+
+
+def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
+    """Removes a module-scoped fixture's directories after its teardown, unless a test has failed (kept to look at)."""
+    for path in _MODULE_DIRS.pop(fixturedef, []):
+        if not request.session.testsfailed:
+            shutil.rmtree(path, ignore_errors=True)

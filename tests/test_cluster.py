@@ -189,6 +189,7 @@ def test_request_past_its_deadline_gets_504(cluster: Deployed) -> None:
 
 def test_killed_replica_is_replaced_and_no_answer_is_wrong(cluster: Deployed, solo: list[Any]) -> None:
     from ray import serve
+    from ray.serve.schema import ReplicaState
 
     _, stats = get(f"{cluster.url}/v1/stats")
     pids = {s["replica"] for s in stats["replicas"].values()}
@@ -211,7 +212,7 @@ def test_killed_replica_is_replaced_and_no_answer_is_wrong(cluster: Deployed, so
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         app = serve.status().applications.get("ccld-trt")
-        running = app and app.deployments["generate"].replica_states.get("RUNNING", 0)
+        running = app and app.deployments["generate"].replica_states.get(ReplicaState.RUNNING, 0)
         if app and app.status == "RUNNING" and running == 2:
             break
         time.sleep(1)

@@ -253,6 +253,34 @@ def test_converted_copy_is_used_while_it_matches_and_never_when_the_source_chang
     assert copy_path(models / "model_student.ckpt", digest).is_file()
 
 
+def test_a_copy_that_cannot_be_written_leaves_nothing_and_the_run_goes_on(
+        seed3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while a converted copy is written: the networks still load (from the pickles), no half copy
+    or temporary file is left to be mistaken for one, and the next load converts again."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    models = _copy_models(seed3_dir, tmp_path / "models")
+    build = tmp_path / "build"
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
+    files = ModelFiles.resolve(models)
+    real_save_file = safetensors.torch.save_file
+
+    def disk_full(tensors: Any, filename: Any, metadata: Any = None) -> None:
+        Path(filename).write_bytes(safetensors.torch.save(tensors, metadata)[:1000])
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    networks = load_networks(files)
+    state = torch.load(models / "model_student.ckpt", weights_only=True)
+    assert all(torch.equal(v, state[k]) for k, v in networks.unet.state_dict().items())
+    assert not [p.name for p in (build / WEIGHTS_DIR).iterdir() if p.name.endswith((".safetensors", ".tmp"))]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+    load_networks(files)
+    copies = sorted(p.name.split("-")[0] for p in (build / WEIGHTS_DIR).glob("*.safetensors"))
+    assert copies == ["ae_model.ckpt", "cloob.pkl", "model_student.ckpt"]
+
+
 def test_stale_copy_with_the_current_name_is_not_used(seed3_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy recording another source digest (say, a copy left from other bytes) is converted again."""

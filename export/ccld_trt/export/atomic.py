@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes | memoryview | str, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` through ``<path>.<pid>.tmp`` and one rename (per process: two writers of one
-    directory may race); creates the parent directory. A failed write (a full disk) leaves no temporary file.
+@contextlib.contextmanager
+def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` (``<path>.<pid>.tmp``: per process, as two writers of one directory may
+    race) for the block to write; when the block succeeds, it becomes ``path`` in one rename. Creates the parent
+    directory. A failed write (a full disk) leaves no temporary file and the old ``path`` whole.
 
     ``exclusive``: never replace an existing ``path`` (FileExistsError instead): the finished file is published
     with a hard link, which fails if the name is taken, where the file system has them.
@@ -18,17 +22,23 @@ def write_atomic(path: Path, data: bytes | memoryview | str, *, exclusive: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data)
+        yield tmp
         if exclusive:
             _publish_new(tmp, path)
         else:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes | memoryview | str, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` through ``atomic_path`` (a reader never sees half a file)."""
+    with atomic_path(path, exclusive=exclusive) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
 
 
 def _publish_new(tmp: Path, path: Path) -> None:

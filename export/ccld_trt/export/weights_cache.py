@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ccld_trt.export.atomic import write_atomic
+from ccld_trt.export.atomic import atomic_path, write_atomic
 from ccld_trt.export.build_dir import build_root
 from ccld_trt.export.errors import require_file
 from ccld_trt.export.file_digests import SAFETENSORS_SUFFIX, cached_sha256, safetensors_source
@@ -87,19 +87,21 @@ def converted(source: Path, what: str, convert: Callable[[], Mapping[str, torch.
 
         return read_safetensors(copy, f"{what} (converted copy of {source})")
     state = {k: v.detach().contiguous() for k, v in convert().items()}
-    try:
-        from safetensors.torch import save
+    from safetensors import SafetensorError
 
-        copy.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from safetensors.torch import save_file
+
         # safetensors refuses tensors that share memory (tied or sliced weights): give those their own
         unique = _unshared(state)
-        write_atomic(copy, save(unique, metadata={"source": source.name, "source_sha256": digest}))
+        with atomic_path(copy) as tmp:  # written straight to the file: no second copy of the weights in memory
+            save_file(unique, tmp, metadata={"source": source.name, "source_sha256": digest})
         message = f"converted {source} to {copy} (safetensors, read by mapping from now on)"
         if known and known != digest:  # said, not only logged: a model file changed under this build directory
             print(f"{what} {source} changed since it was last converted: {message}", file=sys.stderr)
         else:
             log.info(message)
-    except OSError:  # a read-only build directory: converted again next time
+    except (OSError, SafetensorError):  # a read-only build directory, a full disk: converted again next time
         pass
     return state
 

@@ -125,6 +125,20 @@ def test_first_open_exports_only_what_a_text_prompt_runs(backend: str, models: P
     assert onnx_path(onnx_dir, "encoder", "fp32").is_file()
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="needs openvino")
+def test_openvino_says_which_graphs_it_compiles_anew(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A first run's compiles (seconds each on a small CPU, after the export) are said, one line per graph; a
+    start that loads them from OpenVINO's cache says nothing."""
+    import re
+
+    _open("openvino", models, tmp_path / "build", monkeypatch)
+    said = re.findall(r"^openvino: compiling (\S+) for this CPU", capsys.readouterr().err, re.MULTILINE)
+    assert sorted(said) == ["decoder.onnx", "text_encoder.onnx", "unet_cfg.onnx"]
+    _open("openvino", models, tmp_path / "build", monkeypatch)
+    assert "openvino: compiling" not in capsys.readouterr().err
+
+
 def test_a_stale_on_demand_graph_is_exported_again_when_first_run(seed3_dir: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:

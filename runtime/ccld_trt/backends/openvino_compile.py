@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,7 +78,11 @@ def _digest(value: object) -> str:
 
 def compile_graph(core: Any, path: Path, config: Mapping[str, Any], folder: Path) -> Any:
     """``path`` compiled for the CPU with ``config`` (an ov.CompiledModel), through the model cache ``folder``:
-    from its blob when it holds one, else compiled and the blob saved there."""
+    from its blob when it holds one, else compiled (said on stderr: seconds on a small CPU) and the blob saved
+    there."""
+    if not folder.is_dir():
+        print(f"openvino: compiling {path.name} for this CPU (once: the cache keeps it for later starts)",
+              file=sys.stderr, flush=True)
     return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
 
 

@@ -56,22 +56,16 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
     if fixturedef.scope != "module":
         return (yield)
     factory = request.config._tmp_path_factory  # type: ignore[attr-defined]  # what the tmp_path_factory fixture returns
-    outer = factory.__dict__.get("mktemp")
     made = _MODULE_DIRS.setdefault(fixturedef, [])
+    real = factory.mktemp
 
     def mktemp(basename: str, numbered: bool = True) -> Path:
-        path = (outer or type(factory).mktemp.__get__(factory))(basename, numbered)
-        made.append(path)
-        return path
+        made.append(real(basename, numbered))
+        return made[-1]
 
-    factory.mktemp = mktemp
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(factory, "mktemp", mktemp)
         return (yield)
-    finally:
-        if outer is None:
-            del factory.mktemp
-        else:
-            factory.mktemp = outer
 
 
 def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:

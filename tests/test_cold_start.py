@@ -278,18 +278,17 @@ def test_a_copy_that_cannot_be_written_leaves_nothing_and_the_run_goes_on(
     build = tmp_path / "build"
     monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
     files = ModelFiles.resolve(models)
-    real_save_file = safetensors.torch.save_file
 
     def disk_full(tensors: Any, filename: Any, metadata: Any = None) -> None:
         Path(filename).write_bytes(safetensors.torch.save(tensors, metadata)[:1000])
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    networks = load_networks(files)
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", disk_full)
+        networks = load_networks(files)
     state = torch.load(models / "model_student.ckpt", weights_only=True)
     assert all(torch.equal(v, state[k]) for k, v in networks.unet.state_dict().items())
     assert not [p.name for p in (build / WEIGHTS_DIR).iterdir() if p.name.endswith((".safetensors", ".tmp"))]
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
     load_networks(files)
     copies = sorted(p.name.split("-")[0] for p in (build / WEIGHTS_DIR).glob("*.safetensors"))
     assert copies == ["ae_model.ckpt", "cloob.pkl", "model_student.ckpt"]

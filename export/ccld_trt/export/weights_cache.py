@@ -88,10 +88,9 @@ def converted(source: Path, what: str, convert: Callable[[], Mapping[str, torch.
         return read_safetensors(copy, f"{what} (converted copy of {source})")
     state = {k: v.detach().contiguous() for k, v in convert().items()}
     from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     try:
-        from safetensors.torch import save_file
-
         # safetensors refuses tensors that share memory (tied or sliced weights): give those their own
         unique = _unshared(state)
         with atomic_path(copy) as tmp:  # written straight to the file: no second copy of the weights in memory

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ccld_trt import collector
 from ccld_trt.access import Keys, check_exposure, page_login
 from ccld_trt.access import check_host as check_host  # the --listen half of the host rule (re-exported)
 from ccld_trt.export.errors import UserError
@@ -320,7 +321,8 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
     # every graph exported at start-up, off the requests' path (an image prompt's encoder included)
     loader = ModelLoader(lambda: open_session(options, models, graphs=BACKEND_GRAPHS), options.describe())
     # The handlers first: a signal while Gradio imports or the port opens stops the server as soon as it is up.
-    with StopSignals("ccld-trt serve", exit_within=LAST_RESORT_S) as stop, \
+    # Gradio's import makes objects that live until exit: the collector skips them (collector.start_up)
+    with collector.start_up() as started, StopSignals("ccld-trt serve", exit_within=LAST_RESORT_S) as stop, \
             tempfile.TemporaryDirectory(prefix="ccld-trt-serve-", ignore_cleanup_errors=True) as work_dir:
         app = build_app(loader, demo_weights, Path(work_dir))
         import gradio as gr
@@ -336,6 +338,7 @@ def serve(options: BackendOptions, models: ModelSource, host: str = DEFAULT_HOST
                        auth_message="Any user name; the password is an API key of this server." if keys else None)
         except OSError as e:
             raise UserError(f"cannot serve on {host}:{port}: {e}") from e
+        started()
         loader.start()  # once the port is ours, so that a refused start loads nothing
         try:
             stop.wait()

@@ -1,9 +1,9 @@
 """Python's cyclic garbage collector held off while a command starts.
 
-A command's start-up (torch's and the backend's imports, the models, Gradio's page) makes a million or so objects
-that live until the process ends. The collector walked them again and again as they were made: 0.25-0.28 s of
-``sample``'s start on a 2-core AMD EPYC (gc.callbacks, openvino bf16), and a 0.12 s walk more at its first
-collection after. Start-up makes no garbage worth that: reference counting frees what it drops.
+A command's start-up (torch's and the backend's imports, Gradio's page) makes a million or so objects that live
+until the process ends. The collector walked them again and again as they were made: 0.25-0.28 s of ``sample``'s
+start on a 2-core AMD EPYC (gc.callbacks, openvino bf16), 0.44 s of Gradio's import, and a 0.12 s walk more at the
+first collection after. Imports make no garbage worth that: reference counting frees what they drop.
 """
 
 from __future__ import annotations

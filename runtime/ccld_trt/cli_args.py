@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def weighted(value: str, what: str) -> tuple[str, float]:
-    from ccld_trt.image_prompt import parse_prompt
+    from ccld_trt.request import parse_prompt
 
     text, weight = parse_prompt(value)
     if not text:

@@ -6,11 +6,23 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccld_trt import collector, stage_clock
 from ccld_trt.cli_args import backend_options, model_source, weighted
 from ccld_trt.export.errors import UserError
+from ccld_trt.limits import autoencoder_scale_problem
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    import numpy as np
+
+    from ccld_trt.backends.base import Opened
+    from ccld_trt.graph_sample import RunGraph
+    from ccld_trt.jobs import Job
+    from ccld_trt.runner import BackendOptions, ModelSource
+    from ccld_trt.sampler_tape import Tape
 
 # How `sample` names the fields of a pipeline Request
 _REQUEST_FLAGS = {"n": "-n", "batch_size": "--batch-size", "steps": "--steps", "method": "--method", "eta": "--eta",
@@ -52,6 +64,43 @@ def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents:
         check_new_file(Path(latents), "--save-latents", n * 4 * h * w * 4 + 128)
 
 
+def _assemble(args: argparse.Namespace, models: ModelSource) -> Job:
+    """Every input of ``sample`` read and checked (without torch for a text job), before any model loads."""
+    from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
+    from ccld_trt.jobs import assemble
+    from ccld_trt.request import InvalidRequest
+    from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE
+
+    scale = args.autoencoder_scale
+    try:
+        return assemble([weighted(p, "prompt") for p in args.prompts],
+                        [(Path(p), w) for p, w in (weighted(v, "image path") for v in args.images)],
+                        image_size=cloob_image_size(load_cloob_config(models.files.cloob_config)),
+                        autoencoder_scale=DEFAULT_AUTOENCODER_SCALE if scale in (None, "checkpoint") else scale,
+                        n=args.n, batch_size=args.batch_size, seed=args.seed, eta=args.eta,
+                        **_sampler_fields(args), **_init_fields(args))
+    except InvalidRequest as e:
+        raise UserError(f"{_REQUEST_FLAGS.get(e.field, e.field)} {e.problem}") from e
+
+
+def _graphs_without_torch(args: argparse.Namespace, options: BackendOptions, models: ModelSource, job: Job,
+                          prefetched: Future[Opened] | None) -> tuple[RunGraph, Tape] | None:
+    """The opened graphs and the sampler tape to run ``job`` without torch (graph_sample), where it covers the job,
+    an earlier run recorded its tape and the thread opened every graph it runs, current for these model files;
+    else None."""
+    from ccld_trt import graph_sample
+    from ccld_trt.runner import graphs_current, opened_graphs
+
+    if args.autoencoder_scale == "checkpoint" or not graph_sample.covers(options, job):
+        return None
+    tape = graph_sample.load_tape(job.request)
+    if tape is None or not graphs_current(options, models):
+        return None
+    stage_clock.mark("model files read")  # the manifest and the digest cache, not the weights
+    run = graph_sample.graph_runner(options.backend, opened_graphs(prefetched))
+    return None if run is None else (run, tape)
+
+
 def cmd_sample(args: argparse.Namespace) -> object:
     stage_clock.mark("cli")  # bench --cold-start's stages (no-op unless $CCLD_TRT_STAGES)
     # the imports make objects that live until exit: the collector skips them (collector.start_up)
@@ -59,46 +108,72 @@ def cmd_sample(args: argparse.Namespace) -> object:
         from ccld_trt.runner import prefetch_graphs
 
         options, models = backend_options(args), model_source(args)
-        # a graph backend's files open in a thread while this one imports torch: both cores at work
+        # a graph backend's files open in a thread meanwhile: both cores at work
         prefetched = prefetch_graphs(options, models)
-        from ccld_trt.api import Pipeline
-        from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
-        from ccld_trt.jobs import assemble, graphs_run
-        from ccld_trt.limits import autoencoder_scale_problem
-        from ccld_trt.outputs import save_latents
-        from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, InvalidRequest
-
-        stage_clock.mark("imports")
-        started()  # before any export, which makes garbage for the collector
-        scale = args.autoencoder_scale
-        try:
-            # every input is read here, before the (slow) model loading, so that a bad one fails at once
-            job = assemble([weighted(p, "prompt") for p in args.prompts],
-                           [(Path(p), w) for p, w in (weighted(v, "image path") for v in args.images)],
-                           image_size=cloob_image_size(load_cloob_config(models.files.cloob_config)),
-                           autoencoder_scale=DEFAULT_AUTOENCODER_SCALE if scale in (None, "checkpoint") else scale,
-                           n=args.n, batch_size=args.batch_size, seed=args.seed, eta=args.eta,
-                           **_sampler_fields(args), **_init_fields(args))
-        except InvalidRequest as e:
-            raise UserError(f"{_REQUEST_FLAGS.get(e.field, e.field)} {e.problem}") from e
+        job = _assemble(args, models)
         # where the results go is checked before the work too: made, written to and cleaned up again
         out_dir = Path(args.output_dir)
         _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
+        resolved = options.resolved()
+        lean = _graphs_without_torch(args, resolved, models, job, prefetched)
+        if lean is not None:
+            stage_clock.mark("imports")
+            started()
+            return _sample_without_torch(args, resolved, models, job, *lean)
+        from ccld_trt.api import Pipeline
+        from ccld_trt.jobs import graphs_run
+
+        stage_clock.mark("imports")
+        started()  # before any export, which makes garbage for the collector
         # the graphs this job runs are exported now if they must be (one read of the networks); others wait for a use
         pipe = Pipeline.open(options, models, prefetched, graphs_run(job))
         stage_clock.mark("backend ready")
-        print(f"backend: {pipe.backend}", file=sys.stderr)  # which backend and precision make these images
-        if pipe.demo_weights:
-            print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
-        if scale == "checkpoint":
+        _say_backend(pipe.backend, pipe.demo_weights)
+        if args.autoencoder_scale == "checkpoint":
             job = dataclasses.replace(job, autoencoder_scale=pipe.session.checkpoint_autoencoder_scale)
             if problem := autoencoder_scale_problem(job.autoencoder_scale):
                 raise UserError(f"--autoencoder-scale checkpoint: the U-Net checkpoint's scale {problem}")
         result = pipe.run(job)
         stage_clock.mark("image")
-        if args.save_latents:
-            save_latents(result.latents.numpy(), Path(args.save_latents))
-        for path in result.save(out_dir):
-            print(path)
+        _write(args, result.latents.numpy(), result.pixels, out_dir)
         stage_clock.mark("written")
+        from ccld_trt import graph_sample
+
+        if args.autoencoder_scale != "checkpoint" and graph_sample.covers(resolved, job) \
+                and graph_sample.load_tape(job.request) is None:
+            graph_sample.save_tape(job.request)  # the next such job runs without torch
         return pipe
+
+
+def _sample_without_torch(args: argparse.Namespace, options: BackendOptions, models: ModelSource, job: Job,
+                          run: RunGraph, tape: Tape) -> object:
+    """``sample``'s images on the graphs ``run`` calls, with graph_sample's numpy arithmetic; returns what holds
+    the graphs (for cli.run's ``keep``)."""
+    from tqdm import tqdm
+
+    from ccld_trt import graph_sample
+
+    stage_clock.mark("backend ready")
+    _say_backend(options.describe(), models.files.is_demo())
+    with tqdm(total=tape.evaluations, desc="sampling", unit="eval", disable=None, leave=False) as bar:
+        latents, pixels = graph_sample.generate(run, job, tape, bar.update)
+    stage_clock.mark("image")
+    _write(args, latents, pixels, Path(args.output_dir))
+    stage_clock.mark("written")
+    return run
+
+
+def _say_backend(backend: str, demo: bool) -> None:
+    print(f"backend: {backend}", file=sys.stderr)  # which backend and precision make these images
+    if demo:
+        print("warning: these are RANDOM DEMO WEIGHTS: images will be noise-like, not paintings", file=sys.stderr)
+
+
+def _write(args: argparse.Namespace, latents: np.ndarray, pixels: np.ndarray, out_dir: Path) -> None:
+    """The PNGs (their paths printed) and, with --save-latents, the latents."""
+    from ccld_trt.outputs import save_images, save_latents
+
+    if args.save_latents:
+        save_latents(latents, Path(args.save_latents))
+    for path in save_images(pixels, out_dir):
+        print(path)

@@ -1,8 +1,7 @@
-"""Prompt strings (``text:weight``) and image prompts, preprocessed exactly as ``cfg_sample.py`` does."""
+"""Image prompts, preprocessed exactly as ``cfg_sample.py`` does (prompt strings: ``request.parse_prompt``)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -11,35 +10,8 @@ from PIL import Image
 
 from ccld_trt.export.errors import UserError
 from ccld_trt.limits import MAX_IMAGE_PIXELS, image_size_problem
-
-_URL_SCHEMES = ("http://", "https://")
-
-
-def parse_prompt(prompt: str, default_weight: float = 3.0) -> tuple[str, float]:
-    """Split ``"text:weight"`` on the last colon; no colon means ``default_weight``.
-
-    As in the original, an http(s) URL's scheme colon is not a separator, and any other colon must be followed
-    by a number (``"style: oil"`` is an error, as is a URL with a port but no weight). Unlike the original,
-    a NaN or infinite weight is refused too, since it would turn every sample into NaN.
-    """
-    if prompt.startswith(_URL_SCHEMES):
-        scheme, rest = prompt.split(":", 1)
-        text, sep, weight = rest.rpartition(":")
-        text, sep, weight = (scheme + ":" + text, sep, weight) if sep else (scheme + ":" + rest, "", "")
-    else:
-        text, sep, weight = prompt.rpartition(":")
-        if not sep:
-            text = prompt
-    if not sep:
-        return text, float(default_weight)
-    try:
-        value = float(weight)
-    except ValueError:
-        raise UserError(f"prompt {prompt!r}: the part after the last ':' ({weight!r}) is not a number; "
-                        "write 'text:weight', e.g. 'a red house:3'") from None
-    if not math.isfinite(value):
-        raise UserError(f"prompt {prompt!r}: weight {weight!r} is not a finite number")
-    return text, value
+from ccld_trt.request import URL_SCHEMES
+from ccld_trt.request import parse_prompt as parse_prompt  # its importers' name
 
 
 def _crop_offset(dim: int, crop: int) -> int:
@@ -55,7 +27,7 @@ def open_rgb(path: str | Path, what: str = "image prompt") -> Image.Image:
     missing, is not a readable image or is past the limits (``limits.image_size_problem``: pixels and aspect
     ratio, read from the header before anything is decoded). Shared by image prompts and image-to-image's init
     image."""
-    if str(path).startswith(_URL_SCHEMES):
+    if str(path).startswith(URL_SCHEMES):
         raise UserError(f"{what} {path}: URLs are not fetched; download the image and give its path")
     path = Path(path)
     if not path.is_file():

@@ -16,18 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from ccld_trt import limits
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import EAGER_GRAPHS
-from ccld_trt.image_prompt import load_image_prompt, parse_prompt, resize_and_center_crop, to_tensor
-from ccld_trt.init_image import init_pixels, load_init_image
-from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE, Generation, InvalidRequest, Request, generate
+from ccld_trt.request import InvalidRequest, Request, parse_prompt
+from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where an image is read or a job runs: a text job is assembled without it
+    import torch
+
     from ccld_trt.backends.base import Backend
+    from ccld_trt.pipeline import Generation
 
 # The limits are every front end's, stated once in ccld_trt.limits (Request.validate checks them); these names
 # stay importable from here.
@@ -146,6 +147,8 @@ def _image_prompts(prompts: ImagePromptInput | Sequence[ImagePromptInput]
 
 def _load_image(source: ImageSource, name: str, image_size: int, untrusted: bool) -> torch.Tensor:
     """One image prompt -> float32 [1, 3, S, S] in [0, 1], preprocessed as a file given to ``sample`` is."""
+    from ccld_trt.image_prompt import load_image_prompt, resize_and_center_crop, to_tensor
+
     if isinstance(source, str | os.PathLike):
         if untrusted:
             check_image_upload(Path(source))
@@ -167,6 +170,8 @@ def _load_image(source: ImageSource, name: str, image_size: int, untrusted: bool
 def _load_init(source: ImageSource, latent_size: tuple[int, int], untrusted: bool) -> torch.Tensor:
     """The init image -> float32 [1, 3, 8h, 8w] in [-1, 1] (init_image.init_pixels), read and checked as an
     image prompt is."""
+    from ccld_trt.init_image import init_pixels, load_init_image
+
     what = "the init image"
     if isinstance(source, Image.Image):
         return init_pixels(source, latent_size)
@@ -223,5 +228,7 @@ def assemble(prompts: PromptInput | Sequence[PromptInput] = (),
 def run(backend: Backend, job: Job, on_evaluation: Callable[[], object] | None = None,
         on_stage: Callable[[str], None] | None = None) -> Generation:
     """Generate ``job`` on ``backend`` (see ``pipeline.generate``)."""
+    from ccld_trt.pipeline import generate
+
     return generate(backend, job.request, job.image_pixels, job.autoencoder_scale, on_evaluation, on_stage,
                     init_pixels=job.init_pixels)

@@ -32,6 +32,15 @@ def next_index(out_dir: Path) -> int:
     return max(found, default=-1) + 1
 
 
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """Decoder output float32 [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3] the way the original saves PNGs:
+    clamp, (x + 1) / 2, x255, truncate (each step rounded in float32, as torch does it)."""
+    one = np.float32(1)
+    with np.errstate(invalid="ignore"):  # a NaN pixel becomes 0, as torch's cast makes it, without a warning
+        scaled = (np.clip(images.astype(np.float32, copy=False), -one, one) + one) / np.float32(2) * np.float32(255)
+        return scaled.astype(np.uint8).transpose(0, 2, 3, 1)
+
+
 def save_images(pixels: np.ndarray, out_dir: Path) -> list[Path]:
     """uint8 [N, H, W, 3] -> out_dir/out_{index:05}.png, indices after the existing ones; returns the paths.
 

@@ -4,114 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-from ccld_trt import limits
 from ccld_trt.backends.base import Backend
-from ccld_trt.export.errors import UserError
 from ccld_trt.image_prompt import load_image_prompt
 from ccld_trt.init_image import encode_init, load_init_image, noised_start
-from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE as DEFAULT_AUTOENCODER_SCALE  # its importers' name
-from ccld_trt.sampler_names import DEFAULT_STRENGTH, METHODS
-from ccld_trt.samplers import evaluations, needs_step_noise, sample
-from ccld_trt.schedule import method_timesteps, start_timesteps
+from ccld_trt.outputs import to_pixels
+from ccld_trt.request import InvalidRequest as InvalidRequest  # its importers' names
+from ccld_trt.request import Request as Request
+from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE as DEFAULT_AUTOENCODER_SCALE
+from ccld_trt.samplers import needs_step_noise, sample
 from ccld_trt.tokenizer import tokenize
 
 LATENT_CHANNELS = 4
 T = TypeVar("T")
-
-
-class InvalidRequest(UserError):
-    """A Request field with an invalid value. The message names the field as the library does ("steps must be
-    >= 1, got 0"); a front end says it in its own words with ``problem`` (the message after the field's name)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field} {problem}")
-        self.field = field
-        self.problem = problem
-
-
-@dataclass(frozen=True)
-class Request:
-    """One sampling job. Prompts are (text, weight); image prompts (path, weight)."""
-
-    prompts: list[tuple[str, float]]
-    image_prompts: list[tuple[Path, float]] = field(default_factory=list)
-    n: int = 1
-    batch_size: int | None = None  # None: all n images in one batch, as the original
-    seed: int = 0
-    steps: int = 50
-    method: str = "plms"
-    eta: float = 0.0
-    latent_size: tuple[int, int] = (32, 32)
-    init: Path | None = None  # image-to-image: the init image (None: text-to-image, from pure noise)
-    strength: float = DEFAULT_STRENGTH  # image-to-image: the starting timestep in (0, 1]; 1 is all noise
-
-    def validate(self) -> None:
-        """InvalidRequest naming the first invalid field."""
-        if not self.prompts and not self.image_prompts:
-            raise InvalidRequest("prompts", "are missing: give a text prompt or an image prompt")
-        if self.n < 1:
-            raise InvalidRequest("n", f"must be >= 1, got {self.n}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InvalidRequest("batch_size", f"must be >= 1, got {self.batch_size}")
-        if self.steps < 1:
-            raise InvalidRequest("steps", f"must be >= 1, got {self.steps}")
-        if self.method not in METHODS:
-            raise InvalidRequest("method", f"{self.method!r} is unknown; choose from {', '.join(METHODS)}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise InvalidRequest("eta", f"must be in [0, 1], got {self.eta}")
-        if not 0 <= self.seed < 2**63:
-            raise InvalidRequest("seed", f"must be in [0, 2**63), got {self.seed}")
-        self._check_limits()
-        if any(s < 1 for s in self.latent_size):
-            raise InvalidRequest("latent_size", f"must be positive, got {self.latent_size}")
-        if self.init is not None:
-            if not 0.0 < self.strength <= 1.0:
-                raise InvalidRequest("strength", f"must be in (0, 1], got {self.strength}")
-            if not len(self.timesteps()):
-                smallest = float(method_timesteps(self.method, self.steps).min())
-                raise InvalidRequest("strength", f"{self.strength} is below every one of the {self.steps} timesteps "
-                                     f"(the last is {smallest:.3f}): raise it or the steps")
-
-    def _check_limits(self) -> None:
-        """InvalidRequest past the limits of every front end (``limits``: sizes this machine can hold, weights
-        that keep the CFG sum finite), checked before anything that costs time or memory."""
-        for name, value, most in (("n", self.n, limits.MAX_IMAGES), ("steps", self.steps, limits.MAX_STEPS)):
-            if value > most:
-                raise InvalidRequest(name, limits.out_of_range(value, 1, most))
-        if problem := limits.prompt_count_problem(len(self.prompts) + len(self.image_prompts)):
-            raise InvalidRequest("the number of prompts", problem)
-        for i, (text, _) in enumerate(self.prompts):
-            if problem := limits.prompt_text_problem(text):
-                raise InvalidRequest(f"prompts[{i}]", problem)
-        for kind, items in (("prompts", self.prompts), ("image_prompts", self.image_prompts)):
-            for i, (_, weight) in enumerate(items):
-                if problem := limits.weight_problem(weight):
-                    raise InvalidRequest(f"{kind}[{i}].weight", problem)
-        if problem := limits.latent_size_problem(self.latent_size):
-            raise InvalidRequest("latent_size", problem)
-        rows = limits.unet_rows_problem(min(self.batch_size or self.n, self.n),
-                                        1 + len(self.prompts) + len(self.image_prompts), self.latent_size)
-        if rows:
-            raise InvalidRequest("batch_size", rows)
-
-    def timesteps(self) -> torch.Tensor:
-        """The sampler's timesteps, float32 [k] on the CPU: the method's ``steps`` timesteps, and with an init
-        image only those below ``strength`` (the original's ``--starting-timestep``), so k <= steps."""
-        t = method_timesteps(self.method, self.steps)
-        return start_timesteps(t, self.strength) if self.init is not None else t
-
-    @property
-    def evaluations(self) -> int:
-        """U-Net/CFG evaluations over the whole job (one per batch per sampler evaluation)."""
-        batches = -(-self.n // (self.batch_size or self.n))
-        return batches * evaluations(self.method, len(self.timesteps()))
 
 
 def load_image_prompts(request: Request, image_size: int) -> list[tuple[torch.Tensor, float]]:
@@ -186,17 +96,11 @@ def sample_latents(backend: Backend, request: Request, conds: torch.Tensor, weig
     return torch.cat(outs)
 
 
-def to_pixels(images: torch.Tensor) -> np.ndarray:
-    """Decoder output [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3] the way the original saves PNGs:
-    clamp, (x + 1) / 2, x255, truncate."""
-    x = ((images.float().clamp(-1, 1) + 1) / 2).mul(255).byte()
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def decode(backend: Backend, latents: torch.Tensor, scale: float, batch_size: int | None = None) -> np.ndarray:
     """latents [n, 4, h, w] (unscaled) -> uint8 pixels [n, 8h, 8w, 3], decoding ``batch_size`` at a time."""
     batch = batch_size or latents.shape[0]
-    return np.concatenate([to_pixels(backend.decode(latents[i:i + batch].to(backend.device) * scale))
+    return np.concatenate([to_pixels(backend.decode(latents[i:i + batch].to(backend.device) * scale).float().cpu()
+                                     .numpy())
                            for i in range(0, latents.shape[0], batch)])
 
 

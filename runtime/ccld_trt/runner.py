@@ -146,7 +146,7 @@ def _open_built_graphs(options: BackendOptions, files: ModelFiles) -> Opened:
     return open_saved_sessions(onnx_dir, EAGER_GRAPHS, options.precision or "fp32")
 
 
-def _prefetched(future: Future[Opened] | None) -> Opened:
+def opened_graphs(future: Future[Opened] | None) -> Opened:
     """What ``prefetch_graphs`` opened, once it is done; {} when it opened nothing or failed (the backend then
     opens every graph itself, and says what is wrong in its own words)."""
     try:
@@ -170,7 +170,7 @@ def open_session(options: BackendOptions, models: ModelSource, prefetched: Futur
     manifest's checkpoint digests, cached by path, size and mtime, say so without reading the weights); the
     networks are loaded only when a graph must be exported, and then for all the graphs that must.
     """
-    opened = _prefetched(prefetched)
+    opened = opened_graphs(prefetched)
     options = options.resolved()
     files = models.files
     precision = options.precision or default_precision(options.backend, options.device)  # resolved: set
@@ -201,15 +201,28 @@ def open_session(options: BackendOptions, models: ModelSource, prefetched: Futur
                    functools.partial(checkpoint_autoencoder_scale, files.unet), files.is_demo())
 
 
-def _exported(options: BackendOptions, models: ModelSource, fp16: bool, graphs: Sequence[str]) -> Path:
-    """The directory of the backend graphs of ``models`` (``options.onnx_dir``, else the default one per set of
-    model files), with ``graphs`` exported there first unless the manifest shows them up to date; the torch
-    networks are read only for an export."""
-    from ccld_trt.export.onnx_files import default_onnx_dir
-    from ccld_trt.export.onnx_manifest import graphs_current
+def graphs_current(options: BackendOptions, models: ModelSource, graphs: Sequence[str] = EAGER_GRAPHS) -> bool:
+    """Whether ``graphs`` are exported and up to date for ``models`` where the backend of (resolved) ``options``
+    keeps them (the manifest and its digest cache say so without reading the weights, or importing torch)."""
+    from ccld_trt.export.onnx_manifest import graphs_current as current
 
-    onnx_dir = options.onnx_dir or default_onnx_dir(models.files)
-    if not graphs_current(models.files, onnx_dir, graphs, fp16=fp16):
+    return current(models.files, _onnx_dir(options, models), graphs, fp16=options.precision == "fp16")
+
+
+def _onnx_dir(options: BackendOptions, models: ModelSource) -> Path:
+    """``options.onnx_dir``, else the default one per set of model files."""
+    from ccld_trt.export.onnx_files import default_onnx_dir
+
+    return options.onnx_dir or default_onnx_dir(models.files)
+
+
+def _exported(options: BackendOptions, models: ModelSource, fp16: bool, graphs: Sequence[str]) -> Path:
+    """The directory of the backend graphs of ``models`` (``_onnx_dir``), with ``graphs`` exported there first
+    unless the manifest shows them up to date; the torch networks are read only for an export."""
+    from ccld_trt.export.onnx_manifest import graphs_current as current
+
+    onnx_dir = _onnx_dir(options, models)
+    if not current(models.files, onnx_dir, graphs, fp16=fp16):
         from ccld_trt.export.onnx_export import export_all
 
         export_all(models.files, onnx_dir, graphs, fp16=fp16, networks=models.load())

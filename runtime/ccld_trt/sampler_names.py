@@ -21,6 +21,11 @@ FAST_STEPS = 7
 PRESETS: dict[str, tuple[str, int]] = {"fast": (FAST_METHOD, FAST_STEPS), "balanced": ("dpmpp-3m", 15)}
 
 
+def needs_step_noise(method: str, eta: float) -> bool:
+    """Whether ``method`` draws fresh noise at each step (so the caller must supply ``noise``)."""
+    return method == "ddpm" or (method == "ddim" and eta != 0)
+
+
 def chosen_preset(fast: bool, preset: object) -> str | None:
     """The preset a request names: ``preset``, or "fast" for ``fast`` (the same request, so both at once must
     agree), or None for neither. UserError in one line otherwise; a front end may say it in its own words."""

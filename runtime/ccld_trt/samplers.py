@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ccld_trt.sampler_names import FAST_METHODS, METHODS
+from ccld_trt.sampler_names import needs_step_noise as needs_step_noise  # its importers' name
 from ccld_trt.schedule import solver_setting, t_to_alpha_sigma
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -318,8 +319,3 @@ def sample(model: ModelFn, x: torch.Tensor, steps: torch.Tensor, method: str, et
         setting = solver_setting(method, len(steps))
         return unipc_sample(model, x, steps, setting.order, callback, setting.final)
     raise ValueError(f"unknown sampling method {method!r}; choose from {', '.join(METHODS)}")
-
-
-def needs_step_noise(method: str, eta: float) -> bool:
-    """Whether ``method`` draws fresh noise at each step (so the caller must supply ``noise``)."""
-    return method == "ddpm" or (method == "ddim" and eta != 0)

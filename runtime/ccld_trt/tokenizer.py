@@ -21,12 +21,16 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import instant_clip_tokenizer
-import torch
+import numpy as np
 
 from ccld_trt.export.graph_specs import CONTEXT_LENGTH, EOT_TOKEN, SOT_TOKEN
 from ccld_trt.limits import MAX_PROMPT_CHARS
+
+if TYPE_CHECKING:
+    import torch
 
 # CLIP collapses whitespace with the `regex` module. The stdlib's \s differs from it only on U+001C..U+001F,
 # control characters that ftfy has removed by then.
@@ -118,19 +122,26 @@ def encode(text: str, *, bounded: bool = False) -> list[int]:
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """Token ids for a batch of prompts, as ``clip.tokenize`` gives them.
+    """``token_ids`` as a torch tensor: int64 [N, context_length]."""
+    import torch
+
+    return torch.from_numpy(token_ids(texts, context_length))
+
+
+def token_ids(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
+    """Token ids for a batch of prompts, as ``clip.tokenize`` gives them (numpy: the graph backends need no torch).
 
     Args:
         texts: prompts (a single string counts as one prompt).
         context_length: row length; 77 for every CLIP/CLOOB text encoder.
 
     Returns:
-        int64 tensor [N, context_length]: SOT, BPE ids, EOT, then zero padding. A prompt that does not fit
+        int64 array [N, context_length]: SOT, BPE ids, EOT, then zero padding. A prompt that does not fit
         is cut to ``context_length`` ids with EOT as the last one, and a warning names it.
     """
     if isinstance(texts, str):
         texts = [texts]
-    out = torch.zeros([len(texts), context_length], dtype=torch.int64)
+    out = np.zeros([len(texts), context_length], dtype=np.int64)
     for row, text in enumerate(texts):
         # bounded: a longer row than context_length cannot use what the bound leaves out
         ids = [SOT_TOKEN, *encode(text, bounded=context_length <= CONTEXT_LENGTH), EOT_TOKEN]
@@ -138,8 +149,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -
             shown = text if len(text) <= 60 else text[:57] + "..."
             warnings.warn(
                 f"prompt {shown!r} is longer than the text encoder's {context_length}-token context; truncated",
-                stacklevel=2,
+                stacklevel=3,
             )
             ids = [*ids[: context_length - 1], EOT_TOKEN]
-        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        out[row, : len(ids)] = ids
     return out

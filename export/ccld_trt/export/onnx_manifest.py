@@ -3,23 +3,21 @@ and versions), the graph's metadata_props, and ``manifest.json``, which lets an 
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ccld_trt.export.atomic import write_atomic
-from ccld_trt.export.autoencoder import load_autoencoder_config
+from ccld_trt.export.autoencoder_config import load_autoencoder_config
 from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
 from ccld_trt.export.export_versions import EXPORTER_VERSION, FP16_VERSION, OPSET
 from ccld_trt.export.file_digests import cached_sha256
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
 from ccld_trt.export.models import ModelFiles
-from ccld_trt.export.unet import infer_unet_config
+
+if TYPE_CHECKING:  # whether the graphs are current is read without torch (a graph backend's start needs no more)
+    from torch import nn
 
 MANIFEST = "manifest.json"
 # Which checkpoint each graph comes from.
@@ -64,12 +62,14 @@ def versions() -> dict[str, str]:
     takes a second, which an up-to-date export should not spend)."""
     from importlib.metadata import version
 
-    return {"ccld_trt": importlib.metadata.version("ccld-trt"), "torch": torch.__version__, "onnx": version("onnx"),
+    return {"ccld_trt": version("ccld-trt"), "torch": version("torch"), "onnx": version("onnx"),
             "onnxslim": version("onnxslim"), "onnxconverter_common": version("onnxconverter-common")}
 
 
 def unet_config(unet: nn.Module) -> dict[str, Any]:
     """The U-Net's configuration, as its weights imply it, and its stored latent scale."""
+    from ccld_trt.export.unet import infer_unet_config
+
     state = unet.state_dict()
     base, multipliers = infer_unet_config(state)
     return {"base_channels": base, "channel_multipliers": multipliers,

@@ -11,7 +11,7 @@ import hashlib
 import os
 import platform
 import shutil
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +125,12 @@ def open_cpu_session(source: Path, options: Any, root: Path) -> Any:
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return session
+
+
+def run_cpu(session: Any, inputs: Mapping[str, Any]) -> Any:
+    """One call of a CPU session on numpy ``inputs`` ({input name: array of the graph's dtype}); its one output as a
+    new array (the backend binds torch tensors instead; the same kernels, the same bits)."""
+    return session.run(None, dict(inputs))[0]
 
 
 def open_saved_sessions(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:

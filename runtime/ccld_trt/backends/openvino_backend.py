@@ -35,6 +35,7 @@ from ccld_trt.backends.openvino_compile import (
     compile_graph,
     graph_file,
     graph_files,
+    infer,
 )
 from ccld_trt.cpu_features import default_cpu_precision, physical_cores
 from ccld_trt.export.graph_specs import EAGER_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
@@ -101,9 +102,6 @@ class OpenVinoBackend(GraphBackend):
         spec = GRAPHS[graph]
         inputs = {t.name: np.ascontiguousarray(feed[t.name].detach().cpu().to(getattr(torch, t.dtype)).numpy())
                   for t in spec.inputs}
-        # share_inputs: OpenVINO reads the arrays in place; outputs come back as fresh arrays (not shared), since
-        # samplers keep earlier outputs while the request's own buffers are reused by the next call.
         if graph not in self._requests:
             self._open(graph)
-        result = self._requests[graph].infer(inputs, share_inputs=True, share_outputs=False)
-        return torch.from_numpy(np.asarray(result[0]))
+        return torch.from_numpy(np.asarray(infer(self._requests[graph], inputs)))

@@ -86,6 +86,13 @@ def compile_graph(core: Any, path: Path, config: Mapping[str, Any], folder: Path
     return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
 
 
+def infer(request: Any, inputs: Mapping[str, Any]) -> Any:
+    """One call of a compiled graph's infer request on numpy ``inputs`` ({input name: array of the graph's dtype});
+    its one output as a new array. OpenVINO reads the inputs in place (share_inputs); the output is a copy, not the
+    request's own buffer, which the next call overwrites while samplers still hold earlier outputs."""
+    return request.infer(inputs, share_inputs=True, share_outputs=False)[0]
+
+
 def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:
     """{graph: (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or bf16) whose blob
     the model cache already holds; the others are left to the backend (nothing is compiled anew here). The cache

@@ -1,0 +1,147 @@
+"""A text job on a graph backend (onnxruntime, openvino) on the CPU, without importing torch: the same images as
+the torch-driven path, bit for bit, ~1 s sooner in a fresh ``sample`` process (torch's import is most of what it
+waits for before the first graph call).
+
+The graphs are the ones ``runner.prefetch_graphs`` opened; the job's arithmetic outside them is numpy's: the
+token ids (``tokenizer.token_ids``), the CFG weights, the starting noise (``randn``), the sampler (a
+``sampler_tape`` recorded for the job's method, steps and rows) and the pixels (``outputs.to_pixels``). The tape
+is recorded, and the noise checked against ``torch.randn``, by an earlier ``sample`` that ran the same kind of
+job with torch (``save_tape``, in the build directory); until then, and for every job this path does not cover
+(image prompts, an init image, per-step noise, several batches, int8), ``sample`` runs with torch as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ccld_trt.cpu_features import cpu_flags
+from ccld_trt.export.atomic import write_atomic
+from ccld_trt.export.build_dir import build_root
+from ccld_trt.export.graph_specs import EAGER_GRAPHS
+from ccld_trt.randn import BLOCK, randn
+from ccld_trt.sampler_names import needs_step_noise
+from ccld_trt.sampler_tape import Tape, from_json, replay, to_json
+
+if TYPE_CHECKING:
+    from ccld_trt.backends.base import Opened
+    from ccld_trt.jobs import Job
+    from ccld_trt.request import Request
+    from ccld_trt.runner import BackendOptions
+
+TAPE_DIR = "sampler-tapes"  # under the build directory
+LATENT_CHANNELS = 4
+# what a tape's arithmetic comes from: a change to any of them records the tapes again
+_SOURCES = ("samplers.py", "schedule.py", "sampler_tape.py", "randn.py")
+# a graph call: graph name, {input name: array} -> its one output
+RunGraph = Callable[[str, Mapping[str, np.ndarray]], np.ndarray]
+
+
+def covers(options: BackendOptions, job: Job) -> bool:
+    """Whether this path can run ``job`` on ``options`` (resolved): onnxruntime or openvino on the CPU, not int8;
+    text prompts only; a sampler without per-step noise; one batch of at least 16 latent values."""
+    request = job.request
+    return (options.backend in ("onnxruntime", "openvino") and options.device == "cpu"
+            and options.precision in ("fp32", "bf16") and not job.image_pixels and job.init_pixels is None
+            and not needs_step_noise(request.method, request.eta)
+            and (request.batch_size is None or request.batch_size >= request.n)
+            and request.n * LATENT_CHANNELS * request.latent_size[0] * request.latent_size[1] >= BLOCK)
+
+
+def tape_key(request: Request) -> dict[str, Any]:
+    """What a job's tape depends on: its sampler, steps and rows, the code and torch that recorded it, and the CPU
+    (torch's kernels, and so the noise this path was checked to match, are picked per CPU)."""
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _SOURCES)).hexdigest()
+    return {"method": request.method, "steps": request.steps, "rows": request.n, "code": code,
+            "torch": version("torch"), "cpu": sorted(cpu_flags() or ()),
+            "capability": os.environ.get("ATEN_CPU_CAPABILITY", "")}
+
+
+def tape_path(request: Request, build_dir: Path | None = None) -> Path:
+    """``<build>/sampler-tapes/<method>-<steps>-<rows>.json``."""
+    return build_root(build_dir) / TAPE_DIR / f"{request.method}-{request.steps}-{request.n}.json"
+
+
+def load_tape(request: Request, build_dir: Path | None = None) -> Tape | None:
+    """The tape ``save_tape`` recorded for ``request``'s kind of job, if its key is today's; else None (also for an
+    unreadable or malformed file: it is recorded again)."""
+    try:
+        data = json.loads(tape_path(request, build_dir).read_text())
+        if not isinstance(data, dict) or data.get("key") != tape_key(request):
+            return None
+        return from_json(data.get("tape"))
+    except (OSError, ValueError):
+        return None
+
+
+def save_tape(request: Request, build_dir: Path | None = None) -> bool:
+    """Record the tape of ``request``'s kind of job (imports torch) and keep it, if ``randn`` gives this machine's
+    ``torch.randn`` for the job's seed and shape; whether it was kept. A failure to write is not an error."""
+    import torch
+
+    from ccld_trt.sampler_tape import record
+
+    shape = [request.n, LATENT_CHANNELS, *request.latent_size]
+    drawn = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed)).numpy().reshape(-1)
+    if not np.array_equal(drawn.view(np.uint32), randn(request.seed, drawn.size).view(np.uint32)):
+        return False
+    text = json.dumps({"key": tape_key(request), "tape": to_json(record(request.method, request.steps, request.n))})
+    path = tape_path(request, build_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+    except OSError:
+        return False
+    return True
+
+
+def graph_runner(backend: str, opened: Opened) -> RunGraph | None:
+    """Calls of the eager graphs ``opened`` holds (runner.prefetch_graphs's, for ``backend``); None unless it holds
+    them all."""
+    if not all(graph in opened for graph in EAGER_GRAPHS):
+        return None
+    handles = {graph: opened[graph][1] for graph in EAGER_GRAPHS}
+    if backend == "openvino":
+        from ccld_trt.backends.openvino_compile import infer
+
+        return lambda graph, feed: np.asarray(infer(handles[graph][1], feed))
+    from ccld_trt.backends.onnxruntime_sessions import run_cpu
+
+    return lambda graph, feed: np.asarray(run_cpu(handles[graph], feed))
+
+
+def generate(run: RunGraph, job: Job, tape: Tape, on_evaluation: Callable[[], object] | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``job`` (``covers``) -> (latents float32 [n, 4, h, w] before the autoencoder scale, pixels uint8
+    [n, 8h, 8w, 3]), as ``pipeline.generate`` makes them."""
+    from ccld_trt.outputs import to_pixels
+    from ccld_trt.tokenizer import token_ids
+
+    request = job.request
+    texts, weights = [text for text, _ in request.prompts], [w for _, w in request.prompts]
+    # 1. the CFG conditions: the zero embedding, then each prompt's, weighted [1 - sum(w), w...]
+    conds = np.concatenate([np.zeros([1, 512], np.float32), run("text_encoder", {"tokens": token_ids(texts)})])
+    cfg = np.array([1 - sum(weights), *weights], dtype=np.float32)
+    # 2. the starting noise, drawn as torch.manual_seed(seed) then torch.randn would draw it
+    shape = (request.n, LATENT_CHANNELS, *request.latent_size)
+    x = randn(request.seed, int(np.prod(shape))).reshape(shape)
+
+    # 3. the sampler
+    def model(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        v = run("unet_cfg", {"x": x, "t": t, "conds": conds, "weights": cfg})
+        if on_evaluation is not None:
+            on_evaluation()
+        return v
+
+    latents = replay(tape, x, model)
+    # 4. decoding, at the job's scale
+    images = run("decoder", {"latents": latents * np.float32(job.autoencoder_scale)})
+    return latents, to_pixels(images)

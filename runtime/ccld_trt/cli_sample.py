@@ -83,28 +83,31 @@ def _assemble(args: argparse.Namespace, models: ModelSource) -> Job:
         raise UserError(f"{_REQUEST_FLAGS.get(e.field, e.field)} {e.problem}") from e
 
 
-def _graphs_without_torch(args: argparse.Namespace, options: BackendOptions, models: ModelSource, job: Job,
-                          prefetched: Future[Opened] | None) -> tuple[RunGraph, Tape] | None:
-    """The opened graphs and the sampler tape to run ``job`` without torch (graph_sample), where it covers the job,
-    an earlier run recorded its tape and the thread opened every graph it runs, current for these model files;
-    else None."""
+def _covered(args: argparse.Namespace, options: BackendOptions, job: Job) -> bool:
+    """Whether graph_sample runs this kind of job (not with the U-Net checkpoint's scale, which torch reads)."""
+    from ccld_trt import graph_sample
+
+    return args.autoencoder_scale != "checkpoint" and graph_sample.covers(options, job)
+
+
+def _graphs_without_torch(options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None
+                          ) -> RunGraph | None:
+    """Calls of the graphs the thread opened, where they are every graph a text job runs, current for these model
+    files (graph_sample.graph_runner); else None."""
     from ccld_trt import graph_sample
     from ccld_trt.runner import graphs_current, opened_graphs
 
-    if args.autoencoder_scale == "checkpoint" or not graph_sample.covers(options, job):
-        return None
-    tape = graph_sample.load_tape(job.request)
-    if tape is None or not graphs_current(options, models):
+    if not graphs_current(options, models):
         return None
     stage_clock.mark("model files read")  # the manifest and the digest cache, not the weights
-    run = graph_sample.graph_runner(options.backend, opened_graphs(prefetched))
-    return None if run is None else (run, tape)
+    return graph_sample.graph_runner(options.backend, opened_graphs(prefetched))
 
 
 def cmd_sample(args: argparse.Namespace) -> object:
     stage_clock.mark("cli")  # bench --cold-start's stages (no-op unless $CCLD_TRT_STAGES)
     # the imports make objects that live until exit: the collector skips them (collector.start_up)
     with collector.start_up() as started:
+        from ccld_trt import graph_sample
         from ccld_trt.runner import prefetch_graphs
 
         options, models = backend_options(args), model_source(args)
@@ -115,11 +118,13 @@ def cmd_sample(args: argparse.Namespace) -> object:
         out_dir = Path(args.output_dir)
         _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
         resolved = options.resolved()
-        lean = _graphs_without_torch(args, resolved, models, job, prefetched)
-        if lean is not None:
+        # a text job on a graph backend runs without torch once an earlier run recorded its tape (graph_sample)
+        tape = graph_sample.load_tape(job.request) if _covered(args, resolved, job) else None
+        if tape is not None:
             stage_clock.mark("imports")
             started()
-            return _sample_without_torch(args, resolved, models, job, *lean)
+            if (run := _graphs_without_torch(resolved, models, prefetched)) is not None:
+                return _sample_without_torch(args, resolved, models, job, run, tape)
         from ccld_trt.api import Pipeline
         from ccld_trt.jobs import graphs_run
 
@@ -137,10 +142,7 @@ def cmd_sample(args: argparse.Namespace) -> object:
         stage_clock.mark("image")
         _write(args, result.latents.numpy(), result.pixels, out_dir)
         stage_clock.mark("written")
-        from ccld_trt import graph_sample
-
-        if args.autoencoder_scale != "checkpoint" and graph_sample.covers(resolved, job) \
-                and graph_sample.load_tape(job.request) is None:
+        if tape is None and _covered(args, resolved, job):
             graph_sample.save_tape(job.request)  # the next such job runs without torch
         return pipe
 
@@ -153,7 +155,7 @@ def _sample_without_torch(args: argparse.Namespace, options: BackendOptions, mod
 
     from ccld_trt import graph_sample
 
-    stage_clock.mark("backend ready")
+    stage_clock.mark("backend ready")  # the thread's graphs waited for
     _say_backend(options.describe(), models.files.is_demo())
     with tqdm(total=tape.evaluations, desc="sampling", unit="eval", disable=None, leave=False) as bar:
         latents, pixels = graph_sample.generate(run, job, tape, bar.update)

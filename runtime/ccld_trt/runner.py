@@ -115,8 +115,9 @@ class Session:
 def prefetch_graphs(options: BackendOptions, models: ModelSource) -> Future[Opened] | None:
     """Start opening, in a thread, the graphs ``open_session`` will open for ``options``, from what earlier runs
     built (OpenVINO's cached blobs, ONNX Runtime's saved optimised copies; nothing is written). A fresh ``sample``
-    process calls this before it imports torch, which keeps one core busy for ~1 s while the other opens the
-    graphs. Hand the result to ``open_session``. None where there is nothing to gain: the torch and tensorrt
+    process calls this first: the graphs open while it checks the job and imports torch (~1 s of one core), or
+    while it gets ready to run a text job without torch (graph_sample, which takes the graphs through
+    ``opened_graphs``). Hand the result to ``open_session``. None where there is nothing to gain: the torch and tensorrt
     backends, CUDA devices, OpenVINO's int8 (its graphs may still have to be made)."""
     if (options.backend.strip().lower() not in ("onnxruntime", "openvino")
             or options.device.strip().lower() != "cpu" or options.precision == "int8"):

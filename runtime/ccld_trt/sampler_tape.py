@@ -51,15 +51,27 @@ class Tape:
 def replay(tape: Tape, x: np.ndarray, model: Model) -> np.ndarray:
     """The sampler's latents from x float32 [rows, 4, h, w] (the rows ``record`` was given), ``model(x, t)`` ->
     v float32 like x for t float32 [rows]."""
-    nodes = [x]
+    # each node is let go after its last use: a long tape holds as few latents at once as the sampler does
+    last_use = {o: k for k, (_, *operands) in enumerate(tape.ops) for o in operands if isinstance(o, int)}
+    last_use[tape.result] = len(tape.ops)
+    nodes: list[np.ndarray | None] = [x]
 
     def value(operand: Operand) -> np.ndarray:
-        return nodes[operand] if isinstance(operand, int) else operand
+        if not isinstance(operand, int):
+            return operand
+        node = nodes[operand]
+        assert node is not None  # a tape uses a node after it is made and until its last use
+        return node
 
-    for name, *operands in tape.ops:
+    for k, (name, *operands) in enumerate(tape.ops):
         args = [value(o) for o in operands]
         nodes.append(model(*args) if name == "model" else _UFUNCS[name](*args))
-    return nodes[tape.result]
+        for o in operands:
+            if isinstance(o, int) and last_use[o] == k:
+                nodes[o] = None
+        if last_use.get(k + 1, -1) < k + 1:  # a result nothing uses
+            nodes[k + 1] = None
+    return value(tape.result)
 
 
 def record(method: str, steps: int, rows: int) -> Tape:

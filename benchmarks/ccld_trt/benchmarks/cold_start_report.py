@@ -150,11 +150,13 @@ def markdown(doc: dict[str, Any]) -> str:
                          _s(cell["wall_s"])])
     lines += _table(["backend", "run", *STAGE_NAMES.values(), "exit", "whole process"], body, right_from=2)
     lines += ["", "Stages: interpreter is exec to `ccld_trt.cli.run`; CLI parser + its imports runs to `sample`'s "
-                  "code (building the parser imports torch); sample's imports are the rest of its imports; model "
-                  "files read is the torch networks' loading; backend ready is the rest of opening the backend "
-                  "(export, graphs read, compile); first image is conditioning, sampling and decoding; write is the "
-                  "PNG; exit is the interpreter's shutdown. A stage the run did not mark is '—' and its seconds "
-                  "fall in the next one.", ""]
+                  "code; sample's imports are the rest of its imports and the job's checks (torch's import, except "
+                  "for a text job on a graph backend that runs without torch); model files read is the torch "
+                  "networks' loading, or only the graphs' manifest where they are current; backend ready is the "
+                  "rest of opening the backend (export, graphs read, compile, or the wait for the graphs a thread "
+                  "opened meanwhile); first image is conditioning, sampling and decoding; write is the PNG; exit is "
+                  "the interpreter's shutdown. A stage the run did not mark is '—' and its seconds fall in the next "
+                  "one.", ""]
     with_load = [r for r in rows if r["load"]]
     if with_load:
         lines += ["### `Pipeline.load` (a fresh process each, median)", ""]

@@ -1,6 +1,6 @@
 """A text job on a graph backend (onnxruntime, openvino) on the CPU, without importing torch: the same images as
-the torch-driven path, bit for bit, ~1 s sooner in a fresh ``sample`` process (torch's import is most of what it
-waits for before the first graph call).
+the torch-driven path, bit for bit, 0.5-0.6 s sooner in a fresh ``sample`` process on 2 cores (torch's import, ~1 s
+of one core, was what it waited for before its first graph call; docs/performance.md).
 
 The graphs are the ones ``runner.prefetch_graphs`` opened; the job's arithmetic outside them is numpy's: the
 token ids (``tokenizer.token_ids``), the CFG weights, the starting noise (``randn``), the sampler (a
@@ -27,6 +27,7 @@ from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.build_dir import build_root
 from ccld_trt.export.graph_specs import EAGER_GRAPHS
 from ccld_trt.randn import BLOCK, randn
+from ccld_trt.request import LATENT_CHANNELS
 from ccld_trt.sampler_names import needs_step_noise
 from ccld_trt.sampler_tape import Tape, from_json, replay, to_json
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from ccld_trt.runner import BackendOptions
 
 TAPE_DIR = "sampler-tapes"  # under the build directory
-LATENT_CHANNELS = 4
 # what a tape's arithmetic comes from: a change to any of them records the tapes again
 _SOURCES = ("samplers.py", "schedule.py", "sampler_tape.py", "randn.py")
 # a graph call: graph name, {input name: array} -> its one output

@@ -14,13 +14,13 @@ from ccld_trt.backends.base import Backend
 from ccld_trt.image_prompt import load_image_prompt
 from ccld_trt.init_image import encode_init, load_init_image, noised_start
 from ccld_trt.outputs import to_pixels
-from ccld_trt.request import InvalidRequest as InvalidRequest  # its importers' names
+from ccld_trt.request import LATENT_CHANNELS as LATENT_CHANNELS  # its importers' names
+from ccld_trt.request import InvalidRequest as InvalidRequest
 from ccld_trt.request import Request as Request
 from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE as DEFAULT_AUTOENCODER_SCALE
 from ccld_trt.samplers import needs_step_noise, sample
 from ccld_trt.tokenizer import tokenize
 
-LATENT_CHANNELS = 4
 T = TypeVar("T")
 
 

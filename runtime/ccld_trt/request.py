@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 URL_SCHEMES = ("http://", "https://")
+LATENT_CHANNELS = 4  # the autoencoder's latent channels: a job's latents are [n, 4, *latent_size]
 
 
 def parse_prompt(prompt: str, default_weight: float = 3.0) -> tuple[str, float]:

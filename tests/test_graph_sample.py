@@ -104,12 +104,14 @@ def test_what_the_path_covers() -> None:
     ov = BackendOptions(backend="openvino", precision="fp32")
     assert graph_sample.covers(ov, _job(method="unipc", steps=7))
     assert graph_sample.covers(BackendOptions(backend="onnxruntime", precision="fp32"), _job(n=2, batch_size=2))
+    assert graph_sample.covers(ov, _job(n=5, batch_size=2))  # batches of 2, 2 and 1 rows: two tapes
+    parts = graph_sample.batches(_job(n=5, batch_size=2).request)
+    assert [(s.start, s.stop) for s in parts] == [(0, 2), (2, 4), (4, 5)]
     for options, job in [
         (BackendOptions(backend="torch", precision="fp32"), _job()),
         (BackendOptions(backend="openvino", precision="int8"), _job()),
         (ov, _job(method="ddpm")),
         (ov, _job(method="ddim", eta=0.5)),
-        (ov, _job(n=3, batch_size=2)),                                        # two batches
         (ov, Job(Request(prompts=[("a", 3.0)], latent_size=(1, 1)), [], 2.55)),  # 4 values: torch draws otherwise
         (ov, Job(Request(prompts=[("a", 3.0)]), [(torch.zeros(1, 3, 16, 16), 3.0)], 2.55)),  # an image prompt
     ]:
@@ -117,19 +119,19 @@ def test_what_the_path_covers() -> None:
 
 
 def test_a_tape_file_is_used_only_with_todays_key(tmp_path: Path) -> None:
-    request = _job(method="dpmpp-2m", steps=4).request
-    assert graph_sample.load_tape(request, tmp_path) is None
-    if not graph_sample.save_tape(request, tmp_path):
+    request = _job(method="dpmpp-2m", steps=4, n=3, batch_size=2).request
+    assert graph_sample.load_tapes(request, tmp_path) is None
+    if not graph_sample.save_tapes(request, tmp_path):
         pytest.skip("randn does not match this machine's torch.randn: no tape is kept here")
-    tape = graph_sample.load_tape(request, tmp_path)
-    assert tape is not None and tape.evaluations == 4
-    path = graph_sample.tape_path(request, tmp_path)
+    tapes = graph_sample.load_tapes(request, tmp_path)
+    assert tapes is not None and sorted(tapes) == [1, 2] and tapes[2].evaluations == 4
+    path = graph_sample.tape_path(request, 1, tmp_path)
     data = json.loads(path.read_text())
     data["key"]["torch"] = "0.0"  # recorded by another torch
     path.write_text(json.dumps(data))
-    assert graph_sample.load_tape(request, tmp_path) is None
+    assert graph_sample.load_tapes(request, tmp_path) is None
     path.write_text("{not json")
-    assert graph_sample.load_tape(request, tmp_path) is None
+    assert graph_sample.load_tapes(request, tmp_path) is None
 
 
 _PROBE = """
@@ -155,7 +157,8 @@ def _sample(models: Path, build: Path, out: Path, backend: str, *flags: str) -> 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 def test_sample_runs_without_torch_and_writes_the_same_files(backend: str, seed3_dir: Path, tmp_path: Path) -> None:
     models, build, out = seed3_dir, tmp_path / "build", tmp_path / "out"
-    for flags in (["--fast", "--seed", "3"], ["--method", "plms", "--steps", "4", "-n", "2", "--seed", "11"]):
+    for flags in (["--fast", "--seed", "3"],
+                  ["--method", "plms", "--steps", "4", "-n", "3", "--batch-size", "2", "--seed", "11"]):
         latents = [tmp_path / f"{flags[1]}-{i}.npy" for i in range(2)]
         # the first run exports the graphs and samples with torch, then records the job's tape
         with_torch, _ = _sample(models, build, out, backend, *flags, "--save-latents", str(latents[0]))

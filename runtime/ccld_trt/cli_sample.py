@@ -14,6 +14,7 @@ from ccld_trt.export.errors import UserError
 from ccld_trt.limits import autoencoder_scale_problem
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from concurrent.futures import Future
 
     import numpy as np
@@ -118,13 +119,13 @@ def cmd_sample(args: argparse.Namespace) -> object:
         out_dir = Path(args.output_dir)
         _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
         resolved = options.resolved()
-        # a text job on a graph backend runs without torch once an earlier run recorded its tape (graph_sample)
-        tape = graph_sample.load_tape(job.request) if _covered(args, resolved, job) else None
-        if tape is not None:
+        # a text job on a graph backend runs without torch once an earlier run recorded its tapes (graph_sample)
+        tapes = graph_sample.load_tapes(job.request) if _covered(args, resolved, job) else None
+        if tapes is not None:
             stage_clock.mark("imports")
             started()
             if (run := _graphs_without_torch(resolved, models, prefetched)) is not None:
-                return _sample_without_torch(args, resolved, models, job, run, tape)
+                return _sample_without_torch(args, resolved, models, job, run, tapes)
         from ccld_trt.api import Pipeline
         from ccld_trt.jobs import graphs_run
 
@@ -142,13 +143,13 @@ def cmd_sample(args: argparse.Namespace) -> object:
         stage_clock.mark("image")
         _write(args, result.latents.numpy(), result.pixels, out_dir)
         stage_clock.mark("written")
-        if tape is None and _covered(args, resolved, job):
-            graph_sample.save_tape(job.request)  # the next such job runs without torch
+        if tapes is None and _covered(args, resolved, job):
+            graph_sample.save_tapes(job.request)  # the next such job runs without torch
         return pipe
 
 
 def _sample_without_torch(args: argparse.Namespace, options: BackendOptions, models: ModelSource, job: Job,
-                          run: RunGraph, tape: Tape) -> object:
+                          run: RunGraph, tapes: Mapping[int, Tape]) -> object:
     """``sample``'s images on the graphs ``run`` calls, with graph_sample's numpy arithmetic; returns what holds
     the graphs (for cli.run's ``keep``)."""
     from tqdm import tqdm
@@ -157,8 +158,9 @@ def _sample_without_torch(args: argparse.Namespace, options: BackendOptions, mod
 
     stage_clock.mark("backend ready")  # the thread's graphs waited for
     _say_backend(options.describe(), models.files.is_demo())
-    with tqdm(total=tape.evaluations, desc="sampling", unit="eval", disable=None, leave=False) as bar:
-        latents, pixels = graph_sample.generate(run, job, tape, bar.update)
+    total = sum(tapes[rows.stop - rows.start].evaluations for rows in graph_sample.batches(job.request))
+    with tqdm(total=total, desc="sampling", unit="eval", disable=None, leave=False) as bar:
+        latents, pixels = graph_sample.generate(run, job, tapes, bar.update)
     stage_clock.mark("image")
     _write(args, latents, pixels, Path(args.output_dir))
     stage_clock.mark("written")

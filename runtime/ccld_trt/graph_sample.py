@@ -4,10 +4,11 @@ of one core, was what it waited for before its first graph call; docs/performanc
 
 The graphs are the ones ``runner.prefetch_graphs`` opened; the job's arithmetic outside them is numpy's: the
 token ids (``tokenizer.token_ids``), the CFG weights, the starting noise (``randn``), the sampler (a
-``sampler_tape`` recorded for the job's method, steps and rows) and the pixels (``outputs.to_pixels``). The tape
-is recorded, and the noise checked against ``torch.randn``, by an earlier ``sample`` that ran the same kind of
-job with torch (``save_tape``, in the build directory); until then, and for every job this path does not cover
-(image prompts, an init image, per-step noise, several batches, int8), ``sample`` runs with torch as before.
+``sampler_tape`` recorded for the job's method, steps and each batch's rows) and the pixels
+(``outputs.to_pixels``). The tapes are recorded, and the noise checked against ``torch.randn``, by an earlier
+``sample`` that ran the same kind of job with torch (``save_tapes``, in the build directory); until then, and for
+every job this path does not cover (image prompts, an init image, per-step noise, int8), ``sample`` runs with
+torch as before.
 """
 
 from __future__ import annotations
@@ -46,45 +47,59 @@ RunGraph = Callable[[str, Mapping[str, np.ndarray]], np.ndarray]
 
 def covers(options: BackendOptions, job: Job) -> bool:
     """Whether this path can run ``job`` on ``options`` (resolved): onnxruntime or openvino on the CPU, not int8;
-    text prompts only; a sampler without per-step noise; one batch of at least 16 latent values."""
+    text prompts only; a sampler without per-step noise; at least 16 latent values in all."""
     request = job.request
     return (options.backend in ("onnxruntime", "openvino") and options.device == "cpu"
             and options.precision in ("fp32", "bf16") and not job.image_pixels and job.init_pixels is None
             and not needs_step_noise(request.method, request.eta)
-            and (request.batch_size is None or request.batch_size >= request.n)
             and request.n * LATENT_CHANNELS * request.latent_size[0] * request.latent_size[1] >= BLOCK)
 
 
-def tape_key(request: Request) -> dict[str, Any]:
-    """What a job's tape depends on: its sampler, steps and rows, the code and torch that recorded it, and the CPU
-    (torch's kernels, and so the noise this path was checked to match, are picked per CPU)."""
+def batches(request: Request) -> list[slice]:
+    """The rows of each batch, as ``pipeline.sample_latents`` splits the n images (``batch_size`` at a time)."""
+    batch = request.batch_size or request.n
+    return [slice(i, min(i + batch, request.n)) for i in range(0, request.n, batch)]
+
+
+def _batch_rows(request: Request) -> list[int]:
+    """The distinct row counts of ``request``'s batches: one tape each."""
+    return sorted({s.stop - s.start for s in batches(request)})
+
+
+def tape_key(request: Request, rows: int) -> dict[str, Any]:
+    """What a tape depends on: the sampler, its steps and the batch's rows, the code and torch that recorded it, and
+    the CPU (torch's kernels, and so the noise this path was checked to match, are picked per CPU)."""
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _SOURCES)).hexdigest()
-    return {"method": request.method, "steps": request.steps, "rows": request.n, "code": code,
+    return {"method": request.method, "steps": request.steps, "rows": rows, "code": code,
             "torch": version("torch"), "cpu": sorted(cpu_flags() or ()),
             "capability": os.environ.get("ATEN_CPU_CAPABILITY", "")}
 
 
-def tape_path(request: Request, build_dir: Path | None = None) -> Path:
+def tape_path(request: Request, rows: int, build_dir: Path | None = None) -> Path:
     """``<build>/sampler-tapes/<method>-<steps>-<rows>.json``."""
-    return build_root(build_dir) / TAPE_DIR / f"{request.method}-{request.steps}-{request.n}.json"
+    return build_root(build_dir) / TAPE_DIR / f"{request.method}-{request.steps}-{rows}.json"
 
 
-def load_tape(request: Request, build_dir: Path | None = None) -> Tape | None:
-    """The tape ``save_tape`` recorded for ``request``'s kind of job, if its key is today's; else None (also for an
-    unreadable or malformed file: it is recorded again)."""
-    try:
-        data = json.loads(tape_path(request, build_dir).read_text())
-        if not isinstance(data, dict) or data.get("key") != tape_key(request):
+def load_tapes(request: Request, build_dir: Path | None = None) -> dict[int, Tape] | None:
+    """{rows: tape} for each of ``request``'s batch sizes, as ``save_tapes`` recorded them, if all are there with
+    today's key; else None (also for an unreadable or malformed file: it is recorded again)."""
+    tapes = {}
+    for rows in _batch_rows(request):
+        try:
+            data = json.loads(tape_path(request, rows, build_dir).read_text())
+            if not isinstance(data, dict) or data.get("key") != tape_key(request, rows):
+                return None
+            tapes[rows] = from_json(data.get("tape"))
+        except (OSError, ValueError):
             return None
-        return from_json(data.get("tape"))
-    except (OSError, ValueError):
-        return None
+    return tapes
 
 
-def save_tape(request: Request, build_dir: Path | None = None) -> bool:
-    """Record the tape of ``request``'s kind of job (imports torch) and keep it, if ``randn`` gives this machine's
-    ``torch.randn`` for the job's seed and shape; whether it was kept. A failure to write is not an error."""
+def save_tapes(request: Request, build_dir: Path | None = None) -> bool:
+    """Record the tapes of ``request``'s kind of job (imports torch) and keep them, if ``randn`` gives this
+    machine's ``torch.randn`` for the job's seed and shape; whether they were kept. A failure to write is not an
+    error."""
     import torch
 
     from ccld_trt.sampler_tape import record
@@ -93,13 +108,15 @@ def save_tape(request: Request, build_dir: Path | None = None) -> bool:
     drawn = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed)).numpy().reshape(-1)
     if not np.array_equal(drawn.view(np.uint32), randn(request.seed, drawn.size).view(np.uint32)):
         return False
-    text = json.dumps({"key": tape_key(request), "tape": to_json(record(request.method, request.steps, request.n))})
-    path = tape_path(request, build_dir)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
-    except OSError:
-        return False
+    for rows in _batch_rows(request):
+        text = json.dumps({"key": tape_key(request, rows),
+                           "tape": to_json(record(request.method, request.steps, rows))})
+        path = tape_path(request, rows, build_dir)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, text)
+        except OSError:
+            return False
     return True
 
 
@@ -118,10 +135,10 @@ def graph_runner(backend: str, opened: Opened) -> RunGraph | None:
     return lambda graph, feed: np.asarray(run_cpu(handles[graph], feed))
 
 
-def generate(run: RunGraph, job: Job, tape: Tape, on_evaluation: Callable[[], object] | None = None
+def generate(run: RunGraph, job: Job, tapes: Mapping[int, Tape], on_evaluation: Callable[[], object] | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-    """``job`` (``covers``) -> (latents float32 [n, 4, h, w] before the autoencoder scale, pixels uint8
-    [n, 8h, 8w, 3]), as ``pipeline.generate`` makes them."""
+    """``job`` (``covers``) with its ``load_tapes`` -> (latents float32 [n, 4, h, w] before the autoencoder scale,
+    pixels uint8 [n, 8h, 8w, 3]), as ``pipeline.generate`` makes them."""
     from ccld_trt.outputs import to_pixels
     from ccld_trt.tokenizer import token_ids
 
@@ -134,14 +151,15 @@ def generate(run: RunGraph, job: Job, tape: Tape, on_evaluation: Callable[[], ob
     shape = (request.n, LATENT_CHANNELS, *request.latent_size)
     x = randn(request.seed, int(np.prod(shape))).reshape(shape)
 
-    # 3. the sampler
+    # 3. the sampler, a batch at a time
     def model(x: np.ndarray, t: np.ndarray) -> np.ndarray:
         v = run("unet_cfg", {"x": x, "t": t, "conds": conds, "weights": cfg})
         if on_evaluation is not None:
             on_evaluation()
         return v
 
-    latents = replay(tape, x, model)
-    # 4. decoding, at the job's scale
-    images = run("decoder", {"latents": latents * np.float32(job.autoencoder_scale)})
-    return latents, to_pixels(images)
+    parts = batches(request)
+    latents = np.concatenate([replay(tapes[rows.stop - rows.start], x[rows], model) for rows in parts])
+    # 4. decoding, at the job's scale, in the same batches
+    scale = np.float32(job.autoencoder_scale)
+    return latents, np.concatenate([to_pixels(run("decoder", {"latents": latents[rows] * scale})) for rows in parts])

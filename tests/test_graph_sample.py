@@ -105,7 +105,7 @@ def test_what_the_path_covers() -> None:
     assert graph_sample.covers(ov, _job(method="unipc", steps=7))
     assert graph_sample.covers(BackendOptions(backend="onnxruntime", precision="fp32"), _job(n=2, batch_size=2))
     assert graph_sample.covers(ov, _job(n=5, batch_size=2))  # batches of 2, 2 and 1 rows: two tapes
-    parts = graph_sample.batches(_job(n=5, batch_size=2).request)
+    parts = _job(n=5, batch_size=2).request.batches()
     assert [(s.start, s.stop) for s in parts] == [(0, 2), (2, 4), (4, 5)]
     for options, job in [
         (BackendOptions(backend="torch", precision="fp32"), _job()),

@@ -120,7 +120,8 @@ def cmd_sample(args: argparse.Namespace) -> object:
         _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
         resolved = options.resolved()
         # a text job on a graph backend runs without torch once an earlier run recorded its tapes (graph_sample)
-        tapes = graph_sample.load_tapes(job.request) if _covered(args, resolved, job) else None
+        covered = _covered(args, resolved, job)
+        tapes = graph_sample.load_tapes(job.request) if covered else None
         if tapes is not None:
             stage_clock.mark("imports")
             started()
@@ -143,7 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> object:
         stage_clock.mark("image")
         _write(args, result.latents.numpy(), result.pixels, out_dir)
         stage_clock.mark("written")
-        if tapes is None and _covered(args, resolved, job):
+        if covered and tapes is None:
             graph_sample.save_tapes(job.request)  # the next such job runs without torch
         return pipe
 
@@ -158,7 +159,7 @@ def _sample_without_torch(args: argparse.Namespace, options: BackendOptions, mod
 
     stage_clock.mark("backend ready")  # the thread's graphs waited for
     _say_backend(options.describe(), models.files.is_demo())
-    total = sum(tapes[rows.stop - rows.start].evaluations for rows in graph_sample.batches(job.request))
+    total = sum(tapes[graph_sample.batch_rows(batch)].evaluations for batch in job.request.batches())
     with tqdm(total=total, desc="sampling", unit="eval", disable=None, leave=False) as bar:
         latents, pixels = graph_sample.generate(run, job, tapes, bar.update)
     stage_clock.mark("image")

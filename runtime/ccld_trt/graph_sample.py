@@ -55,15 +55,14 @@ def covers(options: BackendOptions, job: Job) -> bool:
             and request.n * LATENT_CHANNELS * request.latent_size[0] * request.latent_size[1] >= BLOCK)
 
 
-def batches(request: Request) -> list[slice]:
-    """The rows of each batch, as ``pipeline.sample_latents`` splits the n images (``batch_size`` at a time)."""
-    batch = request.batch_size or request.n
-    return [slice(i, min(i + batch, request.n)) for i in range(0, request.n, batch)]
+def batch_rows(batch: slice) -> int:
+    """How many images a batch of ``Request.batches`` holds (which of a job's tapes samples it)."""
+    return batch.stop - batch.start
 
 
-def _batch_rows(request: Request) -> list[int]:
+def _row_counts(request: Request) -> list[int]:
     """The distinct row counts of ``request``'s batches: one tape each."""
-    return sorted({s.stop - s.start for s in batches(request)})
+    return sorted({batch_rows(batch) for batch in request.batches()})
 
 
 def tape_key(request: Request, rows: int) -> dict[str, Any]:
@@ -85,7 +84,7 @@ def load_tapes(request: Request, build_dir: Path | None = None) -> dict[int, Tap
     """{rows: tape} for each of ``request``'s batch sizes, as ``save_tapes`` recorded them, if all are there with
     today's key; else None (also for an unreadable or malformed file: it is recorded again)."""
     tapes = {}
-    for rows in _batch_rows(request):
+    for rows in _row_counts(request):
         try:
             data = json.loads(tape_path(request, rows, build_dir).read_text())
             if not isinstance(data, dict) or data.get("key") != tape_key(request, rows):
@@ -108,7 +107,7 @@ def save_tapes(request: Request, build_dir: Path | None = None) -> bool:
     drawn = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed)).numpy().reshape(-1)
     if not np.array_equal(drawn.view(np.uint32), randn(request.seed, drawn.size).view(np.uint32)):
         return False
-    for rows in _batch_rows(request):
+    for rows in _row_counts(request):
         text = json.dumps({"key": tape_key(request, rows),
                            "tape": to_json(record(request.method, request.steps, rows))})
         path = tape_path(request, rows, build_dir)
@@ -158,8 +157,8 @@ def generate(run: RunGraph, job: Job, tapes: Mapping[int, Tape], on_evaluation: 
             on_evaluation()
         return v
 
-    parts = batches(request)
-    latents = np.concatenate([replay(tapes[rows.stop - rows.start], x[rows], model) for rows in parts])
+    parts = request.batches()
+    latents = np.concatenate([replay(tapes[batch_rows(batch)], x[batch], model) for batch in parts])
     # 4. decoding, at the job's scale, in the same batches
     scale = np.float32(job.autoencoder_scale)
-    return latents, np.concatenate([to_pixels(run("decoder", {"latents": latents[rows] * scale})) for rows in parts])
+    return latents, np.concatenate([to_pixels(run("decoder", {"latents": latents[batch] * scale})) for batch in parts])

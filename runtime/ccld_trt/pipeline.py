@@ -79,7 +79,6 @@ def sample_latents(backend: Backend, request: Request, conds: torch.Tensor, weig
     if init_latent is not None and request.strength < 1.0:
         noise.x = noised_start(init_latent, noise.x, timesteps[0])
     steps = timesteps.to(backend.device)
-    batch = request.batch_size or request.n
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v = backend.unet(x, t, conds, weights)
@@ -88,8 +87,7 @@ def sample_latents(backend: Backend, request: Request, conds: torch.Tensor, weig
         return v
 
     outs = []
-    for i in range(0, request.n, batch):
-        rows = slice(i, i + batch)
+    for rows in request.batches():
         x = noise.x[rows].to(backend.device)
         step_noise = [s[rows].to(backend.device) for s in noise.steps]
         outs.append(sample(model, x, steps, request.method, request.eta, step_noise).float().cpu())

@@ -132,10 +132,14 @@ class Request:
         t = method_timesteps(self.method, self.steps)
         return start_timesteps(t, self.strength) if self.init is not None else t
 
+    def batches(self) -> list[slice]:
+        """The rows of each batch the n images are sampled in, ``batch_size`` at a time (the last may be smaller)."""
+        batch = self.batch_size or self.n
+        return [slice(i, min(i + batch, self.n)) for i in range(0, self.n, batch)]
+
     @property
     def evaluations(self) -> int:
         """U-Net/CFG evaluations over the whole job (one per batch per sampler evaluation)."""
         from ccld_trt.samplers import evaluations
 
-        batches = -(-self.n // (self.batch_size or self.n))
-        return batches * evaluations(self.method, len(self.timesteps()))
+        return len(self.batches()) * evaluations(self.method, len(self.timesteps()))

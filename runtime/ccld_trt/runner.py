@@ -191,7 +191,7 @@ def open_session(options: BackendOptions, models: ModelSource, prefetched: Futur
         from ccld_trt.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         check_precision(options.backend, precision)
-        export = functools.partial(_exported, options, models, precision == "fp16")
+        export = functools.partial(_exported, options, models)
         backend = OnnxRuntimeBackend(export(graphs), options.device, precision, opened=opened, export=export)
     elif options.backend == "openvino":
         backend = _open_openvino(options, precision, models, opened, graphs)
@@ -217,16 +217,15 @@ def _onnx_dir(options: BackendOptions, models: ModelSource) -> Path:
     return options.onnx_dir or default_onnx_dir(models.files)
 
 
-def _exported(options: BackendOptions, models: ModelSource, fp16: bool, graphs: Sequence[str]) -> Path:
+def _exported(options: BackendOptions, models: ModelSource, graphs: Sequence[str]) -> Path:
     """The directory of the backend graphs of ``models`` (``_onnx_dir``), with ``graphs`` exported there first
-    unless the manifest shows them up to date; the torch networks are read only for an export."""
-    from ccld_trt.export.onnx_manifest import graphs_current as current
-
+    unless the manifest shows them up to date (``graphs_current``; fp16 ones too for fp16 options); the torch
+    networks are read only for an export."""
     onnx_dir = _onnx_dir(options, models)
-    if not current(models.files, onnx_dir, graphs, fp16=fp16):
+    if not graphs_current(options, models, graphs):
         from ccld_trt.export.onnx_export import export_all
 
-        export_all(models.files, onnx_dir, graphs, fp16=fp16, networks=models.load())
+        export_all(models.files, onnx_dir, graphs, fp16=options.precision == "fp16", networks=models.load())
     else:
         stage_clock.mark("model files read")  # the manifest and the digest cache, not the weights
     return onnx_dir
@@ -240,7 +239,7 @@ def _open_openvino(options: BackendOptions, precision: str, models: ModelSource,
     from ccld_trt.backends.openvino_backend import OpenVinoBackend
     from ccld_trt.pipeline import DEFAULT_AUTOENCODER_SCALE
 
-    export = functools.partial(_exported, options, models, False)
+    export = functools.partial(_exported, options, models)  # openvino's precisions are never fp16
     onnx_dir = export(BACKEND_GRAPHS if precision == "int8" else graphs)
     if precision == "int8":
         from ccld_trt.int8 import ensure_int8

@@ -236,6 +236,19 @@ def test_bench_command_comes_from_the_entry_point():
     assert_one_line_error(cli("bench", "--backends", "tensorflow"), "list of torch, torch-cudagraph, onnxruntime")
 
 
+def test_only_a_higher_layers_command_line_loads_their_commands():
+    """The higher layers' commands (bench) are found and imported only where the command line may name one: a
+    built-in command's start skips them (~45 ms, and the benchmarks' modules)."""
+    from ccld_trt.cli import build_parser
+
+    with pytest.raises(SystemExit):  # "invalid choice: 'bench'": the parser of a `sample` line has no bench
+        build_parser(["sample", "a cat"]).parse_args(["bench"])
+    for argv in (["bench", "--repeats", "2"], ["--debug", "bench"], ["--help"], []):
+        assert build_parser(argv).parse_args(["bench", "--repeats", "2"]).repeats == 2
+    done = subprocess.run([sys.executable, "-m", "ccld_trt", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "bench" in done.stdout
+
+
 def test_precision_a_backend_cannot_run_is_one_line_before_loading(seed3_dir, tmp_path):
     result = cli("sample", "a cat", "--models", str(seed3_dir), "--backend", "onnxruntime", "--precision", "bf16",
                  "--onnx-dir", str(tmp_path / "onnx"))

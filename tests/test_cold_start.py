@@ -332,7 +332,7 @@ def test_beside_copy_of_a_changed_pickle_is_not_preferred(seed3_dir: Path, tmp_p
 
 
 HEAVY = ("gradio", "ray", "matplotlib", "onnx", "onnxslim", "onnxconverter_common", "nncf", "fastapi",
-         "ccld_trt.export.onnx_export", "ccld_trt.serve", "ccld_trt.cluster", "ccld_trt.benchmarks.suite",
+         "ccld_trt.export.onnx_export", "ccld_trt.serve", "ccld_trt.cluster", "ccld_trt.benchmarks",
          "torch._dynamo", "ftfy")  # ftfy: not for a plain ASCII prompt (tokenizer._fix_text)
 _PROBE = """
 import atexit, json, sys

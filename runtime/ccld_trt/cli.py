@@ -7,7 +7,6 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -168,7 +167,9 @@ def cmd_cluster(args: argparse.Namespace) -> None:
         os._exit(0)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of every command, or of this layer's only where ``argv`` names one of them (finding and importing
+    the higher layers' commands, such as ``bench``, is ~45 ms of every start)."""
     from ccld_trt.sampler_names import DEFAULT_STRENGTH, FAST_METHOD, FAST_STEPS, METHODS, PRESETS
 
     parser = _Parser(prog="ccld-trt", description=__doc__)
@@ -300,13 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="what is installed and which backends can run here")
     p.set_defaults(func=cmd_doctor)
-    _add_extension_commands(sub)
+    # the command is the first word that is not a flag (the top level's one flag, --debug, takes no value)
+    if next((word for word in argv if not word.startswith("-")), None) not in sub.choices:
+        _add_extension_commands(sub)
     return parser
 
 
 def _add_extension_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Commands of higher layers (the benchmarks' ``bench``), found through the ``ccld_trt.commands`` entry points
     so that this layer never imports them: each is a function that adds its subparsers to ``sub``."""
+    from importlib.metadata import entry_points
+
     for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         try:
             add_commands = entry.load()
@@ -321,7 +326,8 @@ def run(argv: Sequence[str] | None = None, keep: list[object] | None = None) -> 
     ``keep`` receives what the command leaves loaded (``sample``'s pipeline), for a caller that exits next and
     lets the OS free it: torn down object by object, a loaded OpenVINO pipeline takes ~0.2 s."""
     stage_clock.mark("python")  # bench --cold-start: the interpreter is up and this module imported
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
     try:
         loaded = args.func(args)

@@ -108,12 +108,13 @@ def cmd_sample(args: argparse.Namespace) -> object:
     stage_clock.mark("cli")  # bench --cold-start's stages (no-op unless $CCLD_TRT_STAGES)
     # the imports make objects that live until exit: the collector skips them (collector.start_up)
     with collector.start_up() as started:
-        from ccld_trt import graph_sample
         from ccld_trt.runner import prefetch_graphs
 
         options, models = backend_options(args), model_source(args)
-        # a graph backend's files open in a thread meanwhile: both cores at work
+        # a graph backend's files open in a thread meanwhile: both cores at work (started before the other imports)
         prefetched = prefetch_graphs(options, models)
+        from ccld_trt import graph_sample
+
         job = _assemble(args, models)
         # where the results go is checked before the work too: made, written to and cleaned up again
         out_dir = Path(args.output_dir)

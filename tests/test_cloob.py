@@ -23,7 +23,7 @@ from ccld_trt.export.cloob import CLOOBImageEncoder, CLOOBTextEncoder, cloob_par
 from ccld_trt.export.cloob_config import DEFAULT_CLOOB_CONFIG, load_cloob_config
 from ccld_trt.export.cloob_pickle import ParamShapes, read_cloob_params
 from ccld_trt.export.errors import UserError
-from ccld_trt.image_prompt import load_image_prompt
+from ccld_trt.image_prompt import load_image_prompt, to_array
 from ccld_trt.tokenizer import EOT_TOKEN, tokenize
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -100,10 +100,10 @@ def test_image_embedding_matches_golden(encoders: tuple[CLOOBTextEncoder, CLOOBI
                                         golden: dict[str, np.ndarray]) -> None:
     _, image = encoders
     pixels = load_image_prompt(FIXTURES / "image_prompt.png", image.image_size)
-    assert pixels.shape == (1, 3, 64, 64) and pixels.dtype == torch.float32
+    assert pixels.shape == (1, 3, 64, 64) and pixels.dtype == np.float32
     assert pixels.min() >= 0.0 and pixels.max() <= 1.0
     with torch.no_grad():
-        embed = image(pixels)
+        embed = image(torch.from_numpy(pixels))
     assert rel_error(embed, golden["image_embed"]) <= 1e-4
 
 
@@ -308,6 +308,17 @@ def test_short_side_rounding_leaves_zero_edge_like_torchvision(tmp_path: Path) -
     pixels = load_image_prompt(tmp_path / "white.png", 64)
     assert pixels[..., :63, :63].min() == 1.0
     assert pixels[..., 63, :].max() == 0.0 and pixels[..., :, 63].max() == 0.0
+
+
+def test_pixels_are_torchvisions_to_tensor_bit_for_bit() -> None:
+    """``to_array`` (numpy: a run without torch reads image prompts with it) gives the float32 values of
+    torchvision's ``to_tensor`` (bytes as float, divided by 255) for every byte value."""
+    values = np.arange(256, dtype=np.uint8)
+    rgb = np.stack([values, values[::-1], np.roll(values, 7)], axis=-1).reshape(16, 16, 3)
+    want = torch.from_numpy(rgb.copy()).permute(2, 0, 1).unsqueeze(0).float().div(255)
+    got = to_array(Image.fromarray(rgb))
+    assert got.shape == (1, 3, 16, 16) and got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.array_equal(got.view(np.uint32), want.contiguous().numpy().view(np.uint32))
 
 
 def test_image_modes_become_rgb(tmp_path: Path) -> None:

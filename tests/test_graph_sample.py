@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ccld_trt import graph_sample
 from ccld_trt.cpu_features import cpu_flags
@@ -105,6 +106,8 @@ def test_what_the_path_covers() -> None:
     assert graph_sample.covers(ov, _job(method="unipc", steps=7))
     assert graph_sample.covers(BackendOptions(backend="onnxruntime", precision="fp32"), _job(n=2, batch_size=2))
     assert graph_sample.covers(ov, _job(n=5, batch_size=2))  # batches of 2, 2 and 1 rows: two tapes
+    image_prompt = [(np.zeros([1, 3, 16, 16], np.float32), 3.0)]
+    assert graph_sample.covers(ov, Job(Request(prompts=[], image_prompts=[(Path("p.png"), 3.0)]), image_prompt, 2.55))
     parts = _job(n=5, batch_size=2).request.batches()
     assert [(s.start, s.stop) for s in parts] == [(0, 2), (2, 4), (4, 5)]
     for options, job in [
@@ -113,7 +116,7 @@ def test_what_the_path_covers() -> None:
         (ov, _job(method="ddpm")),
         (ov, _job(method="ddim", eta=0.5)),
         (ov, Job(Request(prompts=[("a", 3.0)], latent_size=(1, 1)), [], 2.55)),  # 4 values: torch draws otherwise
-        (ov, Job(Request(prompts=[("a", 3.0)]), [(torch.zeros(1, 3, 16, 16), 3.0)], 2.55)),  # an image prompt
+        (ov, Job(Request(prompts=[("a", 3.0)], init=Path("i.png")), [], 2.55, torch.zeros(1, 3, 256, 256))),  # init
     ]:
         assert not graph_sample.covers(options, job), (options, job.request)
 
@@ -157,9 +160,12 @@ def _sample(models: Path, build: Path, out: Path, backend: str, *flags: str) -> 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 def test_sample_runs_without_torch_and_writes_the_same_files(backend: str, seed3_dir: Path, tmp_path: Path) -> None:
     models, build, out = seed3_dir, tmp_path / "build", tmp_path / "out"
-    for flags in (["--fast", "--seed", "3"],
-                  ["--method", "plms", "--steps", "4", "-n", "3", "--batch-size", "2", "--seed", "11"]):
-        latents = [tmp_path / f"{flags[1]}-{i}.npy" for i in range(2)]
+    picture = tmp_path / "picture.png"  # an image prompt: the CLOOB image encoder is opened at its first call
+    Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3)).save(picture)
+    for run, flags in enumerate((["--fast", "--seed", "3"],
+                                 ["--method", "plms", "--steps", "4", "-n", "3", "--batch-size", "2", "--seed", "11"],
+                                 ["--images", f"{picture}:2", "--method", "ddim", "--steps", "3", "--seed", "5"])):
+        latents = [tmp_path / f"{run}-{i}.npy" for i in range(2)]
         # the first run exports the graphs and samples with torch, then records the job's tape
         with_torch, _ = _sample(models, build, out, backend, *flags, "--save-latents", str(latents[0]))
         assert with_torch

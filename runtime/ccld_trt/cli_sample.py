@@ -66,7 +66,7 @@ def _check_outputs(n: int, latent_size: tuple[int, int], out_dir: Path, latents:
 
 
 def _assemble(args: argparse.Namespace, models: ModelSource) -> Job:
-    """Every input of ``sample`` read and checked (without torch for a text job), before any model loads."""
+    """Every input of ``sample`` read and checked (without torch but for an init image), before any model loads."""
     from ccld_trt.export.cloob_config import cloob_image_size, load_cloob_config
     from ccld_trt.jobs import assemble
     from ccld_trt.request import InvalidRequest
@@ -91,17 +91,18 @@ def _covered(args: argparse.Namespace, options: BackendOptions, job: Job) -> boo
     return args.autoencoder_scale != "checkpoint" and graph_sample.covers(options, job)
 
 
-def _graphs_without_torch(options: BackendOptions, models: ModelSource, prefetched: Future[Opened] | None
-                          ) -> RunGraph | None:
-    """Calls of the graphs the thread opened, where they are every graph a text job runs, current for these model
-    files (graph_sample.graph_runner); else None."""
+def _graphs_without_torch(options: BackendOptions, models: ModelSource, job: Job,
+                          prefetched: Future[Opened] | None) -> RunGraph | None:
+    """Calls of the graphs ``job`` runs, where they are current for these model files and the thread opened every
+    graph a text job runs (graph_sample.graph_runner); else None."""
     from ccld_trt import graph_sample
-    from ccld_trt.runner import graphs_current, opened_graphs
+    from ccld_trt.jobs import graphs_run
+    from ccld_trt.runner import graphs_current, graphs_dir, opened_graphs
 
-    if not graphs_current(options, models):
+    if not graphs_current(options, models, graphs_run(job)):
         return None
     stage_clock.mark("model files read")  # the manifest and the digest cache, not the weights
-    return graph_sample.graph_runner(options.backend, opened_graphs(prefetched))
+    return graph_sample.graph_runner(options, graphs_dir(options, models), opened_graphs(prefetched))
 
 
 def cmd_sample(args: argparse.Namespace) -> object:
@@ -120,13 +121,13 @@ def cmd_sample(args: argparse.Namespace) -> object:
         out_dir = Path(args.output_dir)
         _check_outputs(job.request.n, job.request.latent_size, out_dir, args.save_latents)
         resolved = options.resolved()
-        # a text job on a graph backend runs without torch once an earlier run recorded its tapes (graph_sample)
+        # a job on a graph backend runs without torch once an earlier run recorded its tapes (graph_sample)
         covered = _covered(args, resolved, job)
         tapes = graph_sample.load_tapes(job.request) if covered else None
         if tapes is not None:
             stage_clock.mark("imports")
             started()
-            if (run := _graphs_without_torch(resolved, models, prefetched)) is not None:
+            if (run := _graphs_without_torch(resolved, models, job, prefetched)) is not None:
                 return _sample_without_torch(args, resolved, models, job, run, tapes)
         from ccld_trt.api import Pipeline
         from ccld_trt.jobs import graphs_run

@@ -1,14 +1,14 @@
-"""A text job on a graph backend (onnxruntime, openvino) on the CPU, without importing torch: the same images as
-the torch-driven path, bit for bit, 0.5-0.6 s sooner in a fresh ``sample`` process on 2 cores (torch's import, ~1 s
-of one core, was what it waited for before its first graph call; docs/performance.md).
+"""A job of text and image prompts on a graph backend (onnxruntime, openvino) on the CPU, without importing torch:
+the same images as the torch-driven path, bit for bit, 0.5-0.6 s sooner in a fresh ``sample`` process on 2 cores
+(torch's import, ~1 s of one core, was what it waited for before its first graph call; docs/performance.md).
 
-The graphs are the ones ``runner.prefetch_graphs`` opened; the job's arithmetic outside them is numpy's: the
-token ids (``tokenizer.token_ids``), the CFG weights, the starting noise (``randn``), the sampler (a
-``sampler_tape`` recorded for the job's method, steps and each batch's rows) and the pixels
+The eager graphs are the ones ``runner.prefetch_graphs`` opened (the CLOOB image encoder is opened at its first
+call); the job's arithmetic outside them is numpy's: the token ids (``tokenizer.token_ids``), the image prompts'
+pixels (``image_prompt``, read by ``jobs.assemble``), the CFG weights, the starting noise (``randn``), the sampler
+(a ``sampler_tape`` recorded for the job's method, steps and each batch's rows) and the pixels
 (``outputs.to_pixels``). The tapes are recorded, and the noise checked against ``torch.randn``, by an earlier
 ``sample`` that ran the same kind of job with torch (``save_tapes``, in the build directory); until then, and for
-every job this path does not cover (image prompts, an init image, per-step noise, int8), ``sample`` runs with
-torch as before.
+every job this path does not cover (an init image, per-step noise, int8), ``sample`` runs with torch as before.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ccld_trt.backends.onnxruntime_sessions import run_cpu
+from ccld_trt.backends.openvino_compile import infer
 from ccld_trt.cpu_features import cpu_flags
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.build_dir import build_root
@@ -47,10 +49,10 @@ RunGraph = Callable[[str, Mapping[str, np.ndarray]], np.ndarray]
 
 def covers(options: BackendOptions, job: Job) -> bool:
     """Whether this path can run ``job`` on ``options`` (resolved): onnxruntime or openvino on the CPU, not int8;
-    text prompts only; a sampler without per-step noise; at least 16 latent values in all."""
+    text and image prompts, no init image; a sampler without per-step noise; at least 16 latent values in all."""
     request = job.request
     return (options.backend in ("onnxruntime", "openvino") and options.device == "cpu"
-            and options.precision in ("fp32", "bf16") and not job.image_pixels and job.init_pixels is None
+            and options.precision in ("fp32", "bf16") and job.init_pixels is None
             and not needs_step_noise(request.method, request.eta)
             and request.n * LATENT_CHANNELS * request.latent_size[0] * request.latent_size[1] >= BLOCK)
 
@@ -119,19 +121,37 @@ def save_tapes(request: Request, build_dir: Path | None = None) -> bool:
     return True
 
 
-def graph_runner(backend: str, opened: Opened) -> RunGraph | None:
-    """Calls of the eager graphs ``opened`` holds (runner.prefetch_graphs's, for ``backend``); None unless it holds
-    them all."""
+def graph_runner(options: BackendOptions, onnx_dir: Path, opened: Opened) -> RunGraph | None:
+    """Calls of the graphs of ``onnx_dir`` for ``options`` (resolved): the eager ones from ``opened``
+    (runner.prefetch_graphs's), None unless it holds them all; an on-demand one (the CLOOB image encoder) opened
+    at its first call as the backend opens it."""
     if not all(graph in opened for graph in EAGER_GRAPHS):
         return None
-    handles = {graph: opened[graph][1] for graph in EAGER_GRAPHS}
-    if backend == "openvino":
-        from ccld_trt.backends.openvino_compile import infer
+    openvino, precision = options.backend == "openvino", options.precision or "fp32"
+    handles = {graph: handle for graph, (_, handle) in opened.items()}  # openvino's: (compiled model, request)
 
-        return lambda graph, feed: np.asarray(infer(handles[graph][1], feed))
-    from ccld_trt.backends.onnxruntime_sessions import run_cpu
+    def run(graph: str, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        if graph not in handles:
+            handles[graph] = _open(openvino, onnx_dir, graph, precision)
+        return np.asarray(infer(handles[graph][1], feed) if openvino else run_cpu(handles[graph], feed))
 
-    return lambda graph, feed: np.asarray(run_cpu(handles[graph], feed))
+    return run
+
+
+def _open(openvino: bool, onnx_dir: Path, graph: str, precision: str) -> Any:
+    """``graph``'s handle as the backend opens it: OpenVINO's (compiled model, request), from its model cache;
+    an ONNX Runtime session, from its saved optimised copy (each made first where it is missing)."""
+    if openvino:
+        import openvino as ov
+
+        from ccld_trt.backends.openvino_compile import open_graph
+
+        opened = open_graph(ov.Core(), onnx_dir, graph, precision)
+        assert opened is not None  # not cached_only: compiled where the cache has no blob
+        return opened[1]
+    from ccld_trt.backends.onnxruntime_sessions import open_graph_session
+
+    return open_graph_session(onnx_dir, graph, precision)
 
 
 def generate(run: RunGraph, job: Job, tapes: Mapping[int, Tape], on_evaluation: Callable[[], object] | None = None
@@ -142,9 +162,13 @@ def generate(run: RunGraph, job: Job, tapes: Mapping[int, Tape], on_evaluation: 
     from ccld_trt.tokenizer import token_ids
 
     request = job.request
-    texts, weights = [text for text, _ in request.prompts], [w for _, w in request.prompts]
-    # 1. the CFG conditions: the zero embedding, then each prompt's, weighted [1 - sum(w), w...]
-    conds = np.concatenate([np.zeros([1, 512], np.float32), run("text_encoder", {"tokens": token_ids(texts)})])
+    # 1. the CFG conditions: the zero embedding, each text prompt's, each image prompt's; weighted [1 - sum(w), w...]
+    embeds = [np.zeros([1, 512], np.float32)]
+    if request.prompts:
+        embeds.append(run("text_encoder", {"tokens": token_ids([text for text, _ in request.prompts])}))
+    embeds += [run("image_encoder", {"pixels": pixels}) for pixels, _ in job.image_pixels]
+    conds = np.concatenate(embeds).astype(np.float32, copy=False)
+    weights = [w for _, w in request.prompts] + [w for _, w in job.image_pixels]
     cfg = np.array([1 - sum(weights), *weights], dtype=np.float32)
     # 2. the starting noise, drawn as torch.manual_seed(seed) then torch.randn would draw it
     shape = (request.n, LATENT_CHANNELS, *request.latent_size)

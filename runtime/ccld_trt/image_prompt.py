@@ -1,11 +1,11 @@
-"""Image prompts, preprocessed exactly as ``cfg_sample.py`` does (prompt strings: ``request.parse_prompt``)."""
+"""Image prompts, preprocessed exactly as ``cfg_sample.py`` does (prompt strings: ``request.parse_prompt``), without
+torch: a ``sample`` run with image prompts on a graph backend may not import it (graph_sample)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ccld_trt.export.errors import UserError
@@ -55,17 +55,18 @@ def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image
     return image.crop((left, top, left + width, top + height))
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image -> float32 [1, 3, H, W] in [0, 1] (torchvision's ``to_tensor``)."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return pixels.permute(2, 0, 1).unsqueeze(0).float().div(255)
+def to_array(image: Image.Image) -> np.ndarray:
+    """An RGB image -> float32 [1, 3, H, W] in [0, 1]: torchvision's ``to_tensor``, the same float32 values (the
+    bytes over 255, each division rounded once)."""
+    pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)[None]
+    return np.ascontiguousarray(pixels, dtype=np.float32) / np.float32(255)
 
 
-def load_image_prompt(path: str | Path, size: int) -> torch.Tensor:
+def load_image_prompt(path: str | Path, size: int) -> np.ndarray:
     """An image prompt as the CLOOB image encoder's input: ``open_rgb``, then ``resize_and_center_crop`` to
     ``size``×``size``.
 
     Returns:
-        float32 tensor [1, 3, size, size] in [0, 1]. The CLOOB mean/std normalisation is left to the encoder.
+        float32 array [1, 3, size, size] in [0, 1]. The CLOOB mean/std normalisation is left to the encoder.
     """
-    return to_tensor(resize_and_center_crop(open_rgb(path), size, size))
+    return to_array(resize_and_center_crop(open_rgb(path), size, size))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ccld_trt.backends.base import Backend
-from ccld_trt.image_prompt import open_rgb, resize_and_center_crop, to_tensor
+from ccld_trt.image_prompt import open_rgb, resize_and_center_crop, to_array
 from ccld_trt.schedule import t_to_alpha_sigma
 
 LATENT_FACTOR = 8  # image pixels per latent pixel (kl-f8)
@@ -26,7 +26,7 @@ def init_pixels(image: Image.Image, latent_size: tuple[int, int]) -> torch.Tenso
     """An image -> the encoder's input float32 [1, 3, 8h, 8w] in [-1, 1] for ``latent_size`` (h, w): RGB,
     resized and centre-cropped to the output size as the original's ``resize_and_center_crop``."""
     height, width = (LATENT_FACTOR * s for s in latent_size)
-    return to_tensor(resize_and_center_crop(image.convert("RGB"), width, height)) * 2 - 1
+    return torch.from_numpy(to_array(resize_and_center_crop(image.convert("RGB"), width, height))) * 2 - 1
 
 
 def encode_init(backend: Backend, pixels: torch.Tensor, scale: float) -> torch.Tensor:

@@ -24,7 +24,8 @@ from ccld_trt.export.graph_specs import EAGER_GRAPHS
 from ccld_trt.request import InvalidRequest, Request, parse_prompt
 from ccld_trt.sampler_names import DEFAULT_AUTOENCODER_SCALE
 
-if TYPE_CHECKING:  # torch is imported where an image is read or a job runs: a text job is assembled without it
+if TYPE_CHECKING:  # torch is imported where an init image is read or a job runs: a job is assembled without it
+    import numpy as np
     import torch
 
     from ccld_trt.backends.base import Backend
@@ -60,11 +61,11 @@ class RequestFields(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class Job:
-    """A validated job. ``image_pixels``: each image prompt as CLOOB input float32 [1, 3, S, S] in [0, 1] with
-    the weight of the same entry of ``request.image_prompts`` (assemble takes both from one list)."""
+    """A validated job. ``image_pixels``: each image prompt as CLOOB input float32 [1, 3, S, S] in [0, 1] (numpy)
+    with the weight of the same entry of ``request.image_prompts`` (assemble takes both from one list)."""
 
     request: Request
-    image_pixels: list[tuple[torch.Tensor, float]]
+    image_pixels: list[tuple[np.ndarray, float]]
     autoencoder_scale: float
     init_pixels: torch.Tensor | None = None  # image-to-image: float32 [1, 3, 8h, 8w] in [-1, 1] (init_image)
 
@@ -145,16 +146,16 @@ def _image_prompts(prompts: ImagePromptInput | Sequence[ImagePromptInput]
     return out
 
 
-def _load_image(source: ImageSource, name: str, image_size: int, untrusted: bool) -> torch.Tensor:
+def _load_image(source: ImageSource, name: str, image_size: int, untrusted: bool) -> np.ndarray:
     """One image prompt -> float32 [1, 3, S, S] in [0, 1], preprocessed as a file given to ``sample`` is."""
-    from ccld_trt.image_prompt import load_image_prompt, resize_and_center_crop, to_tensor
+    from ccld_trt.image_prompt import load_image_prompt, resize_and_center_crop, to_array
 
     if isinstance(source, str | os.PathLike):
         if untrusted:
             check_image_upload(Path(source))
         return load_image_prompt(os.fspath(source), image_size)
     if isinstance(source, Image.Image):  # what load_image_prompt does after opening a file
-        return to_tensor(resize_and_center_crop(source.convert("RGB"), image_size, image_size))
+        return to_array(resize_and_center_crop(source.convert("RGB"), image_size, image_size))
     # encoded bytes go through a file: the same checks and decoding as a file given to `sample`
     with tempfile.TemporaryDirectory(prefix="ccld-trt-prompt-") as tmp:
         path = Path(tmp) / "image"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -24,13 +24,16 @@ from ccld_trt.tokenizer import tokenize
 T = TypeVar("T")
 
 
-def load_image_prompts(request: Request, image_size: int) -> list[tuple[torch.Tensor, float]]:
+# an image prompt's CLOOB input pixels float32 [1, 3, S, S] in [0, 1] (numpy, or a tensor), and its weight
+ImagePrompts = Sequence[tuple[np.ndarray | torch.Tensor, float]]
+
+
+def load_image_prompts(request: Request, image_size: int) -> list[tuple[np.ndarray, float]]:
     """Each image prompt as CLOOB input pixels [1, 3, S, S] in [0, 1], with its weight (UserError if unreadable)."""
     return [(load_image_prompt(path, image_size), w) for path, w in request.image_prompts]
 
 
-def conditions(backend: Backend, request: Request,
-               image_prompts: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+def conditions(backend: Backend, request: Request, image_prompts: ImagePrompts) -> tuple[torch.Tensor, torch.Tensor]:
     """CFG conditions [C, 512] and weights [C]: [zero, text prompts..., image prompts...], [1 - sum(w), w...].
 
     ``image_prompts`` are the pixels of ``load_image_prompts``.
@@ -42,7 +45,7 @@ def conditions(backend: Backend, request: Request,
         embeds.append(backend.encode_text(tokenize(texts).to(backend.device)))
         weights += [w for _, w in request.prompts]
     for pixels, w in image_prompts:
-        embeds.append(backend.encode_image(pixels.to(backend.device)))
+        embeds.append(backend.encode_image(torch.as_tensor(pixels).to(backend.device)))
         weights.append(w)
     conds = torch.cat(embeds).float()
     return conds, torch.tensor([1 - sum(weights), *weights], device=backend.device, dtype=torch.float32)
@@ -118,7 +121,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(backend: Backend, request: Request, image_prompts: list[tuple[torch.Tensor, float]], scale: float,
+def generate(backend: Backend, request: Request, image_prompts: ImagePrompts, scale: float,
              on_evaluation: Callable[[], object] | None = None,
              on_stage: Callable[[str], None] | None = None, init_pixels: torch.Tensor | None = None) -> Generation:
     """The whole job: conditions, sampling in batches, decoding. ``image_prompts`` from ``load_image_prompts``;

@@ -207,10 +207,10 @@ def graphs_current(options: BackendOptions, models: ModelSource, graphs: Sequenc
     keeps them (the manifest and its digest cache say so without reading the weights, or importing torch)."""
     from ccld_trt.export.onnx_manifest import graphs_current as current
 
-    return current(models.files, _onnx_dir(options, models), graphs, fp16=options.precision == "fp16")
+    return current(models.files, graphs_dir(options, models), graphs, fp16=options.precision == "fp16")
 
 
-def _onnx_dir(options: BackendOptions, models: ModelSource) -> Path:
+def graphs_dir(options: BackendOptions, models: ModelSource) -> Path:
     """``options.onnx_dir``, else the default one per set of model files."""
     from ccld_trt.export.onnx_files import default_onnx_dir
 
@@ -218,10 +218,10 @@ def _onnx_dir(options: BackendOptions, models: ModelSource) -> Path:
 
 
 def _exported(options: BackendOptions, models: ModelSource, graphs: Sequence[str]) -> Path:
-    """The directory of the backend graphs of ``models`` (``_onnx_dir``), with ``graphs`` exported there first
+    """The directory of the backend graphs of ``models`` (``graphs_dir``), with ``graphs`` exported there first
     unless the manifest shows them up to date (``graphs_current``; fp16 ones too for fp16 options); the torch
     networks are read only for an export."""
-    onnx_dir = _onnx_dir(options, models)
+    onnx_dir = graphs_dir(options, models)
     if not graphs_current(options, models, graphs):
         from ccld_trt.export.onnx_export import export_all
 

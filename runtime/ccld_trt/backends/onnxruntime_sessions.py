@@ -127,6 +127,12 @@ def open_cpu_session(source: Path, options: Any, root: Path) -> Any:
     return session
 
 
+def open_graph_session(onnx_dir: Path, graph: str, precision: str) -> Any:
+    """A CPU session of ``graph`` of ``onnx_dir`` as the backend opens one with its default options
+    (``open_cpu_session``: from its saved optimised copy, made first where there is none)."""
+    return open_cpu_session(onnx_path(onnx_dir, graph, precision), session_options(), onnx_dir / OPTIMIZED_DIR)
+
+
 def run_cpu(session: Any, inputs: Mapping[str, Any]) -> Any:
     """One call of a CPU session on numpy ``inputs`` ({input name: array of the graph's dtype}); its one output as a
     new array (the backend binds torch tensors instead; the same kernels, the same bits)."""

@@ -93,19 +93,30 @@ def infer(request: Any, inputs: Mapping[str, Any]) -> Any:
     return request.infer(inputs, share_inputs=True, share_outputs=False)[0]
 
 
+def open_graph(core: Any, onnx_dir: Path, graph: str, precision: str, cached_only: bool = False
+               ) -> tuple[Path, tuple[Any, Any]] | None:
+    """``graph`` of ``onnx_dir`` (fp32 or bf16) as the backend opens it: (cache folder, (compiled model, infer
+    request)), compiled through OpenVINO's model cache (``compile_graph``); with ``cached_only``, None where the
+    cache holds no blob for it (nothing is compiled anew). The cache folder is the key the backend checks before
+    using one (``OpenVinoBackend(opened=...)``): the same file version and properties."""
+    config = compile_config(precision, physical_cores())
+    path = graph_file(onnx_dir, graph, precision)
+    folder = cache_folder(onnx_dir / CACHE_DIR, path, config)
+    if cached_only and not folder.is_dir():
+        return None
+    model = compile_graph(core, path, config, folder)
+    return folder, (model, model.create_infer_request())
+
+
 def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:
-    """{graph: (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or bf16) whose blob
-    the model cache already holds; the others are left to the backend (nothing is compiled anew here). The cache
-    folder is the key the backend checks before using one (``OpenVinoBackend(opened=...)``): the same file version
-    and properties."""
+    """{graph: ``open_graph``'s (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or
+    bf16) whose blob the model cache already holds; the others are left to the backend (nothing is compiled anew
+    here). One ``ov.Core`` for all."""
     import openvino as ov
 
     core = ov.Core()
-    config = compile_config(precision, physical_cores())
     opened: Opened = {}
-    for graph, path in graph_files(onnx_dir, graphs, precision).items():
-        folder = cache_folder(onnx_dir / CACHE_DIR, path, config)
-        if folder.is_dir():
-            model = compile_graph(core, path, config, folder)
-            opened[graph] = folder, (model, model.create_infer_request())
+    for graph in graphs:
+        if (handle := open_graph(core, onnx_dir, graph, precision, cached_only=True)) is not None:
+            opened[graph] = handle
     return opened

@@ -68,9 +68,22 @@ def test_a_long_replay_holds_few_latents_at_once() -> None:
     assert len(tape.ops) > 9000 and peak < 100 * x.nbytes, peak
 
 
-def test_a_sampler_with_step_noise_has_no_tape() -> None:
-    with pytest.raises(ValueError, match="draws noise"):
-        record("ddpm", 3, 1)
+@pytest.mark.parametrize(("method", "eta"), [("ddpm", 0.0), ("ddim", 0.5), ("ddim", 1.0)])
+def test_a_tape_takes_the_noise_a_sampler_adds_at_its_steps(method: str, eta: float) -> None:
+    """ddpm and ddim with eta > 0 add fresh noise at each step but the last: the tape takes it as inputs, in the
+    order the pipeline draws it, and replays the sampler bit for bit."""
+    for steps in (1, 2, 5):
+        for rows in (1, 3):
+            tape = from_json(json.loads(json.dumps(to_json(record(method, steps, rows, eta)))))
+            generator = torch.Generator().manual_seed(steps)
+            x, *noise = (torch.randn([rows, 4, 8, 8], generator=generator) for _ in range(steps))
+            expected = sample(lambda a, t: torch.from_numpy(_model(a.numpy(), t.numpy())), x,
+                              method_timesteps(method, steps), method, eta, noise)
+            got = replay(tape, x.numpy(), _model, [n.numpy() for n in noise])
+            assert tape.noise_draws == steps - 1
+            assert np.array_equal(got.view(np.uint32), expected.numpy().view(np.uint32)), (method, steps, rows)
+    with pytest.raises(ValueError, match="noise draws"):
+        replay(tape, x.numpy(), _model)
 
 
 @pytest.mark.skipif(not AVX2, reason="randn replicates torch's AVX2 normal kernel; this CPU runs another")
@@ -106,6 +119,7 @@ def test_what_the_path_covers() -> None:
     assert graph_sample.covers(ov, _job(method="unipc", steps=7))
     assert graph_sample.covers(BackendOptions(backend="onnxruntime", precision="fp32"), _job(n=2, batch_size=2))
     assert graph_sample.covers(ov, _job(n=5, batch_size=2))  # batches of 2, 2 and 1 rows: two tapes
+    assert graph_sample.covers(ov, _job(method="ddpm")) and graph_sample.covers(ov, _job(method="ddim", eta=0.5))
     image_prompt = [(np.zeros([1, 3, 16, 16], np.float32), 3.0)]
     assert graph_sample.covers(ov, Job(Request(prompts=[], image_prompts=[(Path("p.png"), 3.0)]), image_prompt, 2.55))
     parts = _job(n=5, batch_size=2).request.batches()
@@ -113,8 +127,7 @@ def test_what_the_path_covers() -> None:
     for options, job in [
         (BackendOptions(backend="torch", precision="fp32"), _job()),
         (BackendOptions(backend="openvino", precision="int8"), _job()),
-        (ov, _job(method="ddpm")),
-        (ov, _job(method="ddim", eta=0.5)),
+        (ov, Job(Request(prompts=[("a", 3.0)], n=5, latent_size=(1, 1), method="ddpm"), [], 2.55)),  # 20 values
         (ov, Job(Request(prompts=[("a", 3.0)], latent_size=(1, 1)), [], 2.55)),  # 4 values: torch draws otherwise
         (ov, Job(Request(prompts=[("a", 3.0)], init=Path("i.png")), [], 2.55, torch.zeros(1, 3, 256, 256))),  # init
     ]:
@@ -164,7 +177,8 @@ def test_sample_runs_without_torch_and_writes_the_same_files(backend: str, seed3
     Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3)).save(picture)
     for run, flags in enumerate((["--fast", "--seed", "3"],
                                  ["--method", "plms", "--steps", "4", "-n", "3", "--batch-size", "2", "--seed", "11"],
-                                 ["--images", f"{picture}:2", "--method", "ddim", "--steps", "3", "--seed", "5"])):
+                                 ["--images", f"{picture}:2", "--method", "ddim", "--steps", "3", "--seed", "5"],
+                                 ["--method", "ddim", "--eta", "0.5", "--steps", "4", "-n", "2", "--seed", "9"])):
         latents = [tmp_path / f"{run}-{i}.npy" for i in range(2)]
         # the first run exports the graphs and samples with torch, then records the job's tape
         with_torch, _ = _sample(models, build, out, backend, *flags, "--save-latents", str(latents[0]))

@@ -8,7 +8,7 @@ pixels (``image_prompt``, read by ``jobs.assemble``), the CFG weights, the start
 (a ``sampler_tape`` recorded for the job's method, steps and each batch's rows) and the pixels
 (``outputs.to_pixels``). The tapes are recorded, and the noise checked against ``torch.randn``, by an earlier
 ``sample`` that ran the same kind of job with torch (``save_tapes``, in the build directory); until then, and for
-every job this path does not cover (an init image, per-step noise, int8), ``sample`` runs with torch as before.
+every job this path does not cover (an init image, int8), ``sample`` runs with torch as before.
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ RunGraph = Callable[[str, Mapping[str, np.ndarray]], np.ndarray]
 
 def covers(options: BackendOptions, job: Job) -> bool:
     """Whether this path can run ``job`` on ``options`` (resolved): onnxruntime or openvino on the CPU, not int8;
-    text and image prompts, no init image; a sampler without per-step noise; at least 16 latent values in all."""
+    text and image prompts, no init image; at least 16 latent values in all, and for a sampler that adds noise at
+    its steps (ddpm, ddim with eta > 0) a multiple of 16 (``randn`` then draws them as one long draw)."""
     request = job.request
+    values = request.n * LATENT_CHANNELS * request.latent_size[0] * request.latent_size[1]
     return (options.backend in ("onnxruntime", "openvino") and options.device == "cpu"
-            and options.precision in ("fp32", "bf16") and job.init_pixels is None
-            and not needs_step_noise(request.method, request.eta)
-            and request.n * LATENT_CHANNELS * request.latent_size[0] * request.latent_size[1] >= BLOCK)
+            and options.precision in ("fp32", "bf16") and job.init_pixels is None and values >= BLOCK
+            and (values % BLOCK == 0 or not needs_step_noise(request.method, request.eta)))
 
 
 def batch_rows(batch: slice) -> int:
@@ -67,19 +68,31 @@ def _row_counts(request: Request) -> list[int]:
     return sorted({batch_rows(batch) for batch in request.batches()})
 
 
+def _draws(tapes: Mapping[int, Tape]) -> int:
+    """How many noise tensors like the job's latents its sampler uses (the same for each of its ``tapes``): the
+    start, and for ddpm and ddim with eta > 0 one per step but the last."""
+    return 1 + next(iter(tapes.values())).noise_draws
+
+
 def tape_key(request: Request, rows: int) -> dict[str, Any]:
     """What a tape depends on: the sampler, its steps and the batch's rows, the code and torch that recorded it, and
     the CPU (torch's kernels, and so the noise this path was checked to match, are picked per CPU)."""
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _SOURCES)).hexdigest()
-    return {"method": request.method, "steps": request.steps, "rows": rows, "code": code,
+    return {"method": request.method, "steps": request.steps, "eta": _eta(request), "rows": rows, "code": code,
             "torch": version("torch"), "cpu": sorted(cpu_flags() or ()),
             "capability": os.environ.get("ATEN_CPU_CAPABILITY", "")}
 
 
+def _eta(request: Request) -> float:
+    """The eta a tape is recorded with: the request's where the sampler reads it (ddim), else 0."""
+    return request.eta if request.method == "ddim" else 0.0
+
+
 def tape_path(request: Request, rows: int, build_dir: Path | None = None) -> Path:
-    """``<build>/sampler-tapes/<method>-<steps>-<rows>.json``."""
-    return build_root(build_dir) / TAPE_DIR / f"{request.method}-{request.steps}-{rows}.json"
+    """``<build>/sampler-tapes/<method>-<steps>-<rows>.json`` (ddim with eta > 0: ``...-eta<eta>.json``)."""
+    eta = f"-eta{_eta(request)!r}" if _eta(request) else ""
+    return build_root(build_dir) / TAPE_DIR / f"{request.method}-{request.steps}-{rows}{eta}.json"
 
 
 def load_tapes(request: Request, build_dir: Path | None = None) -> dict[int, Tape] | None:
@@ -99,19 +112,20 @@ def load_tapes(request: Request, build_dir: Path | None = None) -> dict[int, Tap
 
 def save_tapes(request: Request, build_dir: Path | None = None) -> bool:
     """Record the tapes of ``request``'s kind of job (imports torch) and keep them, if ``randn`` gives this
-    machine's ``torch.randn`` for the job's seed and shape; whether they were kept. A failure to write is not an
-    error."""
+    machine's ``torch.randn`` for the job's seed and shape (every draw the job makes); whether they were kept. A
+    failure to write is not an error."""
     import torch
 
     from ccld_trt.sampler_tape import record
 
-    shape = [request.n, LATENT_CHANNELS, *request.latent_size]
-    drawn = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed)).numpy().reshape(-1)
+    tapes = {rows: record(request.method, request.steps, rows, _eta(request)) for rows in _row_counts(request)}
+    generator, shape = torch.Generator().manual_seed(request.seed), [request.n, LATENT_CHANNELS, *request.latent_size]
+    drawn = np.concatenate([torch.randn(shape, generator=generator).numpy().reshape(-1)
+                            for _ in range(_draws(tapes))])  # one after another, as pipeline.draw_noise draws them
     if not np.array_equal(drawn.view(np.uint32), randn(request.seed, drawn.size).view(np.uint32)):
         return False
-    for rows in _row_counts(request):
-        text = json.dumps({"key": tape_key(request, rows),
-                           "tape": to_json(record(request.method, request.steps, rows))})
+    for rows, tape in tapes.items():
+        text = json.dumps({"key": tape_key(request, rows), "tape": to_json(tape)})
         path = tape_path(request, rows, build_dir)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,9 +184,10 @@ def generate(run: RunGraph, job: Job, tapes: Mapping[int, Tape], on_evaluation: 
     conds = np.concatenate(embeds).astype(np.float32, copy=False)
     weights = [w for _, w in request.prompts] + [w for _, w in job.image_pixels]
     cfg = np.array([1 - sum(weights), *weights], dtype=np.float32)
-    # 2. the starting noise, drawn as torch.manual_seed(seed) then torch.randn would draw it
+    # 2. the starting noise, then the noise of each step (ddpm, ddim with eta > 0), drawn as torch.manual_seed(seed)
+    # then torch.randn would draw them (pipeline.draw_noise): one long draw, whole blocks of 16 each
     shape = (request.n, LATENT_CHANNELS, *request.latent_size)
-    x = randn(request.seed, int(np.prod(shape))).reshape(shape)
+    x, *step_noise = randn(request.seed, _draws(tapes) * int(np.prod(shape))).reshape(-1, *shape)
 
     # 3. the sampler, a batch at a time
     def model(x: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -182,7 +197,8 @@ def generate(run: RunGraph, job: Job, tapes: Mapping[int, Tape], on_evaluation: 
         return v
 
     parts = request.batches()
-    latents = np.concatenate([replay(tapes[batch_rows(batch)], x[batch], model) for batch in parts])
+    latents = np.concatenate([replay(tapes[batch_rows(batch)], x[batch], model, [s[batch] for s in step_noise])
+                              for batch in parts])
     # 4. decoding, at the job's scale, in the same batches
     scale = np.float32(job.autoencoder_scale)
     return latents, np.concatenate([to_pixels(run("decoder", {"latents": latents[batch] * scale})) for batch in parts])

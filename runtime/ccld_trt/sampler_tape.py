@@ -1,27 +1,29 @@
 """The samplers' arithmetic on a batch of latents, recorded once by running them under torch and replayed on numpy.
 
-A deterministic sampler (every method but ddpm and ddim with eta > 0) does the same float32 operations whatever
-the latents' values: its coefficients (the schedule's cosines, log-SNR steps, UniPC's small linear solves) depend
-only on the method, the step count and the batch's rows. ``record`` runs ``samplers.sample`` once on a tiny batch
-under a torch function mode and writes down each operation on the latents (and each model call) with its
-coefficient operands as float32 constants; ``replay`` applies them with numpy's float32 operations, each rounded
-as torch rounds it, so the latents are the same bits (tests/test_graph_sample.py compares every method). This lets
-a text job on a graph backend run without importing torch (``graph_sample``). A tape is data: ``from_json`` accepts
-only the operations below and node references that exist.
+A sampler does the same float32 operations whatever the latents' values (and, for ddpm and ddim with eta > 0,
+whatever the fresh noise it adds at its steps: inputs of the tape like the latents): its coefficients (the
+schedule's cosines, log-SNR steps, UniPC's small linear solves) depend only on the method, the step count, eta and
+the batch's rows. ``record`` runs ``samplers.sample`` once on a tiny batch under a torch function mode and writes
+down each operation on the latents (and each model call) with its coefficient operands as float32 constants;
+``replay`` applies them with numpy's float32 operations, each rounded as torch rounds it, so the latents are the
+same bits (tests/test_graph_sample.py compares every method). This lets a job on a graph backend run without
+importing torch (``graph_sample``). A tape is data: ``from_json`` accepts only the operations below and node
+references that exist.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-# operation -> numpy's float32 ufunc; "model" is a model call (x node, t constant)
+# operation -> numpy's float32 ufunc; "model" is a model call (x node, t constant); "noise" is the next of the
+# fresh noise draws a sampler adds at its steps (ddpm, ddim with eta > 0), inputs of the replay like the latents
 _UFUNCS: dict[str, Callable[..., np.ndarray]] = {"add": np.add, "sub": np.subtract, "mul": np.multiply,
                                                  "div": np.divide, "neg": np.negative}
-_ARITY = {"add": 2, "sub": 2, "mul": 2, "div": 2, "neg": 1, "model": 2}
+_ARITY = {"add": 2, "sub": 2, "mul": 2, "div": 2, "neg": 1, "model": 2, "noise": 0}
 # torch's names for them (operators and their reflected forms; a reflected one swaps its operands)
 _TORCH_OPS = {"__add__": "add", "add": "add", "__radd__": "add", "__sub__": "sub", "sub": "sub", "__rsub__": "-sub",
               "__mul__": "mul", "mul": "mul", "__rmul__": "mul", "__truediv__": "div", "div": "div",
@@ -47,10 +49,19 @@ class Tape:
     def evaluations(self) -> int:
         return sum(op[0] == "model" for op in self.ops)
 
+    @property
+    def noise_draws(self) -> int:
+        """How many fresh noise draws like the latents the sampler adds (``replay``'s ``noise``)."""
+        return sum(op[0] == "noise" for op in self.ops)
 
-def replay(tape: Tape, x: np.ndarray, model: Model) -> np.ndarray:
+
+def replay(tape: Tape, x: np.ndarray, model: Model, noise: Sequence[np.ndarray] = ()) -> np.ndarray:
     """The sampler's latents from x float32 [rows, 4, h, w] (the rows ``record`` was given), ``model(x, t)`` ->
-    v float32 like x for t float32 [rows]."""
+    v float32 like x for t float32 [rows]; ``noise``: the ``noise_draws`` fresh draws like x, in order (ValueError
+    for another number)."""
+    if len(noise) != tape.noise_draws:
+        raise ValueError(f"the tape adds {tape.noise_draws} noise draws, {len(noise)} given")
+    draws = iter(noise)
     # each node is let go after its last use: a long tape holds as few latents at once as the sampler does
     last_use = {o: k for k, (_, *operands) in enumerate(tape.ops) for o in operands if isinstance(o, int)}
     last_use[tape.result] = len(tape.ops)
@@ -65,7 +76,7 @@ def replay(tape: Tape, x: np.ndarray, model: Model) -> np.ndarray:
 
     for k, (name, *operands) in enumerate(tape.ops):
         args = [value(o) for o in operands]
-        nodes.append(model(*args) if name == "model" else _UFUNCS[name](*args))
+        nodes.append(next(draws) if name == "noise" else model(*args) if name == "model" else _UFUNCS[name](*args))
         for o in operands:
             if isinstance(o, int) and last_use[o] == k:
                 nodes[o] = None
@@ -74,9 +85,10 @@ def replay(tape: Tape, x: np.ndarray, model: Model) -> np.ndarray:
     return value(tape.result)
 
 
-def record(method: str, steps: int, rows: int) -> Tape:
-    """The tape of ``samplers.sample(..., method, eta=0)`` over ``method``'s ``steps`` timesteps for a batch of
-    ``rows`` images. ValueError for a method that draws noise at each step, or an operation a tape cannot hold."""
+def record(method: str, steps: int, rows: int, eta: float = 0.0) -> Tape:
+    """The tape of ``samplers.sample(..., method, eta)`` over ``method``'s ``steps`` timesteps for a batch of
+    ``rows`` images (a sampler that adds fresh noise at its steps takes it as ``noise`` inputs, drawn first).
+    ValueError for an operation a tape cannot hold."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -84,8 +96,6 @@ def record(method: str, steps: int, rows: int) -> Tape:
     from ccld_trt.samplers import sample
     from ccld_trt.schedule import method_timesteps
 
-    if needs_step_noise(method, 0.0):
-        raise ValueError(f"{method} draws noise at each step: no tape")
     ops: list[tuple[Any, ...]] = []
     nodes: dict[int, int] = {}  # id(tensor) -> node
     alive: list[torch.Tensor] = []  # every tensor seen stays alive, so that no id is reused
@@ -129,8 +139,12 @@ def record(method: str, steps: int, rows: int) -> Tape:
 
     x = track(torch.zeros([rows, 1, 1, 1]), 0)  # elementwise operations: one value per row is enough
     timesteps = method_timesteps(method, steps)
+    noise = []
+    for _ in range(len(timesteps) - 1 if needs_step_noise(method, eta) else 0):  # the pipeline's draws, in order
+        ops.append(("noise",))
+        noise.append(track(torch.zeros([rows, 1, 1, 1]), len(ops)))
     with Recorder():
-        out = sample(model, x, timesteps, method)
+        out = sample(model, x, timesteps, method, eta, noise)
     return Tape(tuple(ops), nodes[id(out)])
 
 

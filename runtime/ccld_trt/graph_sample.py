@@ -5,7 +5,8 @@ the same images as the torch-driven path, bit for bit, 0.5-0.6 s sooner in a fre
 The eager graphs are the ones ``runner.prefetch_graphs`` opened (the CLOOB image encoder is opened at its first
 call); the job's arithmetic outside them is numpy's: the token ids (``tokenizer.token_ids``), the image prompts'
 pixels (``image_prompt``, read by ``jobs.assemble``), the CFG weights, the starting noise (``randn``), the sampler
-(a ``sampler_tape`` recorded for the job's method, steps and each batch's rows) and the pixels
+(a ``sampler_tape`` recorded for the job's method, steps, eta and each batch's rows; the noise ddpm and ddim with
+eta > 0 add at their steps is drawn with the starting noise) and the pixels
 (``outputs.to_pixels``). The tapes are recorded, and the noise checked against ``torch.randn``, by an earlier
 ``sample`` that ran the same kind of job with torch (``save_tapes``, in the build directory); until then, and for
 every job this path does not cover (an init image, int8), ``sample`` runs with torch as before.
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ccld_trt.backends.onnxruntime_sessions import run_cpu
-from ccld_trt.backends.openvino_compile import infer
+from ccld_trt.backends.onnxruntime_sessions import open_graph_session, run_cpu
+from ccld_trt.backends.openvino_compile import infer, open_graph
 from ccld_trt.cpu_features import cpu_flags
 from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.build_dir import build_root
@@ -75,8 +76,8 @@ def _draws(tapes: Mapping[int, Tape]) -> int:
 
 
 def tape_key(request: Request, rows: int) -> dict[str, Any]:
-    """What a tape depends on: the sampler, its steps and the batch's rows, the code and torch that recorded it, and
-    the CPU (torch's kernels, and so the noise this path was checked to match, are picked per CPU)."""
+    """What a tape depends on: the sampler, its steps, ddim's eta and the batch's rows, the code and torch that
+    recorded it, and the CPU (torch's kernels, and so the noise this path was checked to match, are picked per CPU)."""
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _SOURCES)).hexdigest()
     return {"method": request.method, "steps": request.steps, "eta": _eta(request), "rows": rows, "code": code,
@@ -158,13 +159,9 @@ def _open(openvino: bool, onnx_dir: Path, graph: str, precision: str) -> Any:
     if openvino:
         import openvino as ov
 
-        from ccld_trt.backends.openvino_compile import open_graph
-
         opened = open_graph(ov.Core(), onnx_dir, graph, precision)
         assert opened is not None  # not cached_only: compiled where the cache has no blob
         return opened[1]
-    from ccld_trt.backends.onnxruntime_sessions import open_graph_session
-
     return open_graph_session(onnx_dir, graph, precision)
 
 

@@ -128,16 +128,14 @@ def prefetch_graphs(options: BackendOptions, models: ModelSource) -> Future[Open
     import numpy  # noqa: F401
 
     executor = ThreadPoolExecutor(1, thread_name_prefix="ccld-trt-prefetch")
-    future = executor.submit(_open_built_graphs, options, models.files)
+    future = executor.submit(_open_built_graphs, options, models)
     executor.shutdown(wait=False)  # the thread ends with its one task
     return future
 
 
-def _open_built_graphs(options: BackendOptions, files: ModelFiles) -> Opened:
-    from ccld_trt.export.onnx_files import default_onnx_dir
-
+def _open_built_graphs(options: BackendOptions, models: ModelSource) -> Opened:
     options = options.resolved()
-    onnx_dir = options.onnx_dir or default_onnx_dir(files)
+    onnx_dir = graphs_dir(options, models)
     if options.backend == "openvino":
         from ccld_trt.backends.openvino_compile import open_cached_graphs
 

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 from collections.abc import Hashable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,13 +143,17 @@ def run_cpu(session: Any, inputs: Mapping[str, Any]) -> Any:
 def open_saved_sessions(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:
     """{graph: (session_key, session)} for those of ``graphs`` that ``open_saved_session`` can open with the
     backend's default options; the others are left to the backend. The key is what the backend checks before
-    using one (``OnnxRuntimeBackend(opened=...)``)."""
+    using one (``OnnxRuntimeBackend(opened=...)``). The graphs are opened at once, a thread each: opening a saved
+    copy keeps about one core busy (0.2 s of 0.6 saved on two cores, measured)."""
     options = session_options()
     root = onnx_dir / OPTIMIZED_DIR
-    opened: Opened = {}
-    for graph in graphs:
+
+    def open_one(graph: str) -> tuple[Hashable, Any] | None:
         source = onnx_path(onnx_dir, graph, precision)
         session = open_saved_session(source, options, root) if source.is_file() else None
-        if session is not None:
-            opened[graph] = session_key(root, source, options), session
-    return opened
+        return None if session is None else (session_key(root, source, options), session)
+
+    graphs = list(graphs)
+    with ThreadPoolExecutor(len(graphs) or 1, thread_name_prefix="ccld-trt-onnxruntime") as pool:
+        return {graph: handle for graph, handle in zip(graphs, pool.map(open_one, graphs), strict=True)
+                if handle is not None}

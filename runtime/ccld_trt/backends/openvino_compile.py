@@ -8,6 +8,7 @@ import hashlib
 import shutil
 import sys
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,12 +112,12 @@ def open_graph(core: Any, onnx_dir: Path, graph: str, precision: str, cached_onl
 def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:
     """{graph: ``open_graph``'s (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or
     bf16) whose blob the model cache already holds; the others are left to the backend (nothing is compiled anew
-    here). One ``ov.Core`` for all."""
+    here). One ``ov.Core`` for all, the graphs compiled at once, a thread each: a compile from the cache keeps
+    about one core busy, so the process's two cores open them sooner together (0.1 s of 0.9 measured)."""
     import openvino as ov
 
-    core = ov.Core()
-    opened: Opened = {}
-    for graph in graphs:
-        if (handle := open_graph(core, onnx_dir, graph, precision, cached_only=True)) is not None:
-            opened[graph] = handle
-    return opened
+    core = ov.Core()  # its methods are thread-safe (OpenVINO's documented guarantee)
+    graphs = list(graphs)
+    with ThreadPoolExecutor(len(graphs) or 1, thread_name_prefix="ccld-trt-openvino") as pool:
+        handles = pool.map(lambda graph: open_graph(core, onnx_dir, graph, precision, cached_only=True), graphs)
+        return {graph: handle for graph, handle in zip(graphs, handles, strict=True) if handle is not None}

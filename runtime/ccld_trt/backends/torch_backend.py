@@ -13,6 +13,7 @@ from ccld_trt.backends.cuda_graph import GraphedCall
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.guided_unet import GuidedUNet
 from ccld_trt.export.models import Networks
+from ccld_trt.heap import reuse_freed_memory
 
 # The U-Net's autocast dtype per precision (backend_select.PRECISIONS["torch"]); fp32 runs without autocast.
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,6 +49,8 @@ class TorchBackend:
         self.device = torch.device(device)
         if cuda_graph and self.device.type != "cuda":
             raise UserError("CUDA-graph replay needs a CUDA device")
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # the activations' blocks reused, not faulted in again at every call (heap)
         # refused, not warned: emulated bf16 runs the U-Net many times slower than fp32 (a minute per 2048^2
         # matmul on an AVX2-only CPU), which a warning scrolled past would not explain
         self.precision = check_cpu_precision(self.name, check_precision(self.name, precision), device)

@@ -144,7 +144,7 @@ def open_saved_sessions(onnx_dir: Path, graphs: Iterable[str], precision: str) -
     """{graph: (session_key, session)} for those of ``graphs`` that ``open_saved_session`` can open with the
     backend's default options; the others are left to the backend. The key is what the backend checks before
     using one (``OnnxRuntimeBackend(opened=...)``). The graphs are opened at once, a thread each: opening a saved
-    copy keeps about one core busy (0.2 s of 0.6 saved on two cores, measured)."""
+    copy keeps about one core busy (a fresh ``sample`` on two cores had them 0.1 s sooner, measured)."""
     options = session_options()
     root = onnx_dir / OPTIMIZED_DIR
 

@@ -113,7 +113,7 @@ def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) ->
     """{graph: ``open_graph``'s (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or
     bf16) whose blob the model cache already holds; the others are left to the backend (nothing is compiled anew
     here). One ``ov.Core`` for all, the graphs compiled at once, a thread each: a compile from the cache keeps
-    about one core busy, so the process's two cores open them sooner together (0.1 s of 0.9 measured)."""
+    about one core busy (a fresh ``sample`` on two cores had them 0.1 s sooner, measured)."""
     import openvino as ov
 
     core = ov.Core()  # its methods are thread-safe (OpenVINO's documented guarantee)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import locale
 import math
 import os
 import random
@@ -447,6 +448,18 @@ def test_exclusive_atomic_write_never_replaces(tmp_path: Path) -> None:
     assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["taken"]
     write_atomic(tmp_path / "new", b"data", exclusive=True)
     assert (tmp_path / "new").read_bytes() == b"data"
+
+
+def test_atomic_text_is_utf8_under_the_c_locale(tmp_path: Path) -> None:
+    """A library may leave the process in the C locale (OpenVINO's compile switches it): a report's dash must
+    still be written, as UTF-8."""
+    found = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        write_atomic(tmp_path / "report.md", "## Cold start \u2014 AMD EPYC")
+    finally:
+        locale.setlocale(locale.LC_CTYPE, found)
+    assert (tmp_path / "report.md").read_bytes() == "## Cold start \u2014 AMD EPYC".encode()
 
 
 # ------------------------------------------------------------------------------------------------- the page

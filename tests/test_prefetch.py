@@ -5,6 +5,7 @@ the images are the same bit for bit."""
 from __future__ import annotations
 
 import importlib.util
+import locale
 import os
 import shutil
 import subprocess
@@ -178,3 +179,19 @@ def test_numpy_is_imported_before_the_thread_starts(backend: str, seed3_dir: Pat
                           text=True, env={**os.environ, "CCLD_TRT_BUILD": str(tmp_path)}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["MainThread", "ccld-trt-prefetch_0"]
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_opening_the_graphs_leaves_the_process_locale_as_it_was(backend: str, models: Path, build: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO's compile switches the process's locale and back: two compiles at once (the thread once opened the
+    graphs a thread each) left "C" behind, and Python's text files defaulted to ASCII for the rest of the process
+    (a report with a dash then failed to write)."""
+    monkeypatch.setenv("CCLD_TRT_BUILD", str(build))
+    source = ModelSource(ModelFiles.resolve(models))
+    open_session(_options(backend), source)  # built (and current): the thread opens every graph
+    before = locale.setlocale(locale.LC_ALL)
+    for _ in range(3):  # the interleaving that leaves "C" is not certain in one go
+        prefetched = prefetch_graphs(_options(backend), source)
+        assert prefetched is not None and sorted(prefetched.result()) == EAGER
+        assert locale.setlocale(locale.LC_ALL) == before

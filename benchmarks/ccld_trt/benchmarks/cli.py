@@ -26,7 +26,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, batches=args.batches,
         end_to_end=args.end_to_end, engine_builds=args.engine_builds or None)
     _, paths = run_bench(config)
-    print(paths.markdown.read_text())
+    print(paths.markdown.read_text(encoding="utf-8"))
     for path in (paths.json, paths.markdown, paths.plot):
         print(path)
 
@@ -48,7 +48,7 @@ def _cmd_solvers(args: argparse.Namespace) -> None:
         _, paths = run_steps_to_quality((args.backends or ("torch",))[0], args.device,
                                         Path(args.models) if args.models else None, args.demo_size,
                                         Path(args.output), config)
-        print(paths[1].read_text())
+        print(paths[1].read_text(encoding="utf-8"))
         for path in paths:
             print(path)
 
@@ -70,7 +70,7 @@ def _cmd_cold_start(args: argparse.Namespace) -> None:
     _, weights = bench_model_files(BenchConfig(models=Path(args.models) if args.models else None,
                                                    demo_size=args.demo_size), print)
     _, paths = run_cold_start(config, Path(weights["dir"]), Path(args.output), weights)
-    print(paths[1].read_text())
+    print(paths[1].read_text(encoding="utf-8"))
     for path in paths:
         print(path)
 

@@ -306,5 +306,5 @@ def write_reports(doc: dict[str, Any], root: Path) -> ReportPaths:
     paths = ReportPaths(directory / f"{stem}.json", directory / f"{stem}.md", directory / f"{stem}.png")
     paths.json.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
     plot(doc, paths.plot)
-    paths.markdown.write_text(to_markdown(doc, paths.plot.name))
+    paths.markdown.write_text(to_markdown(doc, paths.plot.name), encoding="utf-8")
     return paths

@@ -32,10 +32,11 @@ def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
 
 
 def write_atomic(path: Path, data: bytes | memoryview | str, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` through ``atomic_path`` (a reader never sees half a file)."""
+    """Write ``data`` to ``path`` through ``atomic_path`` (a reader never sees half a file); text as UTF-8,
+    whatever the process's locale (a library may have set the C locale, whose default encoding is ASCII)."""
     with atomic_path(path, exclusive=exclusive) as tmp:
         if isinstance(data, str):
-            tmp.write_text(data)
+            tmp.write_text(data, encoding="utf-8")
         else:
             with open(tmp, "wb") as f:
                 f.write(data)

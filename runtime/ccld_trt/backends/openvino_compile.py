@@ -8,7 +8,6 @@ import hashlib
 import shutil
 import sys
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,12 +111,13 @@ def open_graph(core: Any, onnx_dir: Path, graph: str, precision: str, cached_onl
 def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) -> Opened:
     """{graph: ``open_graph``'s (cache folder, (compiled model, infer request))} for those of ``graphs`` (fp32 or
     bf16) whose blob the model cache already holds; the others are left to the backend (nothing is compiled anew
-    here). One ``ov.Core`` for all, the graphs compiled at once, a thread each: a compile from the cache keeps
-    about one core busy (a fresh ``sample`` on two cores had them 0.1 s sooner, measured)."""
+    here). One ``ov.Core`` for all, one graph at a time: a compile sets the process's C locale and puts back the
+    one it found, so two at once can leave "C" behind (Python's text files then default to ASCII; seen)."""
     import openvino as ov
 
-    core = ov.Core()  # its methods are thread-safe (OpenVINO's documented guarantee)
-    graphs = list(graphs)
-    with ThreadPoolExecutor(len(graphs) or 1, thread_name_prefix="ccld-trt-openvino") as pool:
-        handles = pool.map(lambda graph: open_graph(core, onnx_dir, graph, precision, cached_only=True), graphs)
-        return {graph: handle for graph, handle in zip(graphs, handles, strict=True) if handle is not None}
+    core = ov.Core()
+    opened: Opened = {}
+    for graph in graphs:
+        if (handle := open_graph(core, onnx_dir, graph, precision, cached_only=True)) is not None:
+            opened[graph] = handle
+    return opened

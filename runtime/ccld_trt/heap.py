@@ -1,17 +1,17 @@
-"""The C heap of a process that runs torch on the CPU: freed blocks kept for the next allocation of the same size,
-instead of unmapped and faulted in again.
+"""The C heap of a process that runs torch on the CPU: freed blocks kept for later allocations, instead of
+unmapped and faulted in again.
 
 glibc's malloc serves every block past its mmap threshold (128 KiB, rising with use to at most 32 MiB) with a
 fresh ``mmap`` and unmaps it on free. torch's CPU tensors are such blocks (a U-Net evaluation's activations, the
-decoder's 32 MiB feature maps at 256x256), so each evaluation faulted its gigabytes of intermediate tensors in
-again, page by page, zeroed by the kernel: a torch ``sample --fast`` took 740 thousand page faults and ~2 s of
-system time. Served from the heap instead, they are reused: 190 thousand faults, 0.6 s, and a 12 % faster warm
+decoder's 32 MiB feature maps at 256x256), so every evaluation faulted its intermediate tensors in again, page
+by page, zeroed by the kernel: a torch ``sample --fast`` took 740 thousand page faults (3 GB) and ~2 s of system
+time. Served from the heap instead, they are reused: 190 thousand faults, 0.6 s, and a 12 % faster warm
 image (docs/performance.md). OpenVINO and ONNX Runtime keep their own buffers and gain nothing.
 
 This is a process-wide setting (glibc's ``mallopt``, what ``MALLOC_MMAP_MAX_`` and ``MALLOC_TRIM_THRESHOLD_`` set
-at start-up); the torch backend makes it on the CPU. The price: memory freed below the top GiB of the heap stays
-with the process for its next use (a server holds its peak), as jemalloc and tcmalloc, which PyTorch's CPU tuning
-guides recommend for the same reason, also do.
+at start-up); the torch backend makes it on the CPU. The price: freed memory stays with the process (none goes
+back until 1 GiB is free at the heap's top), so a server holds about its peak, as it would with jemalloc or
+tcmalloc, the allocators PyTorch's CPU tuning guide recommends for the same reason.
 """
 
 from __future__ import annotations

@@ -333,10 +333,12 @@ def test_beside_copy_of_a_changed_pickle_is_not_preferred(seed3_dir: Path, tmp_p
 
 HEAVY = ("gradio", "ray", "matplotlib", "onnx", "onnxslim", "onnxconverter_common", "nncf", "fastapi",
          "ccld_trt.export.onnx_export", "ccld_trt.serve", "ccld_trt.cluster", "ccld_trt.benchmarks",
-         "torch._dynamo", "ftfy")  # ftfy: not for a plain ASCII prompt (tokenizer._fix_text)
+         "torch._dynamo", "ftfy",  # ftfy: not for a plain ASCII prompt (tokenizer._fix_text)
+         "openvino_telemetry")  # OpenVINO's usage telemetry (export.quiet_imports)
 _PROBE = """
 import atexit, json, sys
-atexit.register(lambda: print("MODULES " + json.dumps(sorted(sys.modules)), file=sys.stderr))
+atexit.register(lambda: print("MODULES " + json.dumps(sorted(k for k, m in sys.modules.items() if m is not None)),
+                              file=sys.stderr))
 from ccld_trt.cli import run
 sys.exit(run(sys.argv[1:]))
 """
@@ -346,7 +348,9 @@ sys.exit(run(sys.argv[1:]))
 def test_sample_imports_only_what_it_uses(backend: str, models: Path, build: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     _open(backend, models, build, monkeypatch)  # the graphs are current: the run below only samples
-    env = {**os.environ, "CCLD_TRT_BUILD": str(build)}
+    home = tmp_path / "home"  # where OpenVINO's and ONNX Runtime's telemetry would write their IDs
+    home.mkdir()
+    env = {**os.environ, "CCLD_TRT_BUILD": str(build), "HOME": str(home)}
     argv = ["sample", "a lighthouse", "--fast", "--backend", backend, "--precision", "fp32", "--models",
             str(models), "--output-dir", str(tmp_path / "out")]
     done = subprocess.run([sys.executable, "-c", _PROBE, *argv], env=env, capture_output=True, text=True,
@@ -356,6 +360,7 @@ def test_sample_imports_only_what_it_uses(backend: str, models: Path, build: Pat
     modules = set(json.loads(line[len("MODULES "):]))
     imported = sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
     assert not imported, imported
+    assert not any(home.iterdir())
     assert (tmp_path / "out" / "out_00000.png").is_file()
     assert "onnx: exporting" not in done.stderr
 

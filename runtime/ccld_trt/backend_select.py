@@ -9,6 +9,7 @@ from ccld_trt.cpu_features import default_cpu_precision, precision_problem
 from ccld_trt.engines.flavor import GPU_KINDS, installed_flavors, require_tensorrt
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS
+from ccld_trt.export.quiet_imports import import_onnxruntime, import_openvino
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 OPENVINO_INSTALL_HINT = "pip install 'ccld-trt[openvino]'"
@@ -53,10 +54,9 @@ def check_cpu_precision(backend: str, precision: str, device: str = "cpu") -> st
 def require_openvino() -> Any:
     """The openvino module, or UserError saying how to install it."""
     try:
-        import openvino
+        return import_openvino()
     except ImportError as e:
         raise UserError(f"the openvino backend needs OpenVINO: {OPENVINO_INSTALL_HINT}") from e
-    return openvino
 
 
 def cuda_unavailable_reason() -> str:
@@ -117,7 +117,7 @@ def _check_cuda(backend: str, dev: Any) -> None:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"device {dev} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)")
     if backend == "onnxruntime":
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError(f"onnxruntime {ort.__version__} has no CUDA provider (it offers "

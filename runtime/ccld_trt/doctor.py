@@ -19,6 +19,7 @@ from ccld_trt import cpu_features
 from ccld_trt.backend_select import cuda_unavailable_reason, require_openvino, resolve_backend
 from ccld_trt.engines.flavor import RTX_WHERE, require_flavor, rtx_capabilities
 from ccld_trt.export.errors import UserError
+from ccld_trt.export.quiet_imports import import_onnxruntime
 
 BACKEND_DEVICES = (("torch", "cpu"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"),
                    ("openvino", "cpu"), ("tensorrt", "cuda"))
@@ -63,7 +64,7 @@ def _cuda() -> Check:
 
 def _onnxruntime() -> Check:
     try:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
     except ImportError as e:
         return Check("onnxruntime", False, f"not installed ({e})")
     return Check("onnxruntime", True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ccld_trt.backend_select import require_openvino
 from ccld_trt.backends.onnxruntime_sessions import open_graph_session, run_cpu
 from ccld_trt.backends.openvino_compile import infer, open_graph
 from ccld_trt.cpu_features import cpu_flags
@@ -157,9 +158,7 @@ def _open(openvino: bool, onnx_dir: Path, graph: str, precision: str) -> Any:
     """``graph``'s handle as the backend opens it: OpenVINO's (compiled model, request), from its model cache;
     an ONNX Runtime session, from its saved optimised copy (each made first where it is missing)."""
     if openvino:
-        import openvino as ov
-
-        opened = open_graph(ov.Core(), onnx_dir, graph, precision)
+        opened = open_graph(require_openvino().Core(), onnx_dir, graph, precision)
         assert opened is not None  # not cached_only: compiled where the cache has no blob
         return opened[1]
     return open_graph_session(onnx_dir, graph, precision)

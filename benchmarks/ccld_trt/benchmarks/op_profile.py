@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ccld_trt.export.quiet_imports import import_onnxruntime
+
 
 def op_type_times(onnx_file: Path, feed: Mapping[str, np.ndarray], options: Any, providers: Sequence[Any],
                   runs: int = 2) -> list[dict[str, Any]]:
@@ -25,7 +27,7 @@ def op_type_times(onnx_file: Path, feed: Mapping[str, np.ndarray], options: Any,
     most expensive first. Op types are ONNX Runtime's after its graph optimisations (e.g. fused ``QuickGelu``
     for x·sigmoid(x), NCHWc ``ReorderInput``/``ReorderOutput`` layout conversions).
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     with tempfile.TemporaryDirectory(prefix="ccld-trt-profile-") as tmp:
         options.enable_profiling = True

@@ -25,6 +25,7 @@ import torch
 
 from ccld_trt.benchmarks.machine import gemm_peak_gflops
 from ccld_trt.cpu_features import physical_cores, precision_problem
+from ccld_trt.export.quiet_imports import import_onnxruntime, import_openvino
 
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 CUDA_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -49,7 +50,7 @@ def _onnxruntime_matmul(n: int, int8: bool) -> Callable[[], object]:
     """An ONNX Runtime CPU session of one n x n MatMul (fp32) or MatMulInteger (u8 x s8 -> int32), the right
     operand a constant; returns a call on a fixed random left operand."""
     import onnx
-    import onnxruntime as ort
+    ort = import_onnxruntime()
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -78,7 +79,7 @@ def _openvino_matmul(n: int, precision: str) -> Callable[[], object]:
     """An OpenVINO CPU model of one n x n MatMul, the right operand a constant: fp32 or bf16 (the inference
     precision hint), or int8 (both operands through 256-level FakeQuantize, which OpenVINO runs as an int8
     GEMM); returns a call on a fixed random left operand."""
-    import openvino as ov
+    ov = import_openvino()
     import openvino.opset13 as ops
 
     rng = np.random.default_rng(0)

@@ -14,13 +14,14 @@ from torch import nn
 from ccld_trt.export.fp16 import fp16_problems, relative_error
 from ccld_trt.export.onnx_checks import raise_problems
 from ccld_trt.export.onnx_inputs import check_feeds
+from ccld_trt.export.quiet_imports import import_onnxruntime
 
 FP32_TOLERANCE = 1e-4  # ||onnx - torch|| / ||torch|| per graph
 
 
 def cpu_session(path: Path, optimize: bool = False) -> Any:
     """An ONNX Runtime CPU session; unoptimised by default, to run the graph as written."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -30,6 +30,7 @@ from ccld_trt.export.atomic import write_atomic
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.onnx_export import install_staged, onnx_path, say
 from ccld_trt.export.onnx_manifest import read_manifest
+from ccld_trt.export.quiet_imports import import_openvino
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def needs_calibration(graphs: Sequence[str]) -> bool:
 
 def _require() -> tuple[Any, Any]:
     try:
+        openvino = import_openvino()  # first: it holds off the telemetry NNCF would start too
         import nncf
-        import openvino
     except ImportError as e:
         raise UserError(f"int8 quantisation needs OpenVINO and NNCF: {INSTALL_HINT}") from e
     return openvino, nncf

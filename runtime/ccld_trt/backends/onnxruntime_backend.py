@@ -29,6 +29,7 @@ from ccld_trt.backends.onnxruntime_sessions import OPTIMIZED_DIR, open_cpu_sessi
 from ccld_trt.export.errors import UserError, require_file
 from ccld_trt.export.graph_specs import EAGER_GRAPHS, GRAPHS, ON_DEMAND_GRAPHS
 from ccld_trt.export.onnx_files import onnx_path
+from ccld_trt.export.quiet_imports import import_onnxruntime
 from ccld_trt.export.shapes import output_shapes
 
 GPU_HINT = "pip install 'ccld-trt[gpu]' (onnxruntime-gpu) and use an NVIDIA GPU, or the cpu device"
@@ -43,7 +44,7 @@ def execution_providers(device: torch.device, precision: str, cache_dir: Path) -
     """ONNX Runtime providers for ``device``: the CPU's, or TensorRT (when onnxruntime-gpu has it; engines cached
     in ``cache_dir``) then CUDA, with the CPU for anything they leave. UserError when CUDA is asked for but this
     onnxruntime has no CUDA provider."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
@@ -104,7 +105,7 @@ class OnnxRuntimeBackend(GraphBackend):
     def _open(self, graph: str, opened: Opened | None = None) -> None:
         """Open ``graph``'s session (on the CPU from its saved optimised copy when there is one; taken from
         ``opened``, onnxruntime_sessions.open_saved_sessions's result, where that opened the same copy alike)."""
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         path = graph_path(self.files, graph, self._export, lambda: self._graph_file(graph))
         if self.device.type == "cpu":

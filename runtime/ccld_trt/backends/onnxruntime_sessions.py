@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccld_trt.export.onnx_files import onnx_path
+from ccld_trt.export.quiet_imports import import_onnxruntime
 
 if TYPE_CHECKING:  # the backend's module imports torch; this one must not (it runs while torch imports)
     from ccld_trt.backends.base import Opened
@@ -30,7 +31,7 @@ def session_options(threads: int | None = None) -> Any:
     """CPU-tuned session options: every graph optimisation (fusions, NCHWc layouts), ops run one after another
     (these graphs are chains, so parallel branches gain nothing), ``threads`` per op (None: ONNX Runtime's
     default, one per physical core)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -46,7 +47,7 @@ def optimized_model(root: Path, source: Path) -> Path:
     weights in ``model.onnx.data`` beside it. The digest covers the source's size and mtime (and its external
     data's), the ONNX Runtime version and the CPU (the optimiser's NCHWc layouts are specific to it), so a changed
     graph, library or machine never opens an old copy; copies of older versions of the same file are removed."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     parts = [source, *(p for p in (source.with_name(source.name + ".data"),) if p.exists())]
     ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
@@ -72,7 +73,7 @@ def _cpu_model() -> str:
 
 def _copy_options(options: Any) -> Any:
     """A new SessionOptions with the same settings as ``options`` (the ones ``session_options`` sets)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     copy = ort.SessionOptions()
     for name in ("graph_optimization_level", "execution_mode", "inter_op_num_threads", "intra_op_num_threads",
@@ -90,7 +91,7 @@ def session_key(root: Path, source: Path, options: Any) -> Hashable:
 def open_saved_session(source: Path, options: Any, root: Path) -> Any | None:
     """A CPU session of ``source`` opened without optimising or writing anything: from its optimised copy under
     ``root``, or the graph itself where its weights lie outside it (past 2 GB: not copied); None when neither."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if source.with_name(source.name + ".data").exists():
         return ort.InferenceSession(str(source), options, providers=_PROVIDERS)
@@ -105,7 +106,7 @@ def open_saved_session(source: Path, options: Any, root: Path) -> Any | None:
 def open_cpu_session(source: Path, options: Any, root: Path) -> Any:
     """A CPU session of ``source``: from its optimised copy under ``root`` when there is one (no optimising
     again), else optimised now and the result saved there for the next start."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     session = open_saved_session(source, options, root)
     if session is not None:

@@ -113,9 +113,7 @@ def open_cached_graphs(onnx_dir: Path, graphs: Iterable[str], precision: str) ->
     bf16) whose blob the model cache already holds; the others are left to the backend (nothing is compiled anew
     here). One ``ov.Core`` for all, one graph at a time: a compile sets the process's C locale and puts back the
     one it found, so two at once can leave "C" behind (Python's text files then default to ASCII; seen)."""
-    import openvino as ov
-
-    core = ov.Core()
+    core = backend_select.require_openvino().Core()
     opened: Opened = {}
     for graph in graphs:
         if (handle := open_graph(core, onnx_dir, graph, precision, cached_only=True)) is not None:

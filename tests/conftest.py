@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from ccld_trt.export.quiet_imports import quiet_telemetry
+
+quiet_telemetry()  # before any test imports OpenVINO or ONNX Runtime its own way: no test phones home
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 

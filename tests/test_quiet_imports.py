@@ -60,3 +60,20 @@ def test_a_users_own_onnxruntime_setting_is_kept(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("ORT_DISABLE_TELEMETRY")
     import_onnxruntime()
     assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
+
+
+_PLAIN_AFTER_QUIET = """
+import json, sys
+from ccld_trt.export.quiet_imports import quiet_telemetry
+quiet_telemetry()
+import nncf, onnxruntime, openvino
+print(json.dumps(sorted(name for name, m in sys.modules.items() if m is not None)))
+"""
+
+
+def test_plain_imports_after_quiet_telemetry_stay_quiet(tmp_path: Path) -> None:
+    """What tests/conftest.py relies on: after ``quiet_telemetry()``, even plain imports of all three start nothing."""
+    out, home = _home_after([_PLAIN_AFTER_QUIET], tmp_path)
+    assert {"nncf", "onnxruntime", "openvino"} <= set(json.loads(out[-1]))
+    assert not [m for m in json.loads(out[-1]) if m.startswith("openvino_telemetry")]
+    assert not any(home.iterdir())

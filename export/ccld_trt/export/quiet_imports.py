@@ -21,16 +21,23 @@ _OPENVINO_TELEMETRY = "openvino_telemetry"
 _ORT_OPT_OUT = "ORT_DISABLE_TELEMETRY"
 
 
-def import_openvino() -> ModuleType:
-    """The ``openvino`` module (ImportError where it is not installed), imported with its usage telemetry held off
-    for the rest of the process.
-
-    ``import openvino`` imports its model-conversion API (``openvino.tools.ovc``), which starts the telemetry if
-    ``openvino_telemetry`` imports; so does ``import nncf``. Unless that package was imported already, a None entry
-    for it in ``sys.modules`` makes its import raise ImportError, the path both take when it is not installed
-    (they use their own stubs): nothing written, nothing forked or sent, and the rest of OpenVINO as it was."""
+def quiet_telemetry() -> None:
+    """Hold both libraries' telemetry off for this process (ONNX Runtime's for the processes it starts too), before
+    either is imported: a None entry for ``openvino_telemetry`` in ``sys.modules`` (unless it was imported already)
+    makes its import raise ImportError, the path OpenVINO's model-conversion API and NNCF take when it is not
+    installed (they use their own stubs); ``ORT_DISABLE_TELEMETRY=1`` unless the environment sets it. Both importers
+    below call it; the test suite calls it first, so that no test's plain import phones home."""
     if _OPENVINO_TELEMETRY not in sys.modules:
         sys.modules[_OPENVINO_TELEMETRY] = None  # type: ignore[assignment]  # the import system's "not importable"
+    os.environ.setdefault(_ORT_OPT_OUT, "1")
+
+
+def import_openvino() -> ModuleType:
+    """The ``openvino`` module (ImportError where it is not installed), its telemetry held off (``quiet_telemetry``):
+    ``import openvino`` imports its model-conversion API (``openvino.tools.ovc``), which starts the telemetry if
+    ``openvino_telemetry`` imports; so does ``import nncf``. Nothing is written, forked or sent, and the rest of
+    OpenVINO is as it was."""
+    quiet_telemetry()
     import openvino
 
     return openvino
@@ -40,7 +47,7 @@ def import_onnxruntime() -> ModuleType:
     """The ``onnxruntime`` module (ImportError where it is not installed), its telemetry opted out
     (``ORT_DISABLE_TELEMETRY=1`` unless the environment says otherwise; it is read when the library loads, so an
     ONNX Runtime imported earlier by other code keeps whatever it started)."""
-    os.environ.setdefault(_ORT_OPT_OUT, "1")
+    quiet_telemetry()
     import onnxruntime
 
     return onnxruntime

@@ -25,19 +25,19 @@ if sys.argv[1:] == ["import_openvino", "nncf"]:  # quantize's order: NNCF takes 
     quiet = quiet and isinstance(wrapper.telemetry, wrapper.NNCFTelemetryStub)
 print(json.dumps([quiet, sorted(name for name, m in sys.modules.items() if m is not None)]))
 """
-# What each library's telemetry reads to stay quiet by itself (a CI machine, its own unit tests, the opt-out): not
-# passed on, so that the run below shows what the package's import does on a user's machine. A plain import there
-# writes ~/intel/openvino_ga_cid or ~/.cache/Microsoft/DeveloperTools/.onnxruntime/deviceid and tries to upload
-# (seen by hand; not done here, as a test must not phone home)
-_QUIETING = {"CI", "TF_BUILD", "JENKINS_URL", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TRAVIS", "BUILDKITE",
-             "TEAMCITY_VERSION", "CODEBUILD_BUILD_ID", "ORT_RUNNING_UNIT_TESTS", "ORT_DISABLE_TELEMETRY"}
+# What each library's telemetry reads to stay quiet by itself (a CI machine, its own unit tests, the opt-out, which
+# tests/conftest.py sets in the test process): not passed on, so that a run shows what the package's import does on
+# a user's machine. A plain import there writes ~/intel/openvino_ga_cid or ~/.cache/Microsoft/DeveloperTools/
+# .onnxruntime/deviceid and tries to upload (seen by hand; not done here, as a test must not phone home)
+QUIETING = {"CI", "TF_BUILD", "JENKINS_URL", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TRAVIS", "BUILDKITE",
+            "TEAMCITY_VERSION", "CODEBUILD_BUILD_ID", "ORT_RUNNING_UNIT_TESTS", "ORT_DISABLE_TELEMETRY"}
 
 
 def _home_after(code: list[str], tmp_path: Path) -> tuple[list[str], Path]:
     """Run ``python -c *code`` with a fresh home directory; (its stdout lines, the home directory)."""
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in _QUIETING}
+    env = {k: v for k, v in os.environ.items() if k not in QUIETING}
     done = subprocess.run([sys.executable, "-c", *code], env={**env, "HOME": str(home)}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

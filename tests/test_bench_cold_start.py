@@ -133,6 +133,36 @@ def test_without_a_first_run_an_untimed_run_makes_the_artefacts_first(tmp_path: 
     assert calls == ["sample fast", "servers"]  # torch's alone
 
 
+def test_each_rounds_load_probe_runs_beside_its_fast_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cold / warm ratio divides a round's --fast process by a warm image taken right beside it, not minutes
+    later (a shared machine's speed drifts between parts: seen, 2.0 s against 1.8 s an hour apart)."""
+    from ccld_trt.benchmarks import cold_start
+
+    calls: list[str] = []
+
+    def run_sample(variant: ColdVariant, mode: str, *_: object) -> dict[str, object]:
+        calls.append(f"sample {mode} {variant.backend}")
+        return {"wall_s": 1.0, "to_png_s": 0.9, "stages": []}
+
+    def run_load_probe(variant: ColdVariant, *_: object) -> dict[str, float]:
+        calls.append(f"load {variant.backend}")
+        return {"import_s": 1.0, "load_s": 0.5, "first_image_s": 1.0, "warm_image_s": 1.0}
+
+    monkeypatch.setattr(cold_start, "run_sample", run_sample)
+    monkeypatch.setattr(cold_start, "run_load_probe", run_load_probe)
+    onnxruntime = ColdVariant("onnxruntime", "fp32")
+    config = ColdConfig(variants=(TORCH, onnxruntime), modes=("fast", "default"), repeats=2,
+                        parts=("sample", "load"), server_variants=())
+    results = measure(config, tmp_path, tmp_path, log=lambda _: None)
+    assert calls == ["sample fast torch", "sample fast onnxruntime",  # the untimed runs that make the artefacts
+                     "sample fast torch", "load torch", "sample fast onnxruntime", "load onnxruntime",
+                     "sample fast onnxruntime", "load onnxruntime", "sample fast torch", "load torch",
+                     "sample default torch", "sample default onnxruntime",  # the default's warm-ups, no probes
+                     "sample default torch", "sample default onnxruntime",
+                     "sample default onnxruntime", "sample default torch"]
+    assert [len(results.load[v.label]) for v in config.variants] == [2, 2]
+
+
 def _results() -> tuple[ColdResults, ColdConfig]:
     """Hand-made runs whose medians are known: fast walls 3, 1, 2 (median 2); the warm image 0.5 s."""
     def run(wall: float) -> dict[str, object]:

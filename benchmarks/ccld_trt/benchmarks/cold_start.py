@@ -8,9 +8,10 @@ that --fast run is also the --fast cells' warm-up).
 Each run's stages are taken inside the process: ``$CCLD_TRT_STAGES`` names a file that ``ccld_trt.stage_clock``
 appends "<stage>\\t<epoch seconds>" lines to; a stage's seconds run from the previous mark (the first from the
 moment this process called exec). Also ``Pipeline.load`` and the warm image after it (per backend, in a fresh
-process each round), ``ccld-trt serve`` until its page answers and ``ccld-trt cluster`` until ``/v1/health`` is
-200. The operating system's file cache stays warm throughout (the model files were read moments before; it is
-shared with other work and not ours to drop), so "cold" here means a new process, not a cold disk.
+process each round, beside that round's ``--fast`` process), ``ccld-trt serve`` until its page answers and
+``ccld-trt cluster`` until ``/v1/health`` is 200. The operating system's file cache stays warm throughout (the
+model files were read moments before; it is shared with other work and not ours to drop), so "cold" here means a
+new process, not a cold disk.
 
 The report (``cold_start_report``) goes under benchmarks/results/<machine>/cold-start-<UTC time>.{json,md}.
 """
@@ -284,7 +285,19 @@ def _measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], 
         if run is not None and "first-run" in config.parts:
             results.first_run[variant.label] = run
 
-    def sample_rounds(mode: str) -> None:
+    def load(variant: ColdVariant) -> None:
+        if any(s["variant"] == variant.label and s["part"] == "load" for s in results.skipped) or \
+                out_of_time(variant, "load"):
+            return
+        try:
+            probe = run_load_probe(variant, models, variant_env(variant, root), config.timeout_s)
+        except ColdRunFailed as e:
+            results.skip(variant.label, "load", str(e))
+            return
+        log(f"{variant.label} Pipeline.load: {probe['load_s']:.2f} s, warm image {probe['warm_image_s']:.2f} s")
+        results.load.setdefault(variant.label, []).append(probe)
+
+    def sample_rounds(mode: str, with_load: bool) -> None:
         for variant in list(live):
             if mode != "fast":  # the run above was --fast's warm-up
                 sample(variant, mode, f"{mode} warm-up")
@@ -292,27 +305,22 @@ def _measure(config: ColdConfig, models: Path, root: Path, log: Callable[[str], 
             for variant in rotated(list(live), r):
                 if variant in live and (run := sample(variant, mode, f"{mode} round {r + 1}")) is not None:
                     results.sample.setdefault(variant.label, {}).setdefault(mode, []).append(run)
+                if with_load and variant in live:
+                    load(variant)
 
-    # The first mode (--fast) first; the others, the slowest runs, last, so that a time budget cuts them first
+    # The first mode (--fast) first, each round's Pipeline.load probes (whose warm image is the cold / warm ratio's
+    # divisor) right beside its processes, so that a machine whose speed drifts moves both alike; the other modes,
+    # the slowest runs, last, so that a time budget cuts them first
     modes = list(config.modes) if "sample" in config.parts else []
     if modes:
-        sample_rounds(modes[0])
-    if "load" in config.parts:
+        sample_rounds(modes[0], with_load="load" in config.parts)
+    elif "load" in config.parts:
         for r in range(config.repeats):
             for variant in rotated(live, r):
-                if any(s["variant"] == variant.label and s["part"] == "load" for s in results.skipped) or \
-                        out_of_time(variant, "load"):
-                    continue
-                try:
-                    probe = run_load_probe(variant, models, variant_env(variant, root), config.timeout_s)
-                except ColdRunFailed as e:
-                    results.skip(variant.label, "load", str(e))
-                    continue
-                log(f"{variant.label} Pipeline.load: {probe['load_s']:.2f} s, warm image {probe['warm_image_s']:.2f} s")
-                results.load.setdefault(variant.label, []).append(probe)
+                load(variant)
     _measure_servers(config, models, root, live, results, log, out_of_time)
     for mode in modes[1:]:
-        sample_rounds(mode)
+        sample_rounds(mode, with_load=False)
 
 
 def _measure_servers(config: ColdConfig, models: Path, root: Path, live: Sequence[ColdVariant],

@@ -133,7 +133,9 @@ def markdown(doc: dict[str, Any]) -> str:
                                                                                        else ""),
              _s(r["overhead_s"]), _s((r["first_run"] or {}).get("wall_s"))] for r in rows]
     lines += _table(header, body)
-    lines += ["", "Start-up overhead: the --fast process minus the warm image's own seconds.", "",
+    lines += ["", "Warm image: the second --fast image of a `Pipeline.load` process, run in the same rounds as the "
+                  "--fast processes, each beside its backend's; start-up overhead: the --fast process minus the warm "
+                  "image's own seconds.", "",
               "### Where the seconds go (median per stage, taken inside the process)", ""]
     names = list(STAGE_NAMES)
     body = []

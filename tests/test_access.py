@@ -39,7 +39,7 @@ KEY_B = "b" * 24 + "fedcba9876543210"
 
 
 def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     path.chmod(0o600)  # as docs/security.md says (a file others may read is loaded with a warning)
     return path
 

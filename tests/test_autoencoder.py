@@ -4,6 +4,7 @@ errors, dynamic shapes; the encoder's layout, strict loading and posterior mean.
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def write_yaml(path: Path, embed_dim: int = 4, ddconfig: dict[str, Any] = TINY) 
     doc = {"model": {"target": "ldm.models.autoencoder.AutoencoderKL",
                      "params": {"embed_dim": embed_dim, "lossconfig": {"target": "torch.nn.Identity"},
                                 "ddconfig": ddconfig}}}
-    path.write_text(yaml.safe_dump(doc))
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return path
 
 
@@ -120,6 +121,19 @@ def test_load_names_missing_and_misshaped_tensors(tmp_path: Path, tiny_state: di
 
 def test_config_is_read(tmp_path: Path) -> None:
     assert load_autoencoder_config(write_yaml(tmp_path / "ae.yaml", 3)) == (3, TINY)
+
+
+def test_a_utf8_config_is_read_while_the_locale_is_c(tmp_path: Path) -> None:
+    """OpenVINO's compile switches the process's locale to "C" for its duration, while the main thread may be
+    reading the model files: a config with a non-ASCII comment (a name, a dash) is still read, as UTF-8."""
+    path = write_yaml(tmp_path / "ae.yaml", 3)
+    path.write_bytes("# Bj\u00f6rn's autoencoder \u2014 f=8\n".encode() + path.read_bytes())
+    found = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert load_autoencoder_config(path) == (3, TINY)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, found)
 
 
 @pytest.mark.parametrize(("text", "problem"), [

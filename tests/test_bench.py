@@ -331,7 +331,7 @@ class Recording(PerturbedBackend):
         self.label, self.fail_after, self.unet_calls = label, fail_after, 0
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        with open(os.environ["CCLD_TRT_TEST_LOG"], "a") as log:
+        with open(os.environ["CCLD_TRT_TEST_LOG"], "a", encoding="utf-8") as log:
             log.write(self.label + "\n")
         return self.inner.encode_text(tokens)
 

@@ -55,7 +55,7 @@ def violations(layer: str, path: Path, root: Path = ROOT) -> list[str]:
     reaches a higher layer."""
     rank = LAYERS.index(layer)
     package = ".".join(path.relative_to(root / layer).with_suffix("").parts[:-1])
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     upward = {}  # per line, the first module named (`from P import a, b` names P, P.a and P.b)
     for line, module in sorted(imported_modules(tree, package)):
         target = layer_of(module)

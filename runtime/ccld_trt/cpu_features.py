@@ -32,7 +32,7 @@ PRECISION_ISA: dict[str, tuple[str, ...]] = {
 def _cpuinfo_flags() -> frozenset[str] | None:
     """The first processor's ``flags`` line of /proc/cpuinfo; None where the file cannot be read."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return None
     for line in text.splitlines():
@@ -110,7 +110,7 @@ def physical_cores() -> int:
     for cpu in allowed:
         siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
         try:
-            cores.add(siblings.read_text().strip())
+            cores.add(siblings.read_text(encoding="utf-8").strip())
         except OSError:
             cores.add(str(cpu))
     return max(1, len(cores))

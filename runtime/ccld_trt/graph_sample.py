@@ -103,7 +103,7 @@ def load_tapes(request: Request, build_dir: Path | None = None) -> dict[int, Tap
     tapes = {}
     for rows in _row_counts(request):
         try:
-            data = json.loads(tape_path(request, rows, build_dir).read_text())
+            data = json.loads(tape_path(request, rows, build_dir).read_text(encoding="utf-8"))
             if not isinstance(data, dict) or data.get("key") != tape_key(request, rows):
                 return None
             tapes[rows] = from_json(data.get("tape"))

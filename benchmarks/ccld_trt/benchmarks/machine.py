@@ -20,7 +20,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, else what ``platform`` knows."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -40,7 +40,7 @@ def cpu_identity() -> dict[str, Any]:
     fields: dict[str, Any] = {"vendor": None, "family": None, "model": None, "stepping": None}
     names = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping"}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
             if key in names and fields[names[key]] is None:
                 fields[names[key]] = int(value) if value.isdigit() else value

@@ -38,7 +38,7 @@ def op_type_times(onnx_file: Path, feed: Mapping[str, np.ndarray], options: Any,
             options.enable_profiling = False
         for _ in range(runs + 1):
             session.run(None, dict(feed))
-        events = json.loads(Path(session.end_profiling()).read_text())
+        events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
     # Node events carry their start time; only those inside the last ``runs`` model runs count (the first run
     # is the warm-up).
     intervals = sorted((r["ts"], r["ts"] + r["dur"]) for r in events if r.get("name") == "model_run")[-runs:]

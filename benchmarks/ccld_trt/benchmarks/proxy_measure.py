@@ -90,7 +90,8 @@ def random_twin(models: Path, root: Path) -> Path:
     state = {k: torch.from_numpy(init_tensor(k, s, 0)) for k, s in unet_state_shapes(base, multipliers).items()}
     state["autoencoder_scale"] = torch.tensor(1.0)
     torch.save(state, partial / UNET_FILE)
-    (partial / DEMO_MARKER).write_text("RANDOM demo initialisation of the proxy's U-Net shape (proxy_measure).\n")
+    (partial / DEMO_MARKER).write_text("RANDOM demo initialisation of the proxy's U-Net shape (proxy_measure).\n",
+                                       encoding="utf-8")
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
@@ -348,7 +349,7 @@ def load_views(out: Path) -> dict[str, dict[str, Any]]:
     for view in VIEWS:
         for part in PARTS:
             for path in sorted(out.glob(f"{view}-{part}*.json")):
-                doc = json.loads(path.read_text())
+                doc = json.loads(path.read_text(encoding="utf-8"))
                 merged = views.setdefault(view, {})
                 rows = {key: merged.get(key, []) + doc.get(key, []) for key in PARTS}
                 merged.update(doc)

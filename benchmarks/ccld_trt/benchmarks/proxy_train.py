@@ -207,11 +207,12 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     final = held_out_loss(final_model.eval(), held, held_embeds, recipe.seed)
     summary = {"held_out_loss_init": initial, "held_out_loss_final": final, "ratio": final / initial,
                "wall_seconds": time.perf_counter() - started}
-    with open(out_dir / "loss.csv", "w", newline="") as f:
+    with open(out_dir / "loss.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "summary": summary}, indent=1) + "\n")
+    (out_dir / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "summary": summary}, indent=1) + "\n",
+                                         encoding="utf-8")
     plot_loss(rows, out_dir / "loss.png")
     log(json.dumps(summary))
     return summary
@@ -260,7 +261,8 @@ def materialize(compact_path: Path, models_dir: Path) -> Path:
     (models_dir / PROXY_MARKER).write_text(
         f"model_student.ckpt is the trained proxy U-Net from {compact_path.name} (benchmarks/proxy, docs/proxy.md);\n"
         "the autoencoder and CLOOB are the random demo ones (`ccld-trt demo-weights --size small`, seed "
-        f"{recipe.demo_seed}): decoded pixels are noise-like; proxy_data.latent_to_rgb shows the samples.\n")
+        f"{recipe.demo_seed}): decoded pixels are noise-like; proxy_data.latent_to_rgb shows the samples.\n",
+        encoding="utf-8")
     return models_dir
 
 

@@ -50,7 +50,7 @@ class ReportPaths:
 def load_results(path: Path | str) -> dict[str, Any]:
     """A results JSON, checked for this schema version and the record keys (UserError otherwise)."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read benchmark results {path}: {e}") from e
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
@@ -304,7 +304,7 @@ def write_reports(doc: dict[str, Any], root: Path) -> ReportPaths:
     stamp = doc["machine"]["date"].replace(":", "").replace("-", "").split("+")[0]
     stem = f"bench{'-quick' if doc['run']['quick'] else ''}-{stamp}"
     paths = ReportPaths(directory / f"{stem}.json", directory / f"{stem}.md", directory / f"{stem}.png")
-    paths.json.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    paths.json.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     plot(doc, paths.plot)
     paths.markdown.write_text(to_markdown(doc, paths.plot.name), encoding="utf-8")
     return paths

@@ -107,7 +107,7 @@ def peer_scores(path: Path | None = None) -> Scores:
     report's "peers" entry, or that entry alone: they do not depend on the project's settings)."""
     if path is None:
         return score_peers(HELD_OUT_CASES, COMPARE_STEPS)
-    saved = json.loads(path.read_text())
+    saved = json.loads(path.read_text(encoding="utf-8"))
     saved = saved.get("peers", saved)
     return {s: {int(n): v for n, v in per_n.items()} for s, per_n in saved.items()}
 

@@ -102,7 +102,7 @@ def choose(scores: dict[str, list[float]],
 
 def load_scores(path: Path) -> dict[str, list[float]]:
     """The scores of a saved search (``main``'s JSON)."""
-    return json.loads(path.read_text())["scores"]
+    return json.loads(path.read_text(encoding="utf-8"))["scores"]
 
 
 def main(out: str, base: str | None = None, steps: str | None = None) -> None:
@@ -114,7 +114,7 @@ def main(out: str, base: str | None = None, steps: str | None = None) -> None:
     counts = tuple(int(n) for n in steps.split(",")) if steps else TUNE_STEPS
     kept = {}
     if base is not None:
-        saved = json.loads(Path(base).read_text())
+        saved = json.loads(Path(base).read_text(encoding="utf-8"))
         if saved["cases"] != [c.name for c in TUNING_CASES]:
             raise SystemExit(f"{base} scored other tuning mixtures ({saved['cases']}): search all step counts")
         kept = {k: v for k, v in saved["scores"].items() if int(k.rsplit("|", 1)[1]) not in counts}
@@ -122,7 +122,7 @@ def main(out: str, base: str | None = None, steps: str | None = None) -> None:
     Path(out).write_text(json.dumps({"machine": f"{info['cpu_model']}, {info['cores']} cores", "date": info["date"],
                                      "cases": [c.name for c in TUNING_CASES], "key": "method|family|stop|order|final"
                                      "|steps", "searched": list(counts), "base": base and Path(base).name,
-                                     "scores": scores}, separators=(",", ":")) + "\n")
+                                     "scores": scores}, separators=(",", ":")) + "\n", encoding="utf-8")
     for method, rows in choose(scores).items():
         print(f"{method!r}: {rows!r},")
 

@@ -55,7 +55,7 @@ def elapsed_ms(start: Mark, end: Mark) -> float:
 def _reset_peak_rss() -> str:
     """Reset the kernel's peak-RSS counter of this process; returns the scope the next reading has."""
     try:
-        _CLEAR_REFS.write_text("5")  # Linux: "5" resets VmHWM to the current RSS
+        _CLEAR_REFS.write_text("5", encoding="utf-8")  # Linux: "5" resets VmHWM to the current RSS
         return "measurement"
     except OSError:
         return "process"
@@ -63,7 +63,7 @@ def _reset_peak_rss() -> str:
 
 def _peak_rss_mb() -> float:
     try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text(encoding="utf-8"))
         if match:
             return int(match.group(1)) / 1024
     except OSError:

@@ -291,7 +291,7 @@ def _load_timing_cache(path: Path | None, wanted: Sidecar) -> Path | None:
     if path is None or not path.is_file():
         return None
     try:
-        made_by = json.loads(_identity_path(path).read_text())
+        made_by = json.loads(_identity_path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         made_by = None
     if made_by != _timing_identity(wanted):

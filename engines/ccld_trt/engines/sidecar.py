@@ -86,7 +86,7 @@ def read_sidecar(engine_path: Path) -> Sidecar:
     if not path.is_file():
         raise UserError(f"engine {engine_path} has no sidecar {path.name}, so its build is unknown: {REBUILD_HINT}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         if data.pop("sidecar_version") != SIDECAR_VERSION:
             raise ValueError("an older sidecar_version")
         data["profiles"] = as_profile(data["profiles"])
@@ -148,7 +148,7 @@ def checkpoint_digests(paths: Mapping[str, Path], cache_path: Path) -> dict[str,
     ``rsync -t`` or ``touch -d`` restore mtimes); only a clock set backwards or a filesystem that does not keep
     ctimes could hide a change, and deleting ``cache_path`` always rehashes."""
     try:
-        cache = json.loads(cache_path.read_text())
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
     digests, changed = {}, False

@@ -32,7 +32,7 @@ def load_autoencoder_config(yaml_path: Path) -> tuple[int, dict[str, Any]]:
     """
     path = require_file(yaml_path, _WHAT_CONFIG)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{_WHAT_CONFIG} {path}: not readable YAML: {first_line(e)}") from e
     section = doc.get("model") if isinstance(doc, dict) else None

@@ -109,10 +109,10 @@ def write_demo_weights(out_dir: Path, size: str = "small", seed: int = 0) -> lis
     torch.save(unet, out_dir / "model_student.ckpt")
     ae = _torch_state(autoencoder_state_shapes(4, ddconfig), seed)
     torch.save({"state_dict": ae}, out_dir / "ae_model.ckpt")
-    (out_dir / "ae_model.yaml").write_text(AE_YAML.format(ddconfig=_yaml_ddconfig(ddconfig)))
+    (out_dir / "ae_model.yaml").write_text(AE_YAML.format(ddconfig=_yaml_ddconfig(ddconfig)), encoding="utf-8")
     cloob_cfg = SMALL_CLOOB if size == "small" else {
         k: v for k, v in load_cloob_config("cloob_laion_400m_vit_b_16_16_epochs").items() if k != "url"}
-    (out_dir / "cloob_config.json").write_text(json.dumps(cloob_cfg, indent=1))
+    (out_dir / "cloob_config.json").write_text(json.dumps(cloob_cfg, indent=1), encoding="utf-8")
     image_spec, text_spec = cloob_param_shapes(cloob_cfg)
     params = (_haiku_params(image_spec, seed), _haiku_params(text_spec, seed))
     with open(out_dir / "cloob.pkl", "wb") as f:
@@ -120,5 +120,5 @@ def write_demo_weights(out_dir: Path, size: str = "small", seed: int = 0) -> lis
     (out_dir / DEMO_MARKER).write_text(
         f"RANDOM DEMO WEIGHTS (size {size}, seed {seed}) written by `ccld-trt demo-weights`.\n"
         "They exercise the whole pipeline but make noise-like images, not paintings.\n"
-        "Run `ccld-trt download` for the real huggan/distill-ccld-wa weights.\n")
+        "Run `ccld-trt download` for the real huggan/distill-ccld-wa weights.\n", encoding="utf-8")
     return [out_dir / n for n in names]

@@ -80,7 +80,7 @@ def unet_config(unet: nn.Module) -> dict[str, Any]:
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """The manifest, or an empty one when it is missing or unreadable (then everything is exported again)."""
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
         if isinstance(manifest.get("graphs"), dict) and isinstance(manifest.get("hashes"), dict):
             return manifest
     except (OSError, ValueError, AttributeError):

@@ -109,7 +109,7 @@ def graph_key(onnx_dir: Path, graph: str, calibration: Mapping[str, Any]) -> dic
 
 def _read_manifest(onnx_dir: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((onnx_dir / INT8_MANIFEST).read_text())
+        manifest = json.loads((onnx_dir / INT8_MANIFEST).read_text(encoding="utf-8"))
         return manifest if isinstance(manifest, dict) else {}
     except (OSError, ValueError):
         return {}

@@ -38,7 +38,7 @@ def weights_dir(build_dir: Path | None = None) -> Path:
 
 def _read_digests(directory: Path) -> dict[str, dict[str, Any]]:
     try:
-        cache = json.loads((directory / DIGESTS).read_text())
+        cache = json.loads((directory / DIGESTS).read_text(encoding="utf-8"))
         return cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         return {}

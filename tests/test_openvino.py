@@ -159,7 +159,8 @@ def test_outputs_are_not_overwritten_by_later_calls(fp32_backend: OpenVinoBacken
     assert torch.equal(fp32_backend.unet(x_t, *list(inputs.values())[1:]), first)
 
 
-def test_model_cache_is_per_file_version(ov_dir: Path, tmp_path: Path) -> None:
+def test_model_cache_is_per_file_version(ov_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     graphs = tmp_path / "graphs"
     graphs.mkdir()
     for graph in BACKEND_GRAPHS:
@@ -185,6 +186,17 @@ def test_model_cache_is_per_file_version(ov_dir: Path, tmp_path: Path) -> None:
     after = sorted(p.name for p in (graphs / CACHE_DIR).iterdir())
     assert len(after) == 2 * len(BACKEND_GRAPHS) - 1
     assert [f for f in after if f.startswith("decoder")] != [f for f in folders if f.startswith("decoder")]
+    # a moved directory (OpenVINO keys its blobs by the file's absolute path): fresh folders, said on stderr, the
+    # moved ones removed, one blob in each, the same function
+    moved = graphs.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert torch.equal(OpenVinoBackend(moved, "fp32").decode(*inputs.values()), first)
+    assert "openvino: compiling decoder.onnx" in capsys.readouterr().err
+    backend = OpenVinoBackend(moved, "fp32")
+    backend.open_all()
+    renamed = sorted(p.name for p in (moved / CACHE_DIR).iterdir())
+    assert len(renamed) == len(BACKEND_GRAPHS) and not set(renamed) & set(after)
+    assert all(len(list((moved / CACHE_DIR / f).iterdir())) == 1 for f in renamed)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,12 +57,14 @@ def compile_config(precision: str, threads: int) -> dict[str, Any]:
 
 def cache_folder(root: Path, path: Path, config: Mapping[str, Any]) -> Path:
     """``<root>/<graph file name>-<file digest>-<config digest>``: the model cache of one version of one graph file
-    compiled with one configuration. OpenVINO's cache key for a model compiled from a path does not cover every
-    byte of the file, so the folder's name does (size and mtime of the file and of its weights beside it). Folders
-    of older versions of the same file are removed; those of the same version compiled otherwise (another
-    precision, another thread count) are kept, so switching back and forth compiles nothing again."""
+    compiled with one configuration. OpenVINO's cache key for a model compiled from a path is the path's absolute
+    name and the properties, not the file's bytes, so the folder's name covers the rest: size and mtime of the file
+    and of its weights beside it, and its absolute path too (a moved build directory would otherwise find the
+    folder, miss its blob, compile without saying so, and keep the old blob beside the new). Folders of older
+    versions of the same file are removed; those of the same version compiled otherwise (another precision,
+    another thread count) are kept, so switching back and forth compiles nothing again."""
     parts = [path, *(p for p in (path.with_suffix(".bin"), path.with_name(path.name + ".data")) if p.exists())]
-    ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
+    ident = [str(path.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts)]
     version = f"{path.name}-{_digest(ident)}-"
     folder = root / f"{version}{_digest(sorted(config.items()))}"
     if root.is_dir():

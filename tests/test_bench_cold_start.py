@@ -274,3 +274,31 @@ def test_cli_parses_the_cold_start_flags() -> None:
     assert args.cold_start and args.cold_parts == ("sample", "serve") and args.repeats == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--cold-start", "--cold-parts", "sample,bogus"])
+
+
+def test_a_models_directory_that_does_not_exist_is_refused_not_replaced(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped --models (or $CCLD_TRT_MODELS) is one line, not minutes of benching random weights; a directory
+    that exists but lacks weights, or the default ./models, still gets the demo weights (said once)."""
+    from ccld_trt.benchmarks.plan import BenchConfig
+    from ccld_trt.benchmarks.sessions import bench_model_files
+    from ccld_trt.export.errors import UserError
+
+    cache = tmp_path / "cache"
+    monkeypatch.delenv("CCLD_TRT_MODELS", raising=False)
+    with pytest.raises(UserError, match=r"models directory .*typo does not exist"):
+        bench_model_files(BenchConfig(models=tmp_path / "typo", weights_cache=cache), print)
+    monkeypatch.setenv("CCLD_TRT_MODELS", str(tmp_path / "typo-too"))
+    with pytest.raises(UserError, match="typo-too does not exist"):
+        bench_model_files(BenchConfig(weights_cache=cache), print)
+    assert not cache.exists()  # nothing written
+    monkeypatch.delenv("CCLD_TRT_MODELS")
+    (tmp_path / "empty").mkdir()
+    said: list[str] = []
+    files, weights = bench_model_files(BenchConfig(models=tmp_path / "empty", demo_size="small", weights_cache=cache),
+                                       said.append)
+    assert weights == {"dir": str(cache / "small-seed0"), "demo": True, "size": "small"} and len(said) == 1
+    files.check_present()
+    monkeypatch.chdir(tmp_path)  # no ./models here: the default falls back alike, without writing again
+    assert bench_model_files(BenchConfig(demo_size="small", weights_cache=cache), said.append)[1] == weights
+    assert len(said) == 1

@@ -152,8 +152,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
                    help="batches of the per-stage rows (default 1,4,16; quick 1)")
     p.add_argument("--end-to-end", type=_runs, metavar="STEPSxN,...",
                    help="end-to-end runs, PLMS (default 15x1,15x4,15x16,50x1,50x4,50x16; quick 15x1)")
-    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models); without weights "
-                                    "there, random demo weights are written once to build/bench-weights/")
+    p.add_argument("--models", help="models directory (default $CCLD_TRT_MODELS or ./models; one named must "
+                                    "exist); without weights there, random demo weights are written once to "
+                                    "build/bench-weights/")
     p.add_argument("--demo-size", choices=["small", "full"], default="full",
                    help="size of those demo weights (default full: the real networks' FLOPs)")
     p.add_argument("--engine-builds", action="store_true",

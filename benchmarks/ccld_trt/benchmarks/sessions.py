@@ -22,8 +22,14 @@ Opener = Callable[[Variant, str, ModelFiles], Session]
 
 def bench_model_files(config: BenchConfig, log: Callable[[str], None]) -> tuple[ModelFiles, dict[str, Any]]:
     """The models directory's files when complete, else demo weights of ``config.demo_size`` in the cache
-    (written once). Returns the files and a description of them for the report."""
+    (written once). Returns the files and a description of them for the report. A directory named by the caller
+    or $CCLD_TRT_MODELS that does not exist is a UserError (a typo must not bench random weights for minutes);
+    only the default ./models may be absent."""
     directory = models_dir(config.models)
+    named = config.models is not None or os.environ.get("CCLD_TRT_MODELS")
+    if named and not directory.is_dir():
+        raise UserError(f"models directory {directory} does not exist (leave out --models and $CCLD_TRT_MODELS "
+                        "to bench random demo weights)")
     files = ModelFiles.resolve(directory)
     try:
         files.check_present()

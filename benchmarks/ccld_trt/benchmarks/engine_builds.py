@@ -15,6 +15,7 @@ from typing import Any
 from ccld_trt.benchmarks.records import Skip
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.models import ModelFiles
+from ccld_trt.export.onnx_files import external_data
 
 MIB = 2**20
 
@@ -60,7 +61,7 @@ def measure_engine_builds(files: ModelFiles, log: Callable[[str], None],
 
 def onnx_mib(path: Path) -> float:
     """Size of an ONNX graph with its external data files (``<name>.data``), in MiB."""
-    data = path.with_name(path.name + ".data")
+    data = external_data(path)
     return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / MIB
 
 

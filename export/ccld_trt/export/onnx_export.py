@@ -32,7 +32,7 @@ from ccld_trt.export.fp16 import convert_to_fp16, emulate_fp16, infer_shapes
 from ccld_trt.export.graph_specs import GRAPH_PRECISIONS, GRAPHS
 from ccld_trt.export.models import ModelFiles, Networks, load_networks
 from ccld_trt.export.onnx_checks import ExportError, check_graph, raise_problems
-from ccld_trt.export.onnx_files import default_onnx_dir, onnx_path
+from ccld_trt.export.onnx_files import default_onnx_dir, external_data, onnx_path
 from ccld_trt.export.onnx_inputs import TRACE_DIMS, random_inputs
 from ccld_trt.export.onnx_manifest import (
     COMPONENT,
@@ -152,7 +152,7 @@ def install_staged(staged: Iterable[Path], out_dir: Path) -> dict[str, int]:
     staged = list(staged)
     onnx_file = out_dir / staged[0].name
     if len(staged) == 1:
-        onnx_file.with_name(onnx_file.name + ".data").unlink(missing_ok=True)
+        external_data(onnx_file).unlink(missing_ok=True)
     sizes = {}
     for path in reversed(staged):  # the data before the graph that refers to it
         sizes[path.name] = path.stat().st_size

@@ -15,6 +15,7 @@ from ccld_trt.export.export_versions import OPSET
 from ccld_trt.export.graph_specs import GRAPHS
 from ccld_trt.export.guided_unet import GuidedUNet
 from ccld_trt.export.models import Networks
+from ccld_trt.export.onnx_files import external_data
 from ccld_trt.export.upsample_rewrite import fold_upsample_convs
 
 # Symbolic dims exported as dynamic; "image_size" stays static: the ViT's position embeddings fix it.
@@ -74,7 +75,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, threshold: int = EXTERNAL_DATA
     Returns the files written. With external data, ``model`` is left without its tensor contents (onnx moves
     them out in place)."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = external_data(path)
     data.unlink(missing_ok=True)  # onnx would append to it
     if needs_external_data(tensor_bytes(model), threshold):
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,

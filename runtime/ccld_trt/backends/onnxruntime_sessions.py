@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ccld_trt.export.onnx_files import onnx_path
+from ccld_trt.export.onnx_files import external_data, file_version, onnx_path
 from ccld_trt.export.quiet_imports import import_onnxruntime
 
 if TYPE_CHECKING:  # the backend's module imports torch; this one must not (it runs while torch imports)
@@ -49,8 +49,7 @@ def optimized_model(root: Path, source: Path) -> Path:
     graph, library or machine never opens an old copy; copies of older versions of the same file are removed."""
     ort = import_onnxruntime()
 
-    parts = [source, *(p for p in (source.with_name(source.name + ".data"),) if p.exists())]
-    ident = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts]
+    ident = file_version(source)
     digest = hashlib.sha256(repr((ident, ort.__version__, platform.machine(), _cpu_model())).encode()).hexdigest()
     folder = root / f"{source.name}-{digest[:12]}"
     if root.is_dir():
@@ -93,7 +92,7 @@ def open_saved_session(source: Path, options: Any, root: Path) -> Any | None:
     ``root``, or the graph itself where its weights lie outside it (past 2 GB: not copied); None when neither."""
     ort = import_onnxruntime()
 
-    if source.with_name(source.name + ".data").exists():
+    if external_data(source).exists():
         return ort.InferenceSession(str(source), options, providers=_PROVIDERS)
     target = optimized_model(root, source)
     if not target.is_file():

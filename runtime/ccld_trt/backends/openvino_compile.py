@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ccld_trt import backend_select
 from ccld_trt.cpu_features import default_cpu_precision, physical_cores
 from ccld_trt.export.errors import require_file
-from ccld_trt.export.onnx_files import onnx_path
+from ccld_trt.export.onnx_files import file_version, onnx_path
 
 if TYPE_CHECKING:  # the backend's module imports torch; this one must not (it runs while torch imports)
     from ccld_trt.backends.base import Opened
@@ -63,8 +63,7 @@ def cache_folder(root: Path, path: Path, config: Mapping[str, Any]) -> Path:
     folder, miss its blob, compile without saying so, and keep the old blob beside the new). Folders of older
     versions of the same file are removed; those of the same version compiled otherwise (another precision,
     another thread count) are kept, so switching back and forth compiles nothing again."""
-    parts = [path, *(p for p in (path.with_suffix(".bin"), path.with_name(path.name + ".data")) if p.exists())]
-    ident = [str(path.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parts)]
+    ident = [str(path.resolve()), *file_version(path)]
     version = f"{path.name}-{_digest(ident)}-"
     folder = root / f"{version}{_digest(sorted(config.items()))}"
     if root.is_dir():

@@ -12,7 +12,7 @@ from ccld_trt.benchmarks.backend_names import CUDA_GRAPH_BACKEND
 from ccld_trt.benchmarks.plan import BenchConfig, Variant
 from ccld_trt.export.errors import UserError
 from ccld_trt.export.graph_specs import BACKEND_GRAPHS
-from ccld_trt.export.models import ModelFiles, models_dir
+from ccld_trt.export.models import ModelFiles, models_dir, named_models_dir
 from ccld_trt.runner import BackendOptions, ModelSource, Session, open_session
 
 # (variant, device, model files) -> an open session; UserError (or any exception) = skipped with the reason.
@@ -26,8 +26,7 @@ def bench_model_files(config: BenchConfig, log: Callable[[str], None]) -> tuple[
     or $CCLD_TRT_MODELS that does not exist is a UserError (a typo must not bench random weights for minutes);
     only the default ./models may be absent."""
     directory = models_dir(config.models)
-    named = config.models is not None or os.environ.get("CCLD_TRT_MODELS")
-    if named and not directory.is_dir():
+    if named_models_dir(config.models) is not None and not directory.is_dir():
         raise UserError(f"models directory {directory} does not exist (leave out --models and $CCLD_TRT_MODELS "
                         "to bench random demo weights)")
     files = ModelFiles.resolve(directory)

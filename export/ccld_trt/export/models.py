@@ -39,9 +39,15 @@ def _in_dir(directory: Path, name: str) -> Path:
     return directory / name
 
 
+def named_models_dir(value: str | Path | None = None) -> Path | None:
+    """The models directory someone named: the argument, else $CCLD_TRT_MODELS; None where neither does."""
+    named = value or os.environ.get("CCLD_TRT_MODELS")
+    return Path(named) if named else None
+
+
 def models_dir(value: str | Path | None = None) -> Path:
     """The models directory: the argument, else $CCLD_TRT_MODELS, else ./models."""
-    return Path(value or os.environ.get("CCLD_TRT_MODELS") or "models")
+    return named_models_dir(value) or Path("models")
 
 
 @dataclass(frozen=True)
